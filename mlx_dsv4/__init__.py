@@ -1,0 +1,28 @@
+"""mlx-dsv4: DeepSeek-V4 (Flash and Pro) on MLX.
+
+Public API: `load`, `make_cache`, `ModelArgs`. Heavy modules are imported on first use so that
+`import mlx_dsv4` and `dsv4 --help` stay fast.
+"""
+
+from .config import ConfigError, ModelArgs
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": ("weights", "load"),
+    "load_model": ("weights", "load_model"),
+    "make_cache": ("cache", "make_cache"),
+    "Model": ("model", "Model"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'mlx_dsv4' has no attribute {name!r}")
+
+
+__all__ = ["ConfigError", "ModelArgs", "__version__", *_LAZY]
