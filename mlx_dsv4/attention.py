@@ -1,0 +1,268 @@
+"""Attention of one DeepSeek-V4 layer: everything that reads or writes the layer's pools.
+
+Owns the common path of spec §2.5 (low-rank queries, one shared KV head used as key and value,
+partial interleaved RoPE on the last dims, sinks, inverse RoPE of the output, grouped low-rank
+output projection), the compressor of §2.6, the Lightning Indexer of §2.8 and the assembly of
+window + compressed keys of §2.7. The state itself lives in `cache.LayerCache`.
+
+Queries of a chunk are processed in blocks of `QUERY_BLOCK` so a prefill chunk never builds a
+score tensor over the whole chunk: the window part then costs `[H, Bq, W + Bq]` and the indexer
+`[Bq, T/4]` per block, whatever the chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import CompressorState, LayerCache
+from .config import CSA, HCA, ModelArgs
+from .layers import GroupedLinear, RMSNorm
+
+QUERY_BLOCK = 128
+# Upper bound for one block of indexer scores [Bq, H_I, entries] in fp32.
+INDEX_SCORE_BYTES = 1 << 28
+
+
+def rope_periods(inv_freq: list[float], dim: int) -> mx.array:
+    """Periods for `mx.fast.rope` over all `dim` features, rotating only the last pairs.
+
+    `mx.fast.rope` rotates the leading dims and reads `freqs` as periods; an infinite period
+    is a zero angle, so the leading (no-position) pairs pass through unchanged.
+    """
+    lead = dim // 2 - len(inv_freq)
+    return mx.array([math.inf] * lead + [1.0 / f for f in inv_freq], dtype=mx.float32)
+
+
+def rope(x: mx.array, periods: mx.array, offset: int, scale: float = 1.0, inverse: bool = False):
+    """Interleaved RoPE along axis -2 at positions (offset + t) * scale."""
+    freqs = -periods if inverse else periods
+    return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=scale, offset=offset,
+                        freqs=freqs)
+
+
+def project_f32(linear: nn.Module, x: mx.array) -> mx.array:
+    # The reference runs compressor projections in fp32; we multiply in the weight's dtype
+    # (bf16 as shipped) and pool in fp32, as transformers does.
+    if "scales" in linear:
+        return linear(x).astype(mx.float32)
+    w = linear.weight
+    return (x.astype(w.dtype) @ w.T).astype(mx.float32)
+
+
+class Compressor(nn.Module):
+    """Pools every `ratio` tokens into one entry (spec §2.6); CSA windows overlap by a half."""
+
+    def __init__(self, dim: int, ratio: int, width: int, eps: float):
+        super().__init__()
+        self.ratio, self.width, self.overlap = ratio, width, ratio == 4
+        k = 2 if self.overlap else 1
+        self.wkv = nn.Linear(dim, k * width, bias=False)
+        self.wgate = nn.Linear(dim, k * width, bias=False)
+        self.ape = mx.zeros((ratio, k * width))
+        self.norm = RMSNorm(width, eps)
+
+    def __call__(self, x: mx.array, state: CompressorState, offset: int, periods: mx.array,
+                 dtype: mx.Dtype) -> mx.array:
+        """Feed tokens at offset…offset+S-1; return the entries their complete windows emit."""
+        B, S, _ = x.shape
+        m = self.ratio
+        kv = project_f32(self.wkv, x)
+        pos = (mx.arange(offset, offset + S) % m).astype(mx.int32)
+        gate = project_f32(self.wgate, x) + self.ape.astype(mx.float32)[pos]
+        r = offset % m  # rows of the current window already in the state
+        if r + S < m:
+            state.kv = mx.slice_update(state.kv, kv, mx.array([r]), axes=(1,))
+            state.gate = mx.slice_update(state.gate, gate, mx.array([r]), axes=(1,))
+            return mx.zeros((B, 0, self.width), dtype)
+        if r:
+            kv = mx.concatenate([state.kv[:, :r], kv], axis=1)
+            gate = mx.concatenate([state.gate[:, :r], gate], axis=1)
+        n = (r + S) // m
+        rest = r + S - n * m
+        if rest:
+            state.kv = mx.slice_update(state.kv, kv[:, n * m :], mx.array([0]), axes=(1,))
+            state.gate = mx.slice_update(state.gate, gate[:, n * m :], mx.array([0]), axes=(1,))
+        kv = kv[:, : n * m].reshape(B, n, m, -1)
+        gate = gate[:, : n * m].reshape(B, n, m, -1)
+        if self.overlap:
+            kv, gate = self._overlap(kv, gate, state)
+        weights = mx.softmax(gate, axis=2, precise=True)
+        entries = (weights * kv).sum(axis=2)
+        # The reference rounds the pooled entry to the activation dtype before its norm.
+        entries = self.norm(entries.astype(dtype))
+        return rope(entries, periods, offset // m, scale=m)
+
+    def _overlap(self, kv: mx.array, gate: mx.array, state: CompressorState):
+        """Entry i pools the carry half of window i-1 with the own half of window i."""
+        c = self.width
+        carry_kv = mx.concatenate([state.carry_kv[:, None], kv[:, :-1, :, :c]], axis=1)
+        carry_gate = mx.concatenate([state.carry_gate[:, None], gate[:, :-1, :, :c]], axis=1)
+        state.carry_kv, state.carry_gate = kv[:, -1, :, :c], gate[:, -1, :, :c]
+        kv = mx.concatenate([carry_kv, kv[..., c:]], axis=2)
+        gate = mx.concatenate([carry_gate, gate[..., c:]], axis=2)
+        return kv, gate
+
+
+class Indexer(nn.Module):
+    """Lightning Indexer (spec §2.8): picks the top-k compressed entries per query."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(args.hidden_size, 4, self.head_dim, args.rms_norm_eps)
+
+    def select(self, x: mx.array, q_lat: mx.array, keys: mx.array, offset: int, periods: mx.array):
+        """Top-k entry ids `[B, S, k]` and their visibility for queries at offset…offset+S-1.
+
+        `keys` are all index keys emitted so far; entries a query cannot see yet score -inf, so
+        a query with fewer visible entries than k gets some invalid picks, flagged False.
+        """
+        B, S, _ = x.shape
+        n = keys.shape[1]
+        q = self.wq_b(q_lat).reshape(B, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = rope(q, periods, offset).transpose(0, 2, 1, 3)  # [B, S, H_I, c_I]
+        scale = (self.head_dim * self.n_heads) ** -0.5
+        w = self.weights_proj(x).astype(mx.float32) * scale  # [B, S, H_I]
+        keys = keys.astype(q.dtype)
+        step = max(1, INDEX_SCORE_BYTES // (4 * B * S * self.n_heads))
+        blocks = []
+        for s0 in range(0, n, step):
+            z = (q.reshape(B, S * self.n_heads, -1) @ keys[:, s0 : s0 + step].swapaxes(1, 2))
+            z = mx.maximum(z.reshape(B, S, self.n_heads, -1).astype(mx.float32), 0)
+            blocks.append((w[..., None] * z).sum(axis=2))
+        scores = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
+        visible = _visible_entries(offset, S, n, 4)
+        if visible is not None:
+            scores = mx.where(visible, scores, -mx.inf)
+        k = min(self.topk, n)
+        idx = mx.argpartition(-scores, k - 1, axis=-1)[..., :k]
+        valid = mx.take_along_axis(scores, idx, axis=-1) > -mx.inf
+        return idx, valid
+
+
+def _visible_entries(offset: int, S: int, n: int, m: int) -> mx.array | None:
+    """[S, n] mask of entries visible to each query (s < floor((t+1)/m)); None if all are."""
+    if (offset + 1) // m >= n:
+        return None
+    limit = (mx.arange(offset, offset + S) + 1) // m
+    return mx.arange(n)[None, :] < limit[:, None]
+
+
+def _attend(q: mx.array, parts: list, sinks: mx.array) -> mx.array:
+    """One softmax, with the sink in the denominator, over several key blocks.
+
+    q: [B, H, Sq, c] fp32, pre-scaled. Each part is (keys, mask, per_query): shared keys
+    `[B, K, c]` with a mask broadcastable to `[Sq, K]`, or per-query keys `[B, Sq, K, c]` with a
+    mask `[B, Sq, K]`. Keys double as values. Scores stay in fp32: at head_dim 512 a bf16 score
+    loses the precision the softmax needs.
+    """
+    B, H, Sq, c = q.shape
+    scores = []
+    for keys, mask, per_query in parts:
+        if per_query:
+            s = (q.transpose(0, 2, 1, 3) @ keys.swapaxes(-1, -2)).transpose(0, 2, 1, 3)
+            if mask is not None:
+                mask = mask[:, None]
+        else:
+            s = (q.reshape(B, H * Sq, c) @ keys.swapaxes(-1, -2)).reshape(B, H, Sq, -1)
+        if mask is not None:
+            s = mx.where(mask, s, -mx.inf)
+        scores.append(s)
+    sink = sinks.astype(mx.float32)[None, :, None]
+    top = sink
+    for s in scores:
+        top = mx.maximum(top, s.max(axis=-1))
+    denom = mx.exp(sink - top)
+    out = None
+    for s, (keys, _, per_query) in zip(scores, parts):
+        e = mx.exp(s - top[..., None])
+        denom = denom + e.sum(axis=-1)
+        if per_query:
+            o = (e.transpose(0, 2, 1, 3) @ keys).transpose(0, 2, 1, 3)
+        else:
+            o = (e.reshape(B, H * Sq, -1) @ keys).reshape(B, H, Sq, c)
+        out = o if out is None else out + o
+    return out / denom[..., None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        D, H, c = args.hidden_size, args.num_attention_heads, args.head_dim
+        self.n_heads, self.head_dim, self.window = H, c, args.sliding_window
+        self.groups, self.eps = args.o_groups, args.rms_norm_eps
+        self.kind, self.ratio = args.attention_kind(layer), args.compress_ratio(layer)
+        self.wq_a = nn.Linear(D, args.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+        self.wq_b = nn.Linear(args.q_lora_rank, H * c, bias=False)
+        self.wkv = nn.Linear(D, c, bias=False)
+        self.kv_norm = RMSNorm(c, args.rms_norm_eps)
+        self.wo_a = GroupedLinear(H * c // args.o_groups, args.o_lora_rank, args.o_groups)
+        self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, D, bias=False)
+        self.attn_sink = mx.zeros((H,))
+        inv_freq = args.rope_inv_freq(layer)
+        self._periods = rope_periods(inv_freq, c)
+        self._index_periods = rope_periods(inv_freq, args.index_head_dim)
+        if self.ratio:
+            self.compressor = Compressor(D, self.ratio, c, args.rms_norm_eps)
+        if self.kind == CSA:
+            self.indexer = Indexer(args)
+
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
+        B, S, _ = x.shape
+        H, c, W, p0 = self.n_heads, self.head_dim, self.window, cache.offset
+        dtype = x.dtype
+        q_lat = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_lat).reshape(B, S, H, c)
+        q = mx.fast.rms_norm(q, None, self.eps).transpose(0, 2, 1, 3)
+        q = rope(q, self._periods, p0)
+        kv = rope(self.kv_norm(self.wkv(x)), self._periods, p0)
+
+        # Keys of positions p0-W … p0+S-1: the ring (previous calls) then this chunk.
+        window = mx.concatenate([cache.window.ordered(p0), kv], axis=1).astype(mx.float32)
+        cache.window.write(kv, p0)
+        if self.ratio:
+            cache.kv_pool.append(self.compressor(x, cache.compressor, p0, self._periods, dtype))
+        if self.kind == CSA:
+            cache.index_pool.append(
+                self.indexer.compressor(x, cache.indexer, p0, self._index_periods, dtype))
+        pool = cache.kv_pool.view().astype(mx.float32) if self.ratio else None
+
+        q = q.astype(mx.float32) * c**-0.5
+        outs = []
+        for i0 in range(0, S, QUERY_BLOCK):
+            i1 = min(S, i0 + QUERY_BLOCK)
+            parts = [(window[:, i0 : i1 + W], _window_mask(p0, i0, i1, W), False)]
+            if pool is not None and pool.shape[1]:
+                parts.append(self._compressed_part(x, q_lat, cache, pool, p0, i0, i1))
+            outs.append(_attend(q[:, :, i0:i1], parts, self.attn_sink))
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+        o = rope(o.astype(dtype), self._periods, p0, inverse=True)
+        o = o.transpose(0, 2, 1, 3).reshape(B, S, self.groups, -1)
+        cache.offset += S
+        return self.wo_b(self.wo_a(o).reshape(B, S, -1))
+
+    def _compressed_part(self, x, q_lat, cache: LayerCache, pool, p0, i0, i1):
+        """Keys from the compressed pool for queries i0…i1-1 of this chunk (spec §2.7)."""
+        n = pool.shape[1]
+        t0 = p0 + i0
+        if self.kind == HCA or n <= self.indexer.topk:
+            # Every visible entry is attended: dense with the causal visibility mask.
+            return pool, _visible_entries(t0, i1 - i0, n, self.ratio), False
+        idx, valid = self.indexer.select(
+            x[:, i0:i1], q_lat[:, i0:i1], cache.index_pool.view(), t0, self._index_periods)
+        B, Sq, k = idx.shape
+        keys = mx.take_along_axis(pool[:, None], idx.reshape(B, Sq, k, 1), axis=2)
+        return keys, valid, True
+
+
+def _window_mask(p0: int, i0: int, i1: int, W: int) -> mx.array:
+    """Visibility of window keys E[i0 : i1+W] (E[k] holds position p0-W+k) for queries i0…i1-1."""
+    r = mx.arange(i1 - i0)[:, None]
+    j = mx.arange(i1 - i0 + W)[None, :]
+    return (j > r) & (j <= r + W) & (j + i0 >= W - p0)

@@ -1,0 +1,67 @@
+"""Small building blocks the V4 modules share: RMSNorm and the grouped (block-diagonal) linear.
+
+The grouped linear keeps the checkpoint's 2-D layout `[groups * out, in]` so its weight loads
+by name and shape like any linear; it views it as `[groups, out, in]` when multiplying. Its
+quantized twin uses `gather_qmm` with one weight matrix per group.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+# (group_size, bits) that mx.quantize uses when none are given, per mode.
+QUANT_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
+
+
+class RMSNorm(nn.Module):
+    """Weighted RMSNorm; statistics in fp32 (mx.fast), output in the input dtype."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight.astype(x.dtype), self.eps)
+
+
+class GroupedLinear(nn.Module):
+    """`[..., g, in] -> [..., g, out]`: group j has its own `[out, in]` block of the weight."""
+
+    def __init__(self, in_per_group: int, out_per_group: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = mx.zeros((groups * out_per_group, in_per_group))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight.reshape(self.groups, -1, self.weight.shape[-1])
+        return (x[..., None, :] @ w.swapaxes(-1, -2).astype(x.dtype))[..., 0, :]
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
+                     mode: str = "affine", **_):
+        q = QuantizedGroupedLinear(self.groups, group_size, bits, mode)
+        q.weight, q.scales, *biases = mx.quantize(self.weight, group_size, bits, mode=mode)
+        q.biases = biases[0] if biases else None
+        return q
+
+
+class QuantizedGroupedLinear(nn.Module):
+    def __init__(self, groups: int, group_size: int | None, bits: int | None, mode: str):
+        super().__init__()
+        self.groups, self.mode = groups, mode
+        default_group, default_bits = QUANT_DEFAULTS[mode]
+        self.group_size, self.bits = group_size or default_group, bits or default_bits
+
+    def __call__(self, x: mx.array) -> mx.array:
+        g = self.groups
+
+        def per_group(a):
+            return None if a is None else a.reshape(g, -1, a.shape[-1])
+
+        y = mx.gather_qmm(
+            x[..., None, :], per_group(self["weight"]), per_group(self["scales"]),
+            per_group(self.get("biases")), rhs_indices=mx.arange(g), transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return y[..., 0, :]

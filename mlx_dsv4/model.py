@@ -1,0 +1,271 @@
+"""The DeepSeek-V4 network: mHC residual streams, MoE, decoder blocks, HyperHead, MTP block.
+
+`Model(ids, cache)` maps token ids `[B, S]` to logits `[B, S, V]`; all state lives in the cache
+list from `cache.make_cache`, the model holds none. Attribute paths are the official checkpoint
+names (`layers.3.attn.wkv`, `layers.0.ffn.gate.tid2eid`, `hc_head_fn`, `mtp.0.e_proj`), except that
+routed experts are stacked per layer (`ffn.experts.w1.weight` is `[E, I, D]`) for `gather_mm`.
+Attention and its pools are in `attention.py`; loading is in `weights.py`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from .attention import Attention
+from .cache import LayerCache, make_cache
+from .config import ModelArgs
+from .layers import RMSNorm
+
+# Parameters the reference keeps in fp32; the converter stores them so and the model reads them
+# as fp32 whatever their stored dtype.
+KEEP_FLOAT32 = ("hc_*", ".attn_sink", ".gate.bias", ".gate.weight", ".ape")
+
+
+def keep_float32(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith("hc_") or any(("." + name).endswith(k) for k in KEEP_FLOAT32[1:])
+
+
+@lru_cache(maxsize=None)
+def _mhc_fn(n: int, iters: int, hc_eps: float, norm_eps: float):
+    """Compiled mHC mixing (spec §2.2): returns (collapsed x, post, comb), all maths in fp32."""
+
+    def mix(X, fn_pre, fn_post, fn_comb, base_pre, base_post, base_comb, scale):
+        v = mx.flatten(X, -2, -1).astype(mx.float32)
+        v = v * mx.rsqrt(mx.mean(v * v, axis=-1, keepdims=True) + norm_eps)
+        pre = mx.sigmoid((v @ fn_pre.T) * scale[0] + base_pre) + hc_eps
+        post = 2 * mx.sigmoid((v @ fn_post.T) * scale[1] + base_post)
+        comb = mx.unflatten((v @ fn_comb.T) * scale[2] + base_comb, -1, (n, n))
+        # Sinkhorn in the reference's order: row softmax, +eps, column first, end on columns.
+        comb = mx.softmax(comb, axis=-1, precise=True) + hc_eps
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + hc_eps)
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(axis=-1, keepdims=True) + hc_eps)
+            comb = comb / (comb.sum(axis=-2, keepdims=True) + hc_eps)
+        x = (pre[..., None] * X.astype(mx.float32)).sum(axis=2)
+        return x.astype(X.dtype), post, comb
+
+    # Shapeless: prefill chunks of any length reuse one compiled graph.
+    return mx.compile(mix, shapeless=True)
+
+
+@partial(mx.compile, shapeless=True)
+def _expand(y, X, post, comb):
+    """X'_b = post_b * y + sum_a comb[a, b] * X_a (note: the sum runs over comb's first index)."""
+    out = post[..., None] * y.astype(mx.float32)[..., None, :]
+    out = out + comb.swapaxes(-1, -2) @ X.astype(mx.float32)
+    return out.astype(X.dtype)
+
+
+@lru_cache(maxsize=None)
+def _head_fn(hc_eps: float, norm_eps: float):
+    def collapse(X, fn, base, scale):
+        v = mx.flatten(X, -2, -1).astype(mx.float32)
+        v = v * mx.rsqrt(mx.mean(v * v, axis=-1, keepdims=True) + norm_eps)
+        w = mx.sigmoid((v @ fn.T) * scale + base) + hc_eps
+        return (w[..., None] * X.astype(mx.float32)).sum(axis=2).astype(X.dtype)
+
+    return mx.compile(collapse, shapeless=True)
+
+
+def _f32(a: mx.array) -> mx.array:
+    return a.astype(mx.float32)
+
+
+def swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """Clamped SwiGLU in fp32: gate capped above, up clipped both ways (routed and shared)."""
+    gate = mx.minimum(_f32(gate), limit)
+    up = mx.clip(_f32(up), -limit, limit)
+    return nn.silu(gate) * up
+
+
+class Gate(nn.Module):
+    """Router: sqrt-softplus scores in fp32; top-k with a selection-only bias, or hash routing."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.k, self.scaling = args.num_experts_per_tok, args.routed_scaling_factor
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        if args.is_hash_layer(layer):
+            self.tid2eid = mx.zeros((args.vocab_size, self.k), mx.int32)
+        else:
+            self.bias = mx.zeros((args.n_routed_experts,))
+
+    def __call__(self, x: mx.array, ids: mx.array):
+        scores = mx.sqrt(mx.logaddexp(_f32(x) @ _f32(self.weight).T, 0.0))
+        if "tid2eid" in self:
+            idx = self.tid2eid[ids]
+        else:
+            biased = scores + _f32(self.bias)
+            idx = mx.argpartition(-biased, self.k - 1, axis=-1)[..., : self.k]
+        w = mx.take_along_axis(scores, idx, axis=-1)
+        return idx, w / w.sum(axis=-1, keepdims=True) * self.scaling
+
+
+class Experts(nn.Module):
+    """The routed experts of one layer, stacked `[E, out, in]` for gather_mm / gather_qmm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, I, E = args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
+        self.limit = args.swiglu_limit
+        self.w1 = SwitchLinear(D, I, E, bias=False)
+        self.w2 = SwitchLinear(I, D, E, bias=False)
+        self.w3 = SwitchLinear(D, I, E, bias=False)
+
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        """Sum over the k picks of weight * expert(x), in fp32: `[B, S, D]`."""
+        B, S, k = idx.shape
+        dtype = x.dtype
+        if idx.size >= 64:
+            # Sorting rows by expert lets gather_mm read each expert's weights once.
+            flat = idx.reshape(-1)
+            order = mx.argsort(flat)
+            ids = flat[order]
+            xs = x.reshape(-1, 1, x.shape[-1])[order // k]
+            h = swiglu(self.w1(xs, ids, sorted_indices=True), self.w3(xs, ids, sorted_indices=True),
+                       self.limit)
+            h = h * weights.reshape(-1)[order][:, None, None]
+            y = self.w2(h.astype(dtype), ids, sorted_indices=True)
+            y = y[mx.argsort(order)].reshape(B, S, k, -1)
+        else:
+            xs = x[..., None, None, :]
+            h = swiglu(self.w1(xs, idx), self.w3(xs, idx), self.limit) * weights[..., None, None]
+            y = self.w2(h.astype(dtype), idx)[..., 0, :]
+        return _f32(y).sum(axis=-2)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, I = args.hidden_size, args.moe_intermediate_size
+        self.limit = args.swiglu_limit
+        self.w1 = nn.Linear(D, I, bias=False)
+        self.w2 = nn.Linear(I, D, bias=False)
+        self.w3 = nn.Linear(D, I, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.gate = Gate(args, layer)
+        self.experts = Experts(args)
+        self.shared_experts = SharedExpert(args)
+
+    def __call__(self, x: mx.array, ids: mx.array) -> mx.array:
+        idx, w = self.gate(x, ids)
+        y = self.experts(x, idx, w) + _f32(self.shared_experts(x))
+        return y.astype(x.dtype)
+
+
+class Block(nn.Module):
+    """One decoder block: mHC around attention, mHC around the MoE (spec §2.3)."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        N, D = args.hc_mult, args.hidden_size
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", mx.zeros(((N + 2) * N, N * D)))
+            setattr(self, f"hc_{site}_base", mx.zeros(((N + 2) * N,)))
+            setattr(self, f"hc_{site}_scale", mx.ones((3,)))
+        self.attn_norm = RMSNorm(D, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(D, args.rms_norm_eps)
+        self.attn = Attention(args, layer)
+        self.ffn = MoE(args, layer)
+        self._n = N
+        self._mix = _mhc_fn(N, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
+
+    def _site(self, name: str):
+        """fn and base split into their pre / post / comb rows (compiled shapeless code cannot slice)."""
+        n = self._n
+        fn, base = _f32(getattr(self, f"hc_{name}_fn")), _f32(getattr(self, f"hc_{name}_base"))
+        cuts = [n, 2 * n]
+        return (*mx.split(fn, cuts), *mx.split(base, cuts), _f32(getattr(self, f"hc_{name}_scale")))
+
+    def __call__(self, X: mx.array, ids: mx.array, cache: LayerCache) -> mx.array:
+        x, post, comb = self._mix(X, *self._site("attn"))
+        X = _expand(self.attn(self.attn_norm(x), cache), X, post, comb)
+        x, post, comb = self._mix(X, *self._site("ffn"))
+        return _expand(self.ffn(self.ffn_norm(x), ids), X, post, comb)
+
+
+def _init_head(module: nn.Module, args: ModelArgs):
+    """Give `module` the HyperHead parameters `hc_head_{fn,base,scale}` (final collapse)."""
+    N, D = args.hc_mult, args.hidden_size
+    module.hc_head_fn = mx.zeros((N, N * D))
+    module.hc_head_base = mx.zeros((N,))
+    module.hc_head_scale = mx.ones((1,))
+    module._collapse = _head_fn(args.hc_eps, args.rms_norm_eps)
+
+
+def _collapse(module: nn.Module, X: mx.array) -> mx.array:
+    return module._collapse(X, _f32(module.hc_head_fn), _f32(module.hc_head_base),
+                            _f32(module.hc_head_scale))
+
+
+class MTPBlock(Block):
+    """Multi-token prediction block (spec §2.11): proposes token t+2 from the trunk's streams."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__(args, layer)
+        D = args.hidden_size
+        self.e_proj = nn.Linear(D, D, bias=False)
+        self.h_proj = nn.Linear(D, D, bias=False)
+        self.enorm = RMSNorm(D, args.rms_norm_eps)
+        self.hnorm = RMSNorm(D, args.rms_norm_eps)
+        self.norm = RMSNorm(D, args.rms_norm_eps)
+        _init_head(self, args)
+
+    def predict(self, streams: mx.array, next_ids: mx.array, embed, head, cache: LayerCache):
+        e = self.enorm(embed(next_ids))
+        X = self.e_proj(e)[:, :, None, :] + self.h_proj(self.hnorm(streams))
+        X = Block.__call__(self, X, next_ids, cache)
+        return head(self.norm(_collapse(self, X)))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        _init_head(self, args)
+        L = args.num_hidden_layers
+        self.mtp = [MTPBlock(args, L + k) for k in range(args.num_nextn_predict_layers)]
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """Activation dtype: that of the embedding table (its scales when quantized)."""
+        return self.embed["scales"].dtype if "scales" in self.embed else self.embed.weight.dtype
+
+    def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None,
+                 last_only: bool = False, return_streams: bool = False):
+        """Logits `[B, S, V]` (fp32) for token ids `[B, S]`; advances the cache by S.
+
+        `last_only` computes the head for the last position only (what generation needs).
+        `return_streams` also returns the final residual streams `[B, S, N, D]` for MTP.
+        """
+        if cache is None:
+            cache = make_cache(self, batch=ids.shape[0])
+        h = self.embed(ids)
+        X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
+        for layer, c in zip(self.layers, cache):
+            X = layer(X, ids, c)
+        streams = X
+        if last_only:
+            X = X[:, -1:]
+        logits = _f32(self.head(self.norm(_collapse(self, X))))
+        return (logits, streams) if return_streams else logits
+
+    def mtp_logits(self, streams: mx.array, next_ids: mx.array, cache: list[LayerCache]):
+        """Logits of the MTP block(s) given the trunk's final streams and the next token ids."""
+        return _f32(self.mtp[0].predict(streams, next_ids, self.embed, self.head, cache[0]))

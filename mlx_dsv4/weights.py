@@ -1,0 +1,104 @@
+"""Load a converted MLX model directory: config -> Model -> nn.quantize -> strict weights.
+
+The directory holds `config.json` (with an mlx-lm style `"quantization"` block when weights are
+quantized), `model-0000k-of-0000N.safetensors` shards and their index. Tensor names equal the
+model's parameter paths, so loading is a dictionary match; a missing, unexpected or misshapen
+tensor is an error that names it. Only this module knows the MLX directory format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .model import Model
+
+INDEX = "model.safetensors.index.json"
+
+
+class LoadError(ValueError):
+    """A model directory that does not match the model its config describes."""
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise LoadError(f"{path}: shard(s) named in {INDEX} are missing: {', '.join(missing)}.")
+        return [path / n for n in names]
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise LoadError(f"{path} holds no model*.safetensors shards: is it a converted model?")
+    return files
+
+
+def quantization_predicate(quant: dict, weights: dict):
+    """nn.quantize predicate for an mlx-lm style `"quantization"` block.
+
+    A per-module entry (dict of group_size/bits/mode, or false) wins; otherwise a module is
+    quantized with the block's defaults when its `.scales` tensor exists.
+    """
+    defaults = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
+
+    def predicate(path: str, module: nn.Module):
+        if path in quant:
+            return quant[path]
+        if not hasattr(module, "to_quantized"):
+            return False
+        return dict(defaults) if f"{path}.scales" in weights else False
+
+    return predicate
+
+
+def check_tensors(model: nn.Module, weights: dict[str, mx.array]):
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensor(s): {_names(extra)}")
+    for name in sorted(set(expected) & set(weights)):
+        if tuple(expected[name].shape) != tuple(weights[name].shape):
+            problems.append(f"{name} has shape {tuple(weights[name].shape)}, the model expects "
+                            f"{tuple(expected[name].shape)}")
+    if problems:
+        raise LoadError("Weights do not match the model: " + "; ".join(problems) + ".")
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def load_model(path: str | Path, lazy: bool = False) -> Model:
+    """Build the model of a converted directory and load its weights strictly."""
+    path = Path(path)
+    args = ModelArgs.from_file(path)
+    weights: dict[str, mx.array] = {}
+    for f in shard_files(path):
+        weights.update(mx.load(str(f)))
+    model = Model(args)
+    if args.quantization:
+        nn.quantize(model, class_predicate=quantization_predicate(args.quantization, weights))
+    check_tensors(model, weights)
+    model.load_weights(list(weights.items()), strict=False)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load(path: str | Path, lazy: bool = False):
+    """`(model, tokenizer)` for a converted directory."""
+    from .tokenizer import Tokenizer
+
+    model = load_model(path, lazy=lazy)
+    return model, Tokenizer.from_dir(Path(path))

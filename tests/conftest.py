@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random DeepSeek-V4 (every layer kind, real ratios and window)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from mlx_dsv4.config import ModelArgs  # noqa: E402
+from mlx_dsv4.model import Model  # noqa: E402
+from mlx_dsv4.synthetic import random_weights, tiny_config, to_model_weights  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> dict:
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_args(tiny_cfg) -> ModelArgs:
+    return ModelArgs.from_dict(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_official(tiny_args) -> dict[str, np.ndarray]:
+    """Official-named float32 weights of the tiny model."""
+    return random_weights(tiny_args, seed=0)
+
+
+def build_model(args: ModelArgs, official: dict[str, np.ndarray]) -> Model:
+    model = Model(args)
+    weights = to_model_weights(official)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_args, tiny_official) -> Model:
+    return build_model(tiny_args, tiny_official)
+
+
+@pytest.fixture(scope="session")
+def token_ids(tiny_args) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, tiny_args.vocab_size, (1, 640))
