@@ -231,35 +231,29 @@ class Attention(nn.Module):
         if self.kind == CSA:
             cache.index_pool.append(
                 self.indexer.compressor(x, cache.indexer, p0, self._index_periods, dtype))
-        pool = cache.kv_pool.view().astype(mx.float32) if self.ratio else None
+        n = cache.kv_pool.n if self.ratio else 0
+        dense = n and (self.kind == HCA or n <= self.indexer.topk)
+        # Dense: every visible entry is attended (HCA, or CSA while all entries fit in top-k).
+        pool = cache.kv_pool.keys(mx.float32) if dense else None
+        index_keys = cache.index_pool.keys(dtype) if n and not dense else None
 
         q = q.astype(mx.float32) * c**-0.5
         outs = []
         for i0 in range(0, S, QUERY_BLOCK):
             i1 = min(S, i0 + QUERY_BLOCK)
             parts = [(window[:, i0 : i1 + W], _window_mask(p0, i0, i1, W), False)]
-            if pool is not None and pool.shape[1]:
-                parts.append(self._compressed_part(x, q_lat, cache, pool, p0, i0, i1))
+            if dense:
+                parts.append((pool, _visible_entries(p0 + i0, i1 - i0, n, self.ratio), False))
+            elif n:
+                idx, valid = self.indexer.select(x[:, i0:i1], q_lat[:, i0:i1], index_keys,
+                                                 p0 + i0, self._index_periods)
+                parts.append((cache.kv_pool.gather(idx, mx.float32), valid, True))
             outs.append(_attend(q[:, :, i0:i1], parts, self.attn_sink))
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         o = rope(o.astype(dtype), self._periods, p0, inverse=True)
         o = o.transpose(0, 2, 1, 3).reshape(B, S, self.groups, -1)
         cache.offset += S
         return self.wo_b(self.wo_a(o).reshape(B, S, -1))
-
-    def _compressed_part(self, x, q_lat, cache: LayerCache, pool, p0, i0, i1):
-        """Keys from the compressed pool for queries i0…i1-1 of this chunk (spec §2.7)."""
-        n = pool.shape[1]
-        t0 = p0 + i0
-        if self.kind == HCA or n <= self.indexer.topk:
-            # Every visible entry is attended: dense with the causal visibility mask.
-            return pool, _visible_entries(t0, i1 - i0, n, self.ratio), False
-        idx, valid = self.indexer.select(
-            x[:, i0:i1], q_lat[:, i0:i1], cache.index_pool.view(), t0, self._index_periods)
-        B, Sq, k = idx.shape
-        keys = mx.take_along_axis(pool[:, None], idx.reshape(B, Sq, k, 1), axis=2)
-        return keys, valid, True
-
 
 def _window_mask(p0: int, i0: int, i1: int, W: int) -> mx.array:
     """Visibility of window keys E[i0 : i1+W] (E[k] holds position p0-W+k) for queries i0…i1-1."""

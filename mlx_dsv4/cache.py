@@ -7,9 +7,10 @@ indexer's compressor state and its pool of index keys.
 
 Updates never mutate an array another object may hold: each one rebinds the attribute to the
 result of `mx.slice_update`, which MLX performs in place when nothing else references the old
-buffer. So a snapshot is a dict of the current arrays (O(1)), and restoring it is exact. V4 state
-cannot be trimmed: a closed window's entry cannot be reopened, so rollback means restoring a
-snapshot, never truncating.
+buffer. A snapshot keeps references to the small arrays (ring, compressor rows) and only the
+counts of the append-only pools, so it costs O(1) and never doubles a pool. V4 state cannot be
+trimmed in general (a closed window's entry cannot be reopened): going back means restoring a
+snapshot taken at that point.
 """
 
 from __future__ import annotations
@@ -88,15 +89,27 @@ class CompressorState:
 
 
 class EntryPool:
-    """Append-only compressed entries `[B, n, width]`, preallocated and grown in large steps."""
+    """Append-only compressed entries `[B, n, width]`, preallocated and grown in large steps.
 
-    def __init__(self, batch: int, width: int, dtype: mx.Dtype, capacity: int = 0):
-        self.n = 0
-        self.data = mx.zeros((batch, capacity, width), dtype)
+    With `bits=8` entries are stored as affine 8-bit groups (half the bytes of bf16) and
+    dequantized when read. Entries below `n` are never rewritten, so a snapshot of a pool is its
+    count alone, and restoring one is setting `n` back.
+    """
+
+    def __init__(self, batch: int, width: int, dtype: mx.Dtype, capacity: int = 0,
+                 bits: int | None = None):
+        self.n, self.width, self.dtype, self.bits = 0, width, dtype, bits
+        if bits is None:
+            self.arrays = {"data": mx.zeros((batch, capacity, width), dtype)}
+        else:
+            self.group = min(64, width)
+            q, s, b = mx.quantize(mx.zeros((batch, 1, width), dtype), self.group, bits)
+            self.arrays = {k: mx.zeros((batch, capacity, a.shape[-1]), a.dtype)
+                           for k, a in (("data", q), ("scales", s), ("biases", b))}
 
     @property
     def capacity(self) -> int:
-        return self.data.shape[1]
+        return self.arrays["data"].shape[1]
 
     def append(self, entries: mx.array):
         k = entries.shape[1]
@@ -104,23 +117,47 @@ class EntryPool:
             return
         if self.n + k > self.capacity:
             grow = max(GROW_ENTRIES, self.capacity // 2, self.n + k - self.capacity)
-            B, _, w = self.data.shape
             # Growth copies once per step, never per token.
-            self.data = mx.concatenate([self.data, mx.zeros((B, grow, w), self.data.dtype)], axis=1)
-        self.data = _write(self.data, entries.astype(self.data.dtype), self.n)
+            self.arrays = {name: mx.concatenate(
+                [a, mx.zeros((a.shape[0], grow, a.shape[2]), a.dtype)], axis=1)
+                for name, a in self.arrays.items()}
+        if self.bits is None:
+            parts = {"data": entries.astype(self.dtype)}
+        else:
+            q, s, b = mx.quantize(entries.astype(self.dtype), self.group, self.bits)
+            parts = {"data": q, "scales": s, "biases": b}
+        self.arrays = {name: _write(a, parts[name], self.n) for name, a in self.arrays.items()}
         self.n += k
 
-    def view(self) -> mx.array:
-        return self.data[:, : self.n]
+    def _decode(self, parts: dict[str, mx.array], dtype: mx.Dtype) -> mx.array:
+        if self.bits is None:
+            return parts["data"].astype(dtype)
+        out = mx.dequantize(parts["data"], parts["scales"], parts["biases"], self.group, self.bits)
+        return out.astype(dtype)
+
+    def keys(self, dtype: mx.Dtype) -> mx.array:
+        """All entries so far, `[B, n, width]` in `dtype`."""
+        return self._decode({k: a[:, : self.n] for k, a in self.arrays.items()}, dtype)
+
+    def gather(self, idx: mx.array, dtype: mx.Dtype) -> mx.array:
+        """Entries `idx [B, S, K]` per query: `[B, S, K, width]` (only those rows are decoded)."""
+        B, S, K = idx.shape
+        ix = idx.reshape(B, S, K, 1)
+        return self._decode({k: mx.take_along_axis(a[:, None], ix, axis=2)
+                             for k, a in self.arrays.items()}, dtype)
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes
+        return sum(a.nbytes for a in self.arrays.values())
 
 
 @dataclass
 class Snapshot:
-    """Arrays and counters of one LayerCache at one point; restoring it is exact."""
+    """One LayerCache at one point: window and compressor arrays, pool counts.
+
+    Pools are append-only, so their count suffices while the cache keeps appending to the same
+    pool arrays; a snapshot is only valid for the cache it was taken from.
+    """
 
     offset: int
     arrays: dict[str, mx.array]
@@ -131,7 +168,7 @@ class LayerCache:
     """All decode state of one layer (spec §3.1) for a batch of sequences at the same offset."""
 
     def __init__(self, args: ModelArgs, layer: int, batch: int = 1, dtype: mx.Dtype = mx.bfloat16,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, kv_bits: int | None = None):
         self.kind = args.attention_kind(layer)
         self.ratio = args.compress_ratio(layer)
         self.offset = 0
@@ -142,10 +179,10 @@ class LayerCache:
         cap = math.ceil(max_tokens / self.ratio) if max_tokens else 0
         overlap = self.kind == CSA
         self.compressor = CompressorState(batch, self.ratio, args.head_dim, overlap)
-        self.kv_pool = EntryPool(batch, args.head_dim, dtype, cap)
+        self.kv_pool = EntryPool(batch, args.head_dim, dtype, cap, kv_bits)
         if self.kind == CSA:
             self.indexer = CompressorState(batch, self.ratio, args.index_head_dim, overlap)
-            self.index_pool = EntryPool(batch, args.index_head_dim, dtype, cap)
+            self.index_pool = EntryPool(batch, args.index_head_dim, dtype, cap, kv_bits)
 
     def _parts(self):
         yield "window", self.window
@@ -159,14 +196,11 @@ class LayerCache:
         return sum(part.nbytes for _, part in self._parts())
 
     def snapshot(self) -> Snapshot:
-        arrays, counts = {}, {}
+        arrays, counts = {"window.keys": self.window.keys}, {}
         for name, part in self._parts():
-            if isinstance(part, WindowRing):
-                arrays[f"{name}.keys"] = part.keys
-            elif isinstance(part, EntryPool):
-                arrays[f"{name}.data"] = part.data
+            if isinstance(part, EntryPool):
                 counts[name] = part.n
-            else:
+            elif isinstance(part, CompressorState):
                 arrays.update({f"{name}.{k}": v for k, v in part.arrays().items()})
         return Snapshot(self.offset, arrays, counts)
 
@@ -181,14 +215,20 @@ class LayerCache:
     @property
     def state(self) -> list[mx.array]:
         """Every array of this cache (for `mx.eval`)."""
-        return list(self.snapshot().arrays.values())
+        out = list(self.snapshot().arrays.values())
+        for _, part in self._parts():
+            if isinstance(part, EntryPool):
+                out.extend(part.arrays.values())
+        return out
 
 
 def make_cache(model_or_args, batch: int = 1, dtype: mx.Dtype | None = None,
-               max_tokens: int | None = None, mtp: bool = False) -> list[LayerCache]:
+               max_tokens: int | None = None, kv_bits: int | None = None,
+               mtp: bool = False) -> list[LayerCache]:
     """One LayerCache per trunk layer (or per MTP block with `mtp=True`).
 
     `max_tokens` preallocates the compressed pools for that many tokens; without it they grow.
+    `kv_bits=8` stores the compressed and index pools as affine 8-bit groups.
     """
     args = getattr(model_or_args, "args", model_or_args)
     if dtype is None:
@@ -197,4 +237,4 @@ def make_cache(model_or_args, batch: int = 1, dtype: mx.Dtype | None = None,
         layers = range(args.num_hidden_layers, args.num_hidden_layers + args.num_nextn_predict_layers)
     else:
         layers = range(args.num_hidden_layers)
-    return [LayerCache(args, i, batch, dtype, max_tokens) for i in layers]
+    return [LayerCache(args, i, batch, dtype, max_tokens, kv_bits) for i in layers]
