@@ -1,0 +1,223 @@
+"""Generation: `generate_step` (token ids in, ids out), `stream_generate` (`Chunk`s with text,
+finish reason and stats) and `generate` (the fold of the stream).
+
+Every consumer — tests, `dsv4 chat`, the HTTP server — reads the same `stream_generate` stream;
+stopping (EOS, stop ids, stop strings, max tokens) and streaming detokenization happen here and
+nowhere else. The generator knows no chat format and no HTTP. Decode is pipelined: step n+1 is
+queued with `mx.async_eval` before token n is handed out, so after the consumer has seen a token
+the cache has consumed it (`cache[0].offset` counts prompt + handed-out tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .cache import LayerCache, make_cache
+
+CLEAR_EVERY = 256  # decode steps between MLX buffer-cache clears
+
+
+class ContextError(ValueError):
+    """A request that cannot fit the planned context; raised before anything is computed."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int, largest: int | None = None):
+        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
+        fits = f"; the largest context that fits this machine is {largest:,} tokens" if largest else ""
+        super().__init__(
+            f"The prompt ({prompt_tokens:,} tokens) plus max_tokens ({max_tokens:,}) needs "
+            f"{prompt_tokens + max_tokens:,} tokens, more than the planned context of {limit:,}{fits}.")
+
+
+@dataclass
+class Chunk:
+    """One step of the stream: a text delta (possibly empty) and the token that produced it."""
+
+    text: str = ""
+    token: int | None = None
+    finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0  # GB
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    stop: str | None = None  # the stop string or token that ended generation, if any
+
+
+def prefill(model, ids: Sequence[int], cache: list[LayerCache], chunk: int = 512,
+            progress: Callable[[int, int], None] | None = None,
+            on_prefilled: Callable[[], None] | None = None) -> mx.array:
+    """Feed `ids` into the cache in chunks; return the last position's logits `[1, V]`.
+
+    `on_prefilled` runs when the cache holds all but the last token: a snapshot taken there
+    lets the same prompt be continued again by feeding just that token.
+    """
+    head = list(ids[:-1])
+    for start in range(0, len(head), chunk):
+        model(mx.array(head[start : start + chunk])[None], cache, last_only=True)
+        # Only the state is evaluated: the head of intermediate chunks is never computed.
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        if progress:
+            progress(min(start + chunk, len(head)), len(ids))
+    if on_prefilled:
+        on_prefilled()
+    return model(mx.array(list(ids[-1:]))[None], cache, last_only=True)[:, -1, :]
+
+
+def generate_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], *,
+                  sampler: Callable[[mx.array], mx.array] | None = None,
+                  logits_processors: list | None = None, max_tokens: int = 256,
+                  prefill_chunk: int = 512, history: Sequence[int] = (),
+                  progress: Callable[[int, int], None] | None = None,
+                  on_prefilled: Callable[[], None] | None = None) -> Iterator[tuple[int, mx.array]]:
+    """Yield `(token, logprobs [V])` for up to `max_tokens` tokens after `prompt_ids`.
+
+    `cache` may already hold a prefix (`history`, used by logits processors); `prompt_ids` are
+    the new tokens, at least one. `on_prefilled` runs when all but the last prompt token are in
+    the cache (see `prefill`).
+    """
+    if not prompt_ids:
+        raise ValueError("generate_step needs at least one new prompt token.")
+    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    processors = logits_processors or []
+    tokens = mx.array(list(history) + list(prompt_ids)) if processors else None
+
+    def sample(logits):
+        nonlocal tokens
+        for proc in processors:
+            logits = proc(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = sampler(logprobs)
+        if processors:
+            tokens = mx.concatenate([tokens, y])
+        return y, logprobs[0]
+
+    y, logprobs = sample(prefill(model, prompt_ids, cache, prefill_chunk, progress, on_prefilled))
+    mx.async_eval(y, logprobs)
+    n = 0
+    while n < max_tokens:
+        if n == 0:
+            mx.eval(y)
+            if progress:
+                progress(len(prompt_ids), len(prompt_ids))
+        # Queue step n+1 before handing out token n: the device never waits on Python.
+        next_y, next_lp = sample(model(y[None], cache, last_only=True)[:, -1, :])
+        mx.async_eval(next_y, next_lp)
+        yield y.item(), logprobs
+        n += 1
+        if n % CLEAR_EVERY == 0:
+            mx.clear_cache()
+        y, logprobs = next_y, next_lp
+
+
+class _StopMatcher:
+    """Holds back text while it could still become a stop string; never emits a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """(text safe to emit, the stop string hit or None)."""
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            i, stop = min(hits)
+            out, self.pending = self.pending[:i], ""
+            return out, stop
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:k]):
+                    keep = k
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out, None
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
+                    temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                    min_p: float = 0.0, repetition_penalty: float | None = None,
+                    seed: int | None = None, stop: Sequence[str] = (),
+                    stop_token_ids: Sequence[int] = (), logprobs: int = 0,
+                    cache: list[LayerCache] | None = None, history: Sequence[int] = (),
+                    reused_tokens: int = 0, prefill_chunk: int = 512,
+                    max_context: int | None = None, largest_context: int | None = None,
+                    progress: Callable[[int, int], None] | None = None,
+                    on_prefilled: Callable[[], None] | None = None) -> Iterator[Chunk]:
+    """Text chunks for `prompt` (a string or token ids), ending with a chunk that has a
+    `finish_reason`. `cache` may already hold `history` (prefix reuse); `max_context` refuses,
+    before any work, a prompt plus `max_tokens` that does not fit."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    total_prompt = len(history) + len(ids)
+    if max_context is not None and total_prompt + max_tokens > max_context:
+        raise ContextError(total_prompt, max_tokens, max_context, largest_context)
+    if max_tokens <= 0:
+        yield Chunk(finish_reason="length", prompt_tokens=total_prompt, reused_tokens=reused_tokens)
+        return
+    if cache is None:
+        cache = make_cache(model, max_tokens=max_context)
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty)
+    eos = set(tokenizer.eos_token_ids) | set(getattr(model.args, "eos_token_ids", [])) | set(stop_token_ids)
+    detok, matcher = tokenizer.detokenizer(), _StopMatcher(stop)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    prompt_time = None
+    steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=processors,
+                          max_tokens=max_tokens, prefill_chunk=prefill_chunk, history=history,
+                          progress=progress, on_prefilled=on_prefilled)
+    n = 0
+    for n, (token, lp) in enumerate(steps, start=1):
+        if prompt_time is None:
+            prompt_time = time.perf_counter() - start
+            start = time.perf_counter()
+        chunk = Chunk(token=token, prompt_tokens=total_prompt, reused_tokens=reused_tokens,
+                      generation_tokens=n, prompt_tps=len(ids) / max(prompt_time, 1e-9),
+                      generation_tps=n / max(time.perf_counter() - start, 1e-9),
+                      peak_memory=mx.get_peak_memory() / 1e9)
+        if logprobs:
+            chunk.logprob, chunk.top_logprobs = _top(lp, token, logprobs)
+        if token in eos:
+            chunk.text, chunk.finish_reason = matcher.flush() + detok.finalize(), "stop"
+            chunk.stop = tokenizer.decode([token]) if token in stop_token_ids else None
+            yield chunk
+            return
+        chunk.text, hit = matcher.feed(detok.add(token))
+        if hit is not None:
+            chunk.finish_reason, chunk.stop = "stop", hit
+            yield chunk
+            return
+        if n == max_tokens:
+            chunk.text += matcher.feed(detok.finalize())[0] + matcher.flush()
+            chunk.finish_reason = "length"
+        yield chunk
+
+
+def _top(logprobs: mx.array, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    n = min(n, logprobs.shape[-1])
+    idx = mx.argpartition(-logprobs, n - 1)[:n]
+    vals = logprobs[idx]
+    order = mx.argsort(-vals)
+    top = [(int(i), float(v)) for i, v in zip(idx[order].tolist(), vals[order].tolist())]
+    return float(logprobs[token].item()), top
+
+
+def generate(model, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+    """The whole reply as one string: the fold of `stream_generate`."""
+    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **kwargs))

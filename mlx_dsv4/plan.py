@@ -1,0 +1,241 @@
+"""Memory planner: will this model and this context fit this machine, before anything is allocated.
+
+Weight bytes come from a converted directory's shard headers (nothing is read beyond them) or,
+for a bare config, from the tensor inventory and a conversion recipe. KV bytes come from the
+cache classes themselves (`make_cache` with lazy arrays allocates nothing), so the plan and the
+pools cannot disagree. Activation peaks are an estimate from the shapes of the largest
+intermediates of a prefill chunk and of a decode step (see `activation_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import CSA, HCA, ModelArgs
+
+GiB = 1 << 30
+RECIPES = ("official", "native", "q8", "q4")
+
+# Bytes per logical parameter by tensor role and recipe (spec §5.2). Affine g64 adds a bf16
+# scale and bias per 64 values (0.5 bit each); mxfp4/mxfp8 add one E8M0 byte per 32.
+_ROLE_BYTES = {
+    "official": {"expert": 4.25 / 8, "fp8": 1 + 1 / 16384, "embed": 2, "head": 2, "linear": 2,
+                 "norm": 2, "fp32": 4, "index": 8},
+    "native": {"expert": 4.25 / 8, "fp8": 1 + 1 / 32, "embed": 2, "head": 2, "linear": 2,
+               "norm": 2, "fp32": 4, "index": 4},
+    "q8": {"expert": 4.25 / 8, "fp8": 1 + 4 / 64, "embed": 1 + 4 / 64, "head": 1 + 4 / 64,
+           "linear": 2, "norm": 2, "fp32": 4, "index": 4},
+    "q4": {"expert": 4.25 / 8, "fp8": 0.5 + 4 / 64, "embed": 1 + 4 / 64, "head": 1 + 4 / 64,
+           "linear": 2, "norm": 2, "fp32": 4, "index": 4},
+}
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass
+class Plan:
+    model: str
+    recipe: str
+    context: int
+    kv_bits: int | None
+    prefill_chunk: int
+    weight_bytes: int
+    kv_bytes: int
+    fixed_bytes: int
+    prefill_bytes: int
+    decode_bytes: int
+    budget_bytes: int
+    budget_source: str
+    kv_bytes_per_token: float
+    largest_context: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.fixed_bytes + max(self.prefill_bytes,
+                                                                            self.decode_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.total_bytes
+
+    def verdict(self) -> str:
+        gib = lambda b: f"{b / GiB:,.1f} GiB"  # noqa: E731
+        if self.fits:
+            return (f"fits: {gib(self.total_bytes)} of {gib(self.budget_bytes)} "
+                    f"({gib(self.headroom_bytes)} to spare); largest context that fits: "
+                    f"{self.largest_context:,} tokens")
+        if self.largest_context > 0:
+            return (f"does not fit: needs {gib(self.total_bytes)}, the budget is "
+                    f"{gib(self.budget_bytes)}; largest context that fits: {self.largest_context:,} tokens")
+        need = self.weight_bytes + self.fixed_bytes + self.decode_bytes
+        return (f"does not fit at any context: the weights alone need {gib(self.weight_bytes)} "
+                f"(with state and activations {gib(need)} before any KV), the budget is "
+                f"{gib(self.budget_bytes)}")
+
+
+def weight_bytes(args: ModelArgs, recipe: str, include_mtp: bool = True) -> int:
+    if recipe not in _ROLE_BYTES:
+        raise PlanError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+    table = _ROLE_BYTES[recipe]
+    total = 0.0
+    for name, shape, role in args.tensors(include_mtp):
+        per = table[role]
+        if recipe != "native" and name.endswith(".gate.weight"):
+            per = 4  # the converter keeps the router in fp32
+        total += math.prod(shape) * per
+    return int(total)
+
+
+def weight_bytes_from_dir(path: Path) -> int:
+    """Sum of the tensor payloads of every shard, read from the safetensors headers only."""
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0]
+                     for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def state_bytes(args: ModelArgs, context: int, kv_bits: int | None, dtype_bytes: int = 2):
+    """(KV pool bytes at `context`, fixed per-sequence bytes) from the real cache classes."""
+    import mlx.core as mx
+
+    from .cache import make_cache
+
+    dtype = {2: mx.bfloat16, 4: mx.float32}[dtype_bytes]
+    pools = fixed = 0
+    for c in make_cache(args, dtype=dtype, max_tokens=max(context, 1), kv_bits=kv_bits):
+        for name in ("kv_pool", "index_pool"):
+            part = getattr(c, name)
+            if part is not None:
+                pools += part.nbytes
+        fixed += c.nbytes
+    return pools, fixed - pools
+
+
+def activation_bytes(args: ModelArgs, tokens: int, context: int, kv_bits: int | None = None) -> int:
+    """Peak transient bytes of one forward over `tokens` new tokens at `context` (estimate).
+
+    Terms: the residual streams and their fp32 mHC copies; queries in bf16 and fp32; per query
+    block (attention.QUERY_BLOCK) the window scores, the gathered CSA keys, the indexer scores
+    and the HCA scores; the MoE rows; the last-position logits.
+    """
+    from .attention import INDEX_SCORE_BYTES, QUERY_BLOCK
+
+    S, D, N, H, c = tokens, args.hidden_size, args.hc_mult, args.num_attention_heads, args.head_dim
+    Bq, W = min(S, QUERY_BLOCK), args.sliding_window
+    kinds = set(args.layer_kinds)
+    streams = S * N * D * (2 * 2 + 4 * 2)
+    queries = S * H * c * (2 + 4) + S * args.q_lora_rank * 4
+    window = 2 * H * Bq * (W + Bq) * 4 + (W + S) * c * 4
+    block = window
+    if CSA in kinds:
+        n = context // 4
+        k = min(args.index_topk, n)
+        gather = Bq * k * c * (4 + 2)
+        index = min(INDEX_SCORE_BYTES, Bq * args.index_n_heads * n * 4) + 2 * Bq * n * 4
+        block += gather + 2 * H * Bq * k * 4 + index
+    if HCA in kinds:
+        n = context // 128
+        block += 2 * H * Bq * n * 4 + n * c * 4
+    moe = S * args.num_experts_per_tok * (D * 2 + 3 * args.moe_intermediate_size * 4 + D * 4)
+    logits = args.vocab_size * 4 * 2
+    return int(streams + queries + block + moe + logits)
+
+
+def machine_budget() -> tuple[int, str]:
+    """Bytes this machine can give the model, and where the figure comes from."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if platform.system() == "Darwin":
+        # Raising the wired limit (generate does) lets the GPU use RAM minus an OS reserve.
+        return _with_reserve(total), f"{total / GiB:.0f} GiB unified memory less an OS reserve"
+    return total, f"{total / GiB:.0f} GiB physical memory"
+
+
+def _with_reserve(total: int) -> int:
+    return total - max(8 * GiB, total // 10)
+
+
+def parse_size(text: str) -> int:
+    """'256GB', '256GiB', '192G', '5e9' -> bytes; GB is read as GiB, as Apple quotes RAM."""
+    t = text.strip().upper().replace(" ", "")
+    for suffix, mult in (("GIB", GiB), ("GB", GiB), ("G", GiB), ("MIB", 1 << 20), ("MB", 1 << 20),
+                         ("TB", 1 << 40), ("TIB", 1 << 40)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(float(t))
+
+
+def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | None = None,
+                kv_bits: int | None = None, prefill_chunk: int = 512,
+                memory: int | None = None) -> Plan:
+    """Plan a model (converted dir, config.json, or ModelArgs) at `context` tokens.
+
+    `memory` is a what-if machine size (e.g. a 256 GiB Mac); the plan then keeps the same OS
+    reserve a Mac would. Without it, this machine's budget is used.
+    """
+    args, wbytes, recipe, name = _weights(model, recipe)
+    if memory is not None:
+        budget, source = _with_reserve(memory), f"{memory / GiB:.0f} GiB machine less an OS reserve"
+    else:
+        budget, source = machine_budget()
+    pools, fixed = state_bytes(args, context, kv_bits)
+    per_token = pools / max(context, 1)
+    chunk = max(1, min(prefill_chunk, context))
+    plan = Plan(name, recipe, context, kv_bits, chunk, wbytes, pools, fixed,
+                activation_bytes(args, chunk, context, kv_bits),
+                activation_bytes(args, 1, context, kv_bits), budget, source, per_token, 0)
+    plan.largest_context = _largest_context(args, plan)
+    return plan
+
+
+def _largest_context(args: ModelArgs, plan: Plan) -> int:
+    """Largest context (up to the model's maximum) whose plan fits the budget."""
+    def fits(ctx: int) -> bool:
+        pools, fixed = state_bytes(args, ctx, plan.kv_bits)
+        act = max(activation_bytes(args, min(plan.prefill_chunk, ctx), ctx, plan.kv_bits),
+                  activation_bytes(args, 1, ctx, plan.kv_bits))
+        return plan.weight_bytes + pools + fixed + act <= plan.budget_bytes
+
+    lo, hi = 0, args.max_position_embeddings
+    if fits(hi):
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _weights(model, recipe):
+    if isinstance(model, ModelArgs):
+        recipe = recipe or "q4"
+        return model, weight_bytes(model, recipe), recipe, "config"
+    path = Path(model)
+    config_path = path / "config.json" if path.is_dir() else path
+    if not config_path.exists():
+        raise PlanError(f"{model}: no config.json there; give a converted model directory or a config.json.")
+    config = json.loads(config_path.read_text())
+    args = ModelArgs.from_dict(config)
+    converted = path.is_dir() and any(path.glob("*.safetensors"))
+    if converted and recipe is None:
+        meta = config.get("mlx_dsv4", {})
+        return args, weight_bytes_from_dir(path), meta.get("recipe", "converted"), str(path)
+    recipe = recipe or "q4"
+    return args, weight_bytes(args, recipe), recipe, str(path)

@@ -1,0 +1,112 @@
+"""A conversation's decode state: one cache, the tokens it holds, snapshots for prefix reuse.
+
+Given the next full prompt (the whole conversation re-rendered), the session reuses the longest
+prefix it can: the live cache when the prompt extends everything it holds, otherwise the latest
+snapshot taken at the end of an earlier prompt that the new prompt still starts with. V4 state
+cannot be trimmed (a closed window cannot be reopened), so those are the only ways back; if
+neither applies, it prefills from scratch. Knows no terminal, no HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+
+from .cache import LayerCache, Snapshot, make_cache
+from .generate import Chunk, ContextError, prefill, stream_generate
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Session:
+    def __init__(self, model, tokenizer, *, max_context: int | None = None,
+                 largest_context: int | None = None, kv_bits: int | None = None,
+                 prefill_chunk: int = 512, max_snapshots: int = 4):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_context, self.largest_context = max_context, largest_context
+        self.kv_bits, self.prefill_chunk, self.max_snapshots = kv_bits, prefill_chunk, max_snapshots
+        self.cache: list[LayerCache] | None = None
+        self.tokens: list[int] = []  # exactly the tokens the cache has consumed
+        self.snapshots: list[tuple[int, list[Snapshot]]] = []
+
+    def reset(self):
+        self.cache, self.tokens, self.snapshots = None, [], []
+
+    def _prepare(self, ids: Sequence[int]) -> int:
+        """Put the cache at the longest reusable prefix of `ids`; return its length."""
+        if self.cache is None or len({c.offset for c in self.cache}) != 1:
+            self.cache = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
+            self.tokens, self.snapshots = [], []
+        # At least one token must be fed to get the next token's logits.
+        usable = min(common_prefix(self.tokens, ids), len(ids) - 1)
+        if usable == len(self.tokens):
+            return usable
+        fitting = [s for s in self.snapshots if s[0] <= usable]
+        if not fitting:
+            self.cache = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
+            self.tokens, self.snapshots = [], []
+            return 0
+        n, snaps = fitting[-1]
+        for layer, snap in zip(self.cache, snaps):
+            layer.restore(snap)
+        # Pools past n will be overwritten by the new branch: later snapshots are void.
+        self.snapshots = fitting
+        self.tokens = self.tokens[:n]
+        return n
+
+    def _snapshot(self):
+        n = len(self.tokens)
+        if not self.snapshots or self.snapshots[-1][0] != n:
+            self.snapshots.append((n, [c.snapshot() for c in self.cache]))
+            self.snapshots = self.snapshots[-self.max_snapshots :]
+
+    def _check(self, ids: Sequence[int], max_tokens: int):
+        if self.max_context is not None and len(ids) + max_tokens > self.max_context:
+            raise ContextError(len(ids), max_tokens, self.max_context, self.largest_context)
+
+    def generate(self, ids: Sequence[int], **kwargs) -> Iterator[Chunk]:
+        """`stream_generate` for the full prompt `ids`, reusing what the cache already holds."""
+        ids = list(ids)
+        if not ids:
+            raise ValueError("An empty prompt cannot be continued.")
+        self._check(ids, kwargs.get("max_tokens", 256))
+        reused = self._prepare(ids)
+        generated: list[int] = []
+
+        def on_prefilled():
+            self.tokens = ids[:-1]
+            self._snapshot()
+
+        try:
+            for chunk in stream_generate(
+                    self.model, self.tokenizer, ids[reused:], cache=self.cache,
+                    history=ids[:reused], reused_tokens=reused, max_context=self.max_context,
+                    largest_context=self.largest_context, prefill_chunk=self.prefill_chunk,
+                    on_prefilled=on_prefilled, **kwargs):
+                if chunk.token is not None:
+                    generated.append(chunk.token)
+                yield chunk
+        finally:
+            self.tokens = (ids + generated)[: self.cache[0].offset]
+
+    def prefill(self, ids: Sequence[int]) -> tuple[mx.array, int]:
+        """Logits `[V]` after `ids` (reusing the cache) and how many tokens were reused."""
+        ids = list(ids)
+        self._check(ids, 0)
+        reused = self._prepare(ids)
+
+        def on_prefilled():
+            self.tokens = ids[:-1]
+            self._snapshot()
+
+        logits = prefill(self.model, ids[reused:], self.cache, self.prefill_chunk,
+                         on_prefilled=on_prefilled)
+        self.tokens = ids
+        return logits[0], reused

@@ -1,0 +1,109 @@
+"""Memory honesty: pool bytes and planner figures against spec §5, and what 8-bit pools cost."""
+
+import json
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from conftest import FIXTURES
+from mlx_dsv4.cache import make_cache
+from mlx_dsv4.config import ModelArgs
+from mlx_dsv4.model import Model, keep_float32
+from mlx_dsv4.plan import GiB, parse_size, plan_memory, weight_bytes
+from mlx_dsv4.synthetic import random_weights, to_model_weights
+
+MiB = 1 << 20
+# Spec §5.1: bytes of growing state per token and the fixed per-sequence extras.
+SPEC_KV = {"flash": {None: 6880, 8: 3655}, "pro": {None: 9848, 8: 5232}}
+SPEC_FIXED = {"flash": 17 * MiB, "pro": 26 * MiB}
+
+
+def released(name):
+    return ModelArgs.from_dict(json.loads((FIXTURES / "configs" / f"{name}.json").read_text()))
+
+
+@pytest.mark.parametrize("name", ["flash", "pro"])
+@pytest.mark.parametrize("tokens", [1, 4096, 131072, 1048576])
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_cache_nbytes_match_spec_arithmetic(name, tokens, kv_bits):
+    args = released(name)
+    cache = make_cache(args, dtype=mx.bfloat16, max_tokens=tokens, kv_bits=kv_bits)  # lazy: no RAM
+    spec = SPEC_KV[name][kv_bits] * tokens + SPEC_FIXED[name]
+    ours = sum(c.nbytes for c in cache)
+    assert abs(ours - spec) / spec < 0.05, (ours, spec)
+
+
+@pytest.mark.parametrize("name,recipe,mtp,spec_gib", [
+    ("flash", "official", True, 148.6), ("pro", "official", True, 805.3),
+    ("flash", "native", True, 148.8), ("flash", "native", False, 145.5),
+    ("pro", "native", True, 806.0), ("pro", "native", False, 793.0),
+    ("flash", "q8", True, 147.8), ("pro", "q8", False, 791.3),
+])
+def test_weight_bytes_match_spec_table(name, recipe, mtp, spec_gib):
+    ours = weight_bytes(released(name), recipe, include_mtp=mtp) / GiB
+    assert abs(ours - spec_gib) / spec_gib < 0.01, ours
+
+
+@pytest.mark.parametrize("name,kv_bits", [("flash", None), ("flash", 8), ("pro", None), ("pro", 8)])
+def test_planner_kv_per_token_matches_spec(name, kv_bits):
+    p = plan_memory(released(name), context=1 << 20, kv_bits=kv_bits, memory=parse_size("256GB"))
+    assert abs(p.kv_bytes_per_token - SPEC_KV[name][kv_bits]) / SPEC_KV[name][kv_bits] < 0.01
+    assert abs(p.fixed_bytes - SPEC_FIXED[name]) / SPEC_FIXED[name] < 0.05
+
+
+def test_flash_q4_fits_a_256gb_mac_at_one_million_tokens():
+    p = plan_memory(released("flash"), context=1 << 20, recipe="q4", memory=parse_size("256GB"))
+    assert p.fits and p.largest_context == 1 << 20
+    assert 140 * GiB < p.weight_bytes < 150 * GiB
+    assert p.headroom_bytes > 50 * GiB
+    assert p.verdict().startswith("fits:") and "to spare" in p.verdict()
+
+
+def test_pro_says_what_it_needs():
+    p = plan_memory(released("pro"), context=1 << 20, recipe="q4", memory=parse_size("256GB"))
+    assert not p.fits and p.largest_context == 0
+    assert "does not fit at any context" in p.verdict() and "794" in p.verdict()
+
+
+def test_largest_context_is_where_the_budget_runs_out():
+    args = released("flash")
+    weights = plan_memory(args, context=1, recipe="q4", memory=parse_size("256GB")).weight_bytes
+    # A machine whose budget (after the 10% OS reserve) is the weights + 3 GiB.
+    memory = int((weights + 3 * GiB) / 0.9) + 1
+    p = plan_memory(args, context=1 << 20, recipe="q4", memory=memory)
+    assert not p.fits and 100_000 < p.largest_context < 1 << 20
+    at = plan_memory(args, context=p.largest_context, recipe="q4", memory=memory)
+    over = plan_memory(args, context=p.largest_context + 4096, recipe="q4", memory=memory)
+    assert at.fits and not over.fits
+
+
+def _bf16_model(args, weights, dtype):
+    m = Model(args)
+    m.load_weights([(k, mx.array(v).astype(dtype) if v.dtype == np.float32 and not keep_float32(k)
+                     else mx.array(v)) for k, v in weights.items()])
+    nn.quantize(m, class_predicate=lambda p, _: {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+                if ".experts.w" in p else False)
+    return m
+
+
+def test_8bit_pools_drift_is_small_next_to_bf16_rounding(tiny_args, tiny_official, token_ids):
+    """8-bit pools move logits far less than running the model in bf16 at all does."""
+    weights = to_model_weights(tiny_official)
+    bf16, fp32 = _bf16_model(tiny_args, weights, mx.bfloat16), _bf16_model(tiny_args, weights, mx.float32)
+    ids = mx.array(token_ids[:, :600])
+    ref = np.array(fp32(ids, make_cache(fp32)))
+    plain = np.array(bf16(ids, make_cache(bf16)))
+    kv8 = np.array(bf16(ids, make_cache(bf16, kv_bits=8)))
+    drift = np.abs(kv8 - plain).max(-1).mean()
+    bf16_err, kv8_err = np.abs(plain - ref).max(-1).mean(), np.abs(kv8 - ref).max(-1).mean()
+    print(f"8-bit pools vs bf16 pools: mean max-abs drift {drift:.3f}; error vs fp32: "
+          f"bf16 {bf16_err:.3f}, bf16 + 8-bit pools {kv8_err:.3f}")
+    assert drift < 0.5 * bf16_err          # measured ~0.06 vs ~0.25
+    assert kv8_err < 1.1 * bf16_err        # measured +2%
+    cache = make_cache(bf16, kv_bits=8, max_tokens=600)
+    full = make_cache(bf16, max_tokens=600)
+    pools = lambda c: sum(p.nbytes for l in c for p in (l.kv_pool, l.index_pool) if p is not None)  # noqa: E731
+    assert pools(cache) / pools(full) == pytest.approx(544 / 1024, rel=0.02)
