@@ -151,7 +151,8 @@ class _StopMatcher:
 def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                     min_p: float = 0.0, repetition_penalty: float | None = None,
-                    seed: int | None = None, stop: Sequence[str] = (),
+                    presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                    logit_bias: dict[int, float] | None = None, seed: int | None = None, stop: Sequence[str] = (),
                     stop_token_ids: Sequence[int] = (), logprobs: int = 0,
                     cache: list[LayerCache] | None = None, history: Sequence[int] = (),
                     reused_tokens: int = 0, prefill_chunk: int = 512,
@@ -173,7 +174,9 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty)
+    processors = make_logits_processors(
+        logit_bias=logit_bias, repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     eos = set(tokenizer.eos_token_ids) | set(getattr(model.args, "eos_token_ids", [])) | set(stop_token_ids)
     detok, matcher = tokenizer.detokenizer(), _StopMatcher(stop)
     mx.reset_peak_memory()

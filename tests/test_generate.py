@@ -134,3 +134,10 @@ def test_repetition_penalty_is_applied(tiny_model):
 
     assert first() == plain
     assert first(repetition_penalty=3.0) == penalized
+
+
+def test_logit_bias_bans_a_token():
+    model = ScriptedModel(list(b"aaab"), prompt_len=2)
+    chunks = list(stream_generate(model, TOK, "hi", max_tokens=4, cache=model.make_cache(),
+                                  logit_bias={ord("a"): -100.0}))
+    assert ord("a") not in [c.token for c in chunks]
