@@ -9,12 +9,11 @@ Attention and its pools are in `attention.py`; loading is in `weights.py`.
 
 from __future__ import annotations
 
-from functools import lru_cache, partial
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from . import mhc
 from .attention import Attention
 from .cache import LayerCache, make_cache
 from .config import ModelArgs
@@ -28,48 +27,6 @@ KEEP_FLOAT32 = ("hc_*", ".attn_sink", ".gate.bias", ".gate.weight", ".ape")
 def keep_float32(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf.startswith("hc_") or any(("." + name).endswith(k) for k in KEEP_FLOAT32[1:])
-
-
-@lru_cache(maxsize=None)
-def _mhc_fn(n: int, iters: int, hc_eps: float, norm_eps: float):
-    """Compiled mHC mixing (spec §2.2): returns (collapsed x, post, comb), all maths in fp32."""
-
-    def mix(X, fn_pre, fn_post, fn_comb, base_pre, base_post, base_comb, scale):
-        v = mx.flatten(X, -2, -1).astype(mx.float32)
-        v = v * mx.rsqrt(mx.mean(v * v, axis=-1, keepdims=True) + norm_eps)
-        pre = mx.sigmoid((v @ fn_pre.T) * scale[0] + base_pre) + hc_eps
-        post = 2 * mx.sigmoid((v @ fn_post.T) * scale[1] + base_post)
-        comb = mx.unflatten((v @ fn_comb.T) * scale[2] + base_comb, -1, (n, n))
-        # Sinkhorn in the reference's order: row softmax, +eps, column first, end on columns.
-        comb = mx.softmax(comb, axis=-1, precise=True) + hc_eps
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + hc_eps)
-        for _ in range(iters - 1):
-            comb = comb / (comb.sum(axis=-1, keepdims=True) + hc_eps)
-            comb = comb / (comb.sum(axis=-2, keepdims=True) + hc_eps)
-        x = (pre[..., None] * X.astype(mx.float32)).sum(axis=2)
-        return x.astype(X.dtype), post, comb
-
-    # Shapeless: prefill chunks of any length reuse one compiled graph.
-    return mx.compile(mix, shapeless=True)
-
-
-@partial(mx.compile, shapeless=True)
-def _expand(y, X, post, comb):
-    """X'_b = post_b * y + sum_a comb[a, b] * X_a (note: the sum runs over comb's first index)."""
-    out = post[..., None] * y.astype(mx.float32)[..., None, :]
-    out = out + comb.swapaxes(-1, -2) @ X.astype(mx.float32)
-    return out.astype(X.dtype)
-
-
-@lru_cache(maxsize=None)
-def _head_fn(hc_eps: float, norm_eps: float):
-    def collapse(X, fn, base, scale):
-        v = mx.flatten(X, -2, -1).astype(mx.float32)
-        v = v * mx.rsqrt(mx.mean(v * v, axis=-1, keepdims=True) + norm_eps)
-        w = mx.sigmoid((v @ fn.T) * scale + base) + hc_eps
-        return (w[..., None] * X.astype(mx.float32)).sum(axis=2).astype(X.dtype)
-
-    return mx.compile(collapse, shapeless=True)
 
 
 def _f32(a: mx.array) -> mx.array:
@@ -179,21 +136,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(D, args.rms_norm_eps)
         self.attn = Attention(args, layer)
         self.ffn = MoE(args, layer)
-        self._n = N
-        self._mix = _mhc_fn(N, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
+        self._hc = (args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
 
-    def _site(self, name: str):
-        """fn and base split into their pre / post / comb rows (compiled shapeless code cannot slice)."""
-        n = self._n
-        fn, base = _f32(getattr(self, f"hc_{name}_fn")), _f32(getattr(self, f"hc_{name}_base"))
-        cuts = [n, 2 * n]
-        return (*mx.split(fn, cuts), *mx.split(base, cuts), _f32(getattr(self, f"hc_{name}_scale")))
+    def _mix(self, X: mx.array, site: str):
+        fn, base, scale = (getattr(self, f"hc_{site}_{p}") for p in ("fn", "base", "scale"))
+        return mhc.mix(X, fn, base, scale, *self._hc)
 
     def __call__(self, X: mx.array, ids: mx.array, cache: LayerCache) -> mx.array:
-        x, post, comb = self._mix(X, *self._site("attn"))
-        X = _expand(self.attn(self.attn_norm(x), cache), X, post, comb)
-        x, post, comb = self._mix(X, *self._site("ffn"))
-        return _expand(self.ffn(self.ffn_norm(x), ids), X, post, comb)
+        x, post, comb = self._mix(X, "attn")
+        X = mhc.expand(self.attn(self.attn_norm(x), cache), X, post, comb)
+        x, post, comb = self._mix(X, "ffn")
+        return mhc.expand(self.ffn(self.ffn_norm(x), ids), X, post, comb)
 
 
 def _init_head(module: nn.Module, args: ModelArgs):
@@ -202,12 +155,12 @@ def _init_head(module: nn.Module, args: ModelArgs):
     module.hc_head_fn = mx.zeros((N, N * D))
     module.hc_head_base = mx.zeros((N,))
     module.hc_head_scale = mx.ones((1,))
-    module._collapse = _head_fn(args.hc_eps, args.rms_norm_eps)
+    module._head_eps = (args.hc_eps, args.rms_norm_eps)
 
 
 def _collapse(module: nn.Module, X: mx.array) -> mx.array:
-    return module._collapse(X, _f32(module.hc_head_fn), _f32(module.hc_head_base),
-                            _f32(module.hc_head_scale))
+    return mhc.head(X, module.hc_head_fn, module.hc_head_base, module.hc_head_scale,
+                    *module._head_eps)
 
 
 class MTPBlock(Block):

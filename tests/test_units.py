@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from mlx_dsv4.attention import rope, rope_periods
 from mlx_dsv4.config import ModelArgs, yarn_inv_freq
-from mlx_dsv4.model import _mhc_fn
+from mlx_dsv4 import mhc
 
 
 def _numpy_sinkhorn(M, iters=20, eps=1e-6):
@@ -30,9 +30,8 @@ def test_sinkhorn_is_doubly_stochastic_and_in_reference_order():
     base = (0.5 * rng.standard_normal((n + 2) * n)).astype(np.float32)
     # 20 iterations end on a column step: columns are exact, rows converge for mild logits.
     scale = np.array([1.0, 1.0, 1.0], np.float32)
-    parts = [mx.array(a) for a in (fn[:n], fn[n : 2 * n], fn[2 * n :], base[:n], base[n : 2 * n], base[2 * n :])]
-    x, post, comb = _mhc_fn(n, 20, 1e-6, 1e-6)(mx.array(X), *parts, mx.array(scale))
-    comb = np.array(comb)
+    x, post, comb = mhc.mix(mx.array(X), mx.array(fn), mx.array(base), mx.array(scale), 20, 1e-6, 1e-6)
+    comb, post = np.array(comb), np.array(post)
     assert np.abs(comb.sum(axis=-2) - 1).max() < 1e-5
     assert np.abs(comb.sum(axis=-1) - 1).max() < 1e-5
     v = X.reshape(2, 5, n * D)
@@ -41,7 +40,7 @@ def test_sinkhorn_is_doubly_stochastic_and_in_reference_order():
     np.testing.assert_allclose(comb, _numpy_sinkhorn(M.astype(np.float64)), atol=1e-6)
     pre = 1 / (1 + np.exp(-(v @ fn[:n].T + base[:n]))) + 1e-6
     np.testing.assert_allclose(np.array(x), (pre[..., None] * X).sum(2), atol=1e-4)
-    assert np.array(post).min() >= 0 and np.array(post).max() <= 2
+    assert post.min() >= 0 and post.max() <= 2
 
 
 def test_yarn_table_matches_spec():
