@@ -56,6 +56,7 @@ class Plan:
     budget_source: str
     kv_bytes_per_token: float
     largest_context: int
+    max_prefill_chunk: int = 0  # largest prefill chunk whose activations fit what is left
 
     @property
     def total_bytes(self) -> int:
@@ -200,7 +201,36 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
                 activation_bytes(args, chunk, context, kv_bits),
                 activation_bytes(args, 1, context, kv_bits), budget, source, per_token, 0)
     plan.largest_context = _largest_context(args, plan)
+    plan.max_prefill_chunk = _max_prefill_chunk(args, plan)
     return plan
+
+
+def _max_prefill_chunk(args: ModelArgs, plan: Plan) -> int:
+    """The largest power-of-two chunk (64..4096) whose activations fit beside the rest."""
+    room = plan.budget_bytes - plan.weight_bytes - plan.kv_bytes - plan.fixed_bytes
+    chunk = 64
+    while chunk < 4096 and activation_bytes(args, chunk * 2, plan.context, plan.kv_bits) <= room:
+        chunk *= 2
+    return chunk
+
+
+def apply_wired_limit(plan: Plan) -> str | None:
+    """On macOS let the GPU keep the planned bytes wired; returns what was done, for the user.
+
+    MLX caps wired memory at the GPU's recommended working set unless told otherwise; the OS
+    caps it at `iogpu.wired_limit_mb`, which only an administrator can raise.
+    """
+    if platform.system() != "Darwin":
+        return None
+    import mlx.core as mx
+
+    target = min(plan.total_bytes, plan.budget_bytes)
+    try:
+        mx.set_wired_limit(target)
+    except Exception as e:  # the OS cap is below the plan
+        return (f"could not raise the wired memory limit to {target / GiB:.1f} GiB ({e}); "
+                f"run `sudo sysctl iogpu.wired_limit_mb={math.ceil(target / (1 << 20))}` once")
+    return f"wired memory limit raised to {target / GiB:.1f} GiB, the planned size"
 
 
 def _largest_context(args: ModelArgs, plan: Plan) -> int:

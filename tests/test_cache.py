@@ -94,3 +94,18 @@ def test_nbytes_counts_every_array(tiny_args):
             ci = tiny_args.index_head_dim
             expect += 2 * m * c * 4 + 2 * m * 2 * ci * 4 + 2 * m * ci * 4 + (1024 // m) * ci * 2
         assert lc.nbytes == expect, i
+
+
+def test_mtp_block_runs_and_keeps_its_own_window_state(tiny_model, token_ids):
+    """The MTP block (loaded with the trunk) proposes from the final streams and next ids."""
+    ids = mx.array(token_ids[:, :200])
+    logits, streams = tiny_model(ids, make_cache(tiny_model), return_streams=True)
+    assert streams.shape == (1, 200, tiny_model.args.hc_mult, tiny_model.args.hidden_size)
+    nxt = mx.array(token_ids[:, 1:201])
+    whole = np.array(tiny_model.mtp_logits(streams, nxt, make_cache(tiny_model, mtp=True)))
+    assert whole.shape == (1, 200, tiny_model.args.vocab_size) and np.isfinite(whole).all()
+    cache = make_cache(tiny_model, mtp=True)
+    parts = [np.array(tiny_model.mtp_logits(streams[:, a:b], nxt[:, a:b], cache))
+             for a, b in ((0, 70), (70, 71), (71, 200))]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, atol=1e-4, rtol=0)
+    assert not np.allclose(whole[0, -1], np.array(logits)[0, -1])  # its own head path, not a copy
