@@ -9,6 +9,8 @@ tensor is an error that names it. Only this module knows the MLX directory forma
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -94,6 +96,36 @@ def load_model(path: str | Path, lazy: bool = False) -> Model:
     if not lazy:
         mx.eval(model.parameters())
     return model
+
+
+def model_dirs() -> list[Path]:
+    """Where converted models are looked up by the repo id they came from."""
+    env = os.environ.get("DSV4_MODELS")
+    roots = env.split(os.pathsep) if env else ["~/models", "~/.cache/mlx-dsv4"]
+    return [Path(r).expanduser() for r in roots]
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A converted directory, given its path or the Hugging Face id it was converted from."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        cfg = json.loads(config.read_text()) if config.exists() else {}
+        if "mlx_dsv4" not in cfg and cfg.get("quantization_config", {}).get("quant_method") == "fp8":
+            raise LoadError(f"{path} is an original FP8/FP4 checkpoint, not a converted one. "
+                            f"Convert it once with:\n  dsv4 convert {path} {path}-mlx-q4")
+        return path
+    for root in model_dirs():
+        for d in sorted(root.glob("*/config.json")) if root.is_dir() else []:
+            meta = json.loads(d.read_text()).get("mlx_dsv4", {})
+            if meta.get("source") == str(name):
+                return d.parent
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)):
+        slug = str(name).split("/")[-1].lower()
+        raise LoadError(f"{name} has not been converted yet (looked in "
+                        f"{', '.join(map(str, model_dirs()))}). Convert it once with:\n"
+                        f"  dsv4 convert {name} ~/models/{slug}-q4")
+    raise LoadError(f"{name}: no such model directory.")
 
 
 def load(path: str | Path, lazy: bool = False):
