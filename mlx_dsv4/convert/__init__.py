@@ -1,0 +1,214 @@
+"""`convert`: an official DeepSeek-V4 checkpoint, local or on the Hub, to an MLX model directory.
+
+Plans from headers (`plan.py`), then streams: source shards in order, each opened lazily with
+`mx.load` (plus at most one neighbour that holds a scale), one job at a time evaluated, written at
+its planned offset (`shards.py`), dropped, and the MLX cache cleared. Peak memory is therefore one
+job's working set plus the previous job's outputs (written while the next job computes), over the
+interpreter, whatever the checkpoint size. A Hub source is planned
+from the Hub's headers, pinned to one commit, and downloaded only after the disk space check.
+The per-tensor arithmetic is in `quant.py`; this module only sequences it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from .. import __version__, hub
+from . import quant
+from .plan import INDEX, RECIPES, ConvertError, Header, Plan, Source, make_plan, read_source
+from .shards import EXTRA_FILES, PROGRESS, ShardWriter
+
+__all__ = ["ConvertError", "Progress", "Result", "RECIPES", "convert"]
+
+SOURCE_FILES = ("model-*.safetensors", "model.safetensors", "model.safetensors.index.json",
+                "config.json", *EXTRA_FILES)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after every job: source bytes done of the bytes this run has to process."""
+
+    done: int
+    total: int
+    shard: str
+    tensor: str
+
+
+@dataclass
+class Result:
+    plan: Plan
+    output: Path
+    dry_run: bool
+    download_bytes: int = 0  # bytes a Hub source still has to fetch (upper bound on a dry run)
+    reused: list[str] = field(default_factory=list)  # shards kept from an interrupted run
+    written: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.download_bytes + self.plan.bytes_out
+
+
+def convert(source: str | Path, output_dir: str | Path, *, recipe: str = "q4",
+            revision: str | None = None, dry_run: bool = False, shard_size: int = 5 * 10**9,
+            progress: Callable[[Progress], None] | None = None, api=None) -> Result:
+    """Convert `source` (directory or repo id) into `output_dir`; rerun the same call to resume.
+
+    `api` replaces `huggingface_hub.HfApi()` for Hub sources (tests pass a fake one).
+    """
+    t0 = time.perf_counter()
+    if recipe not in RECIPES:
+        raise ConvertError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+    out = Path(output_dir)
+    remote = not hub.is_local(source)
+    if remote:
+        pinned = hub.commit(str(source), revision, api=api)
+        config, headers = hub.remote_headers(str(source), pinned, api=api)
+        plan = make_plan(Source(config, {n: Header(*h) for n, h in headers.items()}), recipe, shard_size)
+        meta = _metadata(str(source), revision, pinned, recipe)
+    else:
+        if revision is not None:
+            raise ConvertError("--revision applies to Hugging Face sources, not to a local directory.")
+        path = Path(source)
+        plan = make_plan(read_source(path), recipe, shard_size)
+        meta = _metadata(str(path.resolve()), None, _snapshot_commit(path), recipe)
+    fingerprint = _fingerprint(plan, meta)
+    if dry_run:
+        return Result(plan, out, True, download_bytes=plan.bytes_in if remote else 0)
+    if _check_output(out, fingerprint, None if remote else Path(source)) == "complete":
+        return Result(plan, out, False, reused=[s.name for s in plan.shards])
+    if remote:
+        path = hub.resolve(str(source), pinned, SOURCE_FILES, output_dir=out,
+                           output_bytes=plan.bytes_out, api=api)
+        local = make_plan(read_source(path), recipe, shard_size)
+        if [s.header for s in local.shards] != [s.header for s in plan.shards]:
+            raise ConvertError(f"The files downloaded to {path} do not match the headers the Hub "
+                               "reported for the same commit; delete them and retry.")
+        plan = local
+    writer = ShardWriter(out, plan, fingerprint)
+    hub.require_space([(out, plan.bytes_out - sum(i["size"] for i in writer.done.values()))],
+                      what=f"write {out}")
+    try:
+        _stream(plan, path, writer, progress)
+    except OSError as e:  # disk full, read errors: the index is never written, the run resumes
+        raise ConvertError(f"Conversion stopped: {e}. {out} is left incomplete (no index); rerun "
+                           "the same command to resume.") from e
+    finally:
+        writer.close()
+    writer.finish(path, _config(plan, meta, fingerprint))
+    written = [s.name for s in plan.shards if s.name not in writer.reused]
+    return Result(plan, out, False, reused=writer.reused, written=written,
+                  seconds=time.perf_counter() - t0)
+
+
+def _stream(plan: Plan, root: Path, writer: ShardWriter, progress) -> None:
+    jobs = [j for j in plan.jobs if any(writer.pending(t) for t in j.targets)]
+    sizes = [plan.source.tensors[j.weight].nbytes
+             + (plan.source.tensors[j.scale].nbytes if j.scale else 0) for j in jobs]
+    total, done = sum(sizes), 0
+    reader = _Reader(root, plan.source.tensors)
+
+    def flush(job, arrays, size):
+        nonlocal done
+        try:
+            for name, a in zip(job.targets, arrays):
+                quant.check(a, plan.targets[name])
+                writer.write(name, job.piece, quant.to_buffer(a))  # waits for its evaluation
+        except RuntimeError as e:  # mx.load reads lazily: a bad file surfaces here
+            raise OSError(f"reading {job.weight} from {plan.source.tensors[job.weight].shard} "
+                          f"failed ({e})") from e
+        del arrays[:]
+        mx.clear_cache()
+        done += size
+        if progress:
+            progress(Progress(done, total, plan.source.tensors[job.weight].shard, job.weight))
+
+    previous = None
+    for job, size in zip(jobs, sizes):
+        scale = reader.take(job.scale) if job.scale else None
+        arrays = quant.run(job, reader.take(job.weight), scale, [plan.targets[t] for t in job.targets])
+        # Read and compute this job while the previous one's bytes are written: two jobs in flight.
+        mx.async_eval(arrays)
+        if previous:
+            flush(*previous)
+        previous = (job, arrays, size)
+        del scale
+    if previous:
+        flush(*previous)
+
+
+class _Reader:
+    """Lazy `mx.load` dicts of at most two source shards: the current one and a scale's neighbour.
+
+    Each tensor is popped when taken, so an evaluated tensor lives only as long as its job.
+    """
+
+    def __init__(self, root: Path, headers: dict[str, Header]):
+        self.root, self.headers, self.open = root, headers, {}
+
+    def take(self, name: str) -> mx.array:
+        shard = self.headers[name].shard
+        if shard not in self.open:
+            if len(self.open) == 2:
+                del self.open[next(iter(self.open))]
+            try:
+                self.open[shard] = mx.load(str(self.root / shard))
+            except RuntimeError as e:
+                raise OSError(f"cannot read {self.root / shard} ({e})") from e
+        self.open[shard] = self.open.pop(shard)  # most recently used last
+        return self.open[shard].pop(name)
+
+
+def _check_output(out: Path, fingerprint: str, source: Path | None) -> str:
+    """`new`, `resume` or `complete`; anything else in the directory is refused."""
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out} is a file; the output must be a new or empty directory.")
+    if source is not None and out.exists() and out.resolve() == source.resolve():
+        raise ConvertError("The output directory is the source directory; choose another one.")
+    if not out.exists() or not any(out.iterdir()):
+        return "new"
+    if (out / PROGRESS).exists():
+        return "resume"  # the writer checks that the run has the same settings
+    if (out / INDEX).exists() and (out / "config.json").exists():
+        done = json.loads((out / "config.json").read_text()).get("mlx_dsv4", {})
+        if done.get("fingerprint") == fingerprint:
+            return "complete"
+        raise ConvertError(f"{out} holds another converted model (recipe {done.get('recipe')!r} of "
+                           f"{done.get('source')!r}); remove it or choose another directory.")
+    names = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+    raise ConvertError(f"{out} already holds other files ({names}); choose a new or empty directory.")
+
+
+def _metadata(source: str, revision, commit, recipe: str) -> dict:
+    return {"source": source, "revision": revision, "commit": commit, "recipe": recipe,
+            "converter": f"mlx-dsv4 {__version__}"}
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    # A Hugging Face cache snapshot is a folder named after its commit.
+    name = path.resolve().name
+    return name if re.fullmatch(r"[0-9a-f]{40}", name) else None
+
+
+def _fingerprint(plan: Plan, meta: dict) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for s in plan.shards:
+        h.update(s.name.encode() + s.header)
+    return h.hexdigest()
+
+
+def _config(plan: Plan, meta: dict, fingerprint: str) -> dict:
+    """The source config with the MLX quantization block; the FP8 block no longer applies."""
+    config = dict(plan.source.config)
+    shipped = config.pop("quantization_config", None)
+    config["quantization"] = plan.quantization
+    config["mlx_dsv4"] = dict(meta, fingerprint=fingerprint, source_quantization_config=shipped)
+    return config

@@ -1,0 +1,354 @@
+"""The conversion plan: checkpoint headers in, a deterministic list of jobs and output shards out.
+
+Only headers are read (the index's weight map and `safe_open` names, dtypes and shapes; never
+tensor data), so planning the 160 GB Flash release takes seconds and `--dry-run` reads no weights.
+`make_plan` is pure: for every official tensor it decides what the recipe does with it, which MLX
+parameters it becomes, and where their bytes land in the output shards. It also refuses what a
+header can reveal: tensors the inventory does not know, missing ones, FP8/FP4 weights whose
+scales do not fit, wrong dtypes. The arithmetic lives in `quant.py`, the files in `shards.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ModelArgs
+from ..model import keep_float32
+
+INDEX = "model.safetensors.index.json"
+ITEMSIZE = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4,
+            "I32": 4, "U32": 4, "I64": 8}
+FP8_BLOCK, FP4_GROUP = 128, 32
+_FLOATS = ("BF16", "F16", "F32")
+_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+class ConvertError(ValueError):
+    """A checkpoint or output directory the converter refuses, with a sentence saying why."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """One source tensor as its shard's header describes it."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return ITEMSIZE[self.dtype] * math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What planning needs from a checkpoint: its config and every tensor header."""
+
+    config: dict
+    tensors: dict[str, Header]
+
+
+@dataclass(frozen=True)
+class Quant:
+    mode: str
+    group_size: int
+    bits: int
+
+    def entry(self) -> dict:
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    fp8: Quant          # the FP8 block-scaled linears (attention, shared experts, MTP projections)
+    embed: Quant | None  # embedding and head; None keeps them as shipped
+    summary: str
+
+
+# Routed experts ship as FP4 with one E8M0 scale per 32: that is MLX mxfp4 bit for bit (spec §4.5).
+EXPERTS = Quant("mxfp4", 32, 4)
+RECIPES = {r.name: r for r in (
+    Recipe("q4", Quant("affine", 64, 4), Quant("affine", 64, 8),
+           "experts mxfp4 as shipped, FP8 linears affine 4-bit g64, embed/head 8-bit"),
+    Recipe("q8", Quant("affine", 64, 8), Quant("affine", 64, 8),
+           "experts mxfp4 as shipped, FP8 linears affine 8-bit g64, embed/head 8-bit"),
+    Recipe("native", Quant("mxfp8", 32, 8), None,
+           "lossless: experts mxfp4, FP8 linears mxfp8, the rest as shipped"),
+)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One output tensor. Stacked experts have `pieces` = E, piece e at byte e * nbytes / E."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return ITEMSIZE[self.dtype] * math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Turn source tensor `weight` (and its `scale`) into `targets`, in the order quant.run returns.
+
+    Actions: `cast` (as shipped, or to the target dtype), `fp4` (expert bytes as mxfp4), `fp8_mx`
+    (FP8 bytes as mxfp8, scales expanded), `fp8_affine` (dequantise, requantise) and `affine`.
+    """
+
+    action: str
+    weight: str
+    scale: str | None
+    targets: tuple[str, ...]
+    quant: Quant | None = None
+    piece: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """An output file: its name, its tensors at their offsets in the data section, its header."""
+
+    name: str
+    tensors: tuple[tuple[Target, int], ...]
+    header: bytes
+
+    @property
+    def size(self) -> int:
+        return 8 + len(self.header) + sum(t.nbytes for t, _ in self.tensors)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    source: Source
+    jobs: list[Job]
+    targets: dict[str, Target]
+    shards: list[Shard]
+    quantization: dict
+    where: dict[str, tuple[str, int]]  # target -> (shard name, file offset of its data)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(h.nbytes for h in self.source.tensors.values())
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Memory the runner holds at most: one job's working set (see `job_bytes`) while the
+        previous job's outputs are being written."""
+        outputs = max(sum(self.targets[t].nbytes // self.targets[t].pieces for t in j.targets)
+                      for j in self.jobs)
+        return max(job_bytes(j, self.source.tensors, self.targets) for j in self.jobs) + outputs
+
+
+def read_source(path: Path) -> Source:
+    """Config and tensor headers of a local checkpoint; bad files are refused by name."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ConvertError(f"{path} has no config.json: is it a model checkpoint directory?")
+    config = json.loads((path / "config.json").read_text())
+    ModelArgs.from_dict(config)  # refuses unsupported models before any header is read
+    if (path / INDEX).exists():
+        shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    missing = [s for s in shards if not (path / s).exists()]
+    if missing:
+        raise ConvertError(f"{path}: shard(s) named in {INDEX} are missing: {', '.join(missing)}. "
+                           "Download them again (a remote source resumes by itself).")
+    if not shards:
+        raise ConvertError(f"{path} holds no .safetensors shards.")
+    tensors = {}
+    for s in shards:
+        try:
+            with safe_open(str(path / s), "numpy") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    tensors[name] = Header(s, sl.get_dtype(), tuple(sl.get_shape()))
+        except Exception as e:  # safetensors raises its own error type for truncated headers
+            raise ConvertError(f"{path / s} is truncated or corrupt ({e}); download it again.") from e
+    return Source(config, tensors)
+
+
+def make_plan(source: Source, recipe: str | Recipe = "q4", shard_size: int = 5 * 10**9) -> Plan:
+    """The jobs and output layout for `recipe`; deterministic for given headers."""
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    args = ModelArgs.from_dict(source.config)
+    inventory = list(args.tensors())
+    _check_names(inventory, source.tensors)
+    E = args.n_routed_experts
+    jobs, targets, quantization = [], {}, dict(recipe.fp8.entry())
+    for name, shape, role in inventory:
+        job, made, quant = _plan_tensor(name, shape, role, source.tensors, recipe, E)
+        jobs.append(job)
+        for t in made:
+            targets.setdefault(t.name, t)
+        if quant:
+            quantization[job.targets[0][: -len(".weight")]] = quant.entry()
+    order = {s: k for k, s in enumerate(sorted({h.shard for h in source.tensors.values()}))}
+    jobs.sort(key=lambda j: (order[source.tensors[j.weight].shard], j.weight))
+    shards, where = _layout(jobs, targets, shard_size)
+    return Plan(recipe, source, jobs, targets, shards, quantization, where)
+
+
+def _check_names(inventory, tensors: dict[str, Header]) -> None:
+    expected = set()
+    for name, _, role in inventory:
+        expected.add(name)
+        if role in ("fp8", "expert"):
+            expected.add(_scale(name))
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise ConvertError(f"{len(unknown)} tensor(s) the plan does not know (not in the DeepSeek-V4 "
+                           f"inventory of this config): {_names(unknown)}. Refusing to drop them.")
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ConvertError(f"{len(missing)} tensor(s) of the DeepSeek-V4 inventory are missing from "
+                           f"the checkpoint: {_names(missing)}.")
+
+
+def _plan_tensor(name, shape, role, tensors, recipe: Recipe, E: int):
+    """(job, targets it writes, quantization of its module or None) for one official tensor."""
+    h = tensors[name]
+    if role == "expert":
+        o, i = _fp4_shapes(name, shape, h, tensors[_scale(name)])
+        m = _EXPERT.match(name)
+        module = f"{m.group(1)}.{m.group(3)}"
+        made = _quantized(module, (E, o), i, EXPERTS, None, pieces=E)
+        return Job("fp4", name, _scale(name), _names_of(made), EXPERTS, int(m.group(2))), made, EXPERTS
+    if role == "fp8":
+        o, i = _fp8_shapes(name, shape, h, tensors[_scale(name)])
+        q = recipe.fp8
+        action = "fp8_mx" if q.mode == "mxfp8" else "fp8_affine"
+        made = _quantized(name[: -len(".weight")], (o,), i, q, "BF16")
+        return Job(action, name, _scale(name), _names_of(made), q), made, q
+    _check_plain(name, shape, role, h)
+    if role in ("embed", "head") and recipe.embed:
+        q = recipe.embed
+        made = _quantized(name[: -len(".weight")], shape[:-1], shape[-1], q, h.dtype)
+        return Job("affine", name, None, _names_of(made), q), made, q
+    dtype = "F32" if keep_float32(name) else "I32" if h.dtype == "I64" else h.dtype
+    made = [Target(name, dtype, shape)]
+    return Job("cast", name, None, (name,)), made, None
+
+
+def _quantized(module: str, lead: tuple, fan_in: int, q: Quant, float_dtype, pieces: int = 1):
+    """Targets of a quantized module: packed uint32 weight, scales, and biases when affine."""
+    if fan_in % q.group_size:
+        raise ConvertError(f"{module}: input dimension {fan_in} is not a multiple of the "
+                           f"{q.mode} group size {q.group_size}.")
+    groups = (*lead, fan_in // q.group_size)
+    scales = "U8" if q.mode.startswith("mx") else float_dtype
+    made = [Target(f"{module}.weight", "U32", (*lead, fan_in * q.bits // 32), pieces),
+            Target(f"{module}.scales", scales, groups, pieces)]
+    if q.mode == "affine":
+        made.append(Target(f"{module}.biases", float_dtype, groups, pieces))
+    return made
+
+
+def _fp8_shapes(name, shape, h: Header, s: Header) -> tuple[int, int]:
+    o, i = shape
+    want = (-(-o // FP8_BLOCK), -(-i // FP8_BLOCK))
+    if h.dtype != "F8_E4M3" or s.dtype != "F8_E8M0":
+        raise ConvertError(f"{name} is {h.dtype} with a {s.dtype} scale; the release format is "
+                           "F8_E4M3 with F8_E8M0 128x128 block scales.")
+    if h.shape != (o, i) or s.shape != want:
+        raise ConvertError(f"{name} has shape {list(h.shape)} and its scale {_scale(name)} "
+                           f"{list(s.shape)}; the config implies [{o}, {i}] with a "
+                           f"{list(want)} grid of 128x128 block scales.")
+    return o, i
+
+
+def _fp4_shapes(name, shape, h: Header, s: Header) -> tuple[int, int]:
+    o, i = shape
+    if h.dtype != "I8" or s.dtype != "F8_E8M0":
+        raise ConvertError(f"{name} is {h.dtype} with a {s.dtype} scale; only FP4 experts (I8, two "
+                           "codes per byte, F8_E8M0 scale per 32) are supported.")
+    # Spec §4.5: FP4 is recognised by the scale covering 16 bytes (32 values) per entry.
+    if h.shape != (o, i // 2) or s.shape != (o, i // FP4_GROUP) or s.shape[-1] * 16 != h.shape[-1]:
+        raise ConvertError(f"{name} has shape {list(h.shape)} and its scale {_scale(name)} "
+                           f"{list(s.shape)}; FP4 experts of this config are [{o}, {i // 2}] bytes "
+                           f"with [{o}, {i // FP4_GROUP}] scales.")
+    return o, i
+
+
+def _check_plain(name, shape, role, h: Header) -> None:
+    ok = ("I64", "I32") if role == "index" else _FLOATS
+    if h.dtype not in ok:
+        raise ConvertError(f"{name} is {h.dtype}; expected one of {', '.join(ok)}.")
+    if h.shape != tuple(shape):
+        raise ConvertError(f"{name} has shape {list(h.shape)}; the config implies {list(shape)}.")
+
+
+def _layout(jobs: list[Job], targets: dict[str, Target], shard_size: int):
+    """Targets in job order, cut into shards of at most `shard_size` bytes (one tensor may exceed)."""
+    ordered = list(dict.fromkeys(t for j in jobs for t in j.targets))
+    groups, size = [[]], 0
+    for name in ordered:
+        n = targets[name].nbytes
+        if groups[-1] and size + n > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(targets[name])
+        size += n
+    shards, where = [], {}
+    for k, group in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        placed, offset = [], 0
+        for t in group:
+            placed.append((t, offset))
+            offset += t.nbytes
+        header = _header(placed)
+        for t, off in placed:
+            where[t.name] = (fname, 8 + len(header) + off)
+        shards.append(Shard(fname, tuple(placed), header))
+    return shards, where
+
+
+def _header(placed) -> bytes:
+    meta = {"__metadata__": {"format": "mlx"}}
+    for t, off in placed:
+        meta[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+    blob = json.dumps(meta, separators=(",", ":")).encode()
+    return blob + b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors pads
+
+
+def job_bytes(job: Job, tensors: dict[str, Header], targets: dict[str, Target]) -> int:
+    """Memory one job holds at its peak: its inputs, outputs and the temporaries of its action."""
+    source = tensors[job.weight]
+    n = math.prod(source.shape)
+    inputs = source.nbytes + (tensors[job.scale].nbytes if job.scale else 0)
+    if job.action == "cast":  # a copy only when the dtype changes
+        out = targets[job.targets[0]]
+        return inputs + (out.nbytes if out.dtype != source.dtype else 0)
+    # Bytes per value beyond the inputs, rounded up from ru_maxrss measurements on mlx 0.32.4:
+    # fp8_affine holds bf16 values and their scaled copy (measured 1.6, outputs included);
+    # affine holds only its output (1.06 at 8 bits); the repacks their expanded scales.
+    per_value = {"fp8_affine": 4, "affine": 2, "fp8_mx": 1, "fp4": 0}[job.action]
+    return inputs + per_value * n
+
+
+def _scale(weight: str) -> str:
+    return weight[: -len("weight")] + "scale"
+
+
+def _names_of(targets) -> tuple[str, ...]:
+    return tuple(t.name for t in targets)
+
+
+def _names(names: list[str], most: int = 10) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
