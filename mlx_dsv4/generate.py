@@ -118,7 +118,7 @@ def generate_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], *,
         y, logprobs = next_y, next_lp
 
 
-class _StopMatcher:
+class StopMatcher:
     """Holds back text while it could still become a stop string; never emits a stop string."""
 
     def __init__(self, stops: Sequence[str]):
@@ -178,7 +178,7 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
         logit_bias=logit_bias, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     eos = set(tokenizer.eos_token_ids) | set(getattr(model.args, "eos_token_ids", [])) | set(stop_token_ids)
-    detok, matcher = tokenizer.detokenizer(), _StopMatcher(stop)
+    detok, matcher = tokenizer.detokenizer(), StopMatcher(stop)
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_time = None

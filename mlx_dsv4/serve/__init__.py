@@ -1,0 +1,61 @@
+"""`dsv4 serve`: an OpenAI-compatible HTTP endpoint for a converted model.
+
+`engine` owns the model on one thread, `protocol` translates OpenAI requests and replies,
+`app` holds the routes. FastAPI, uvicorn and sse-starlette are imported only in this package.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("mlx_dsv4.serve")
+
+
+def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
+          prefill_chunk: int = 512, thinking: bool = True, log_level: str = "info"):
+    """Plan memory, start the engine (it loads the model on its own thread) and run uvicorn.
+
+    `max_context` defaults to the largest context that fits this machine, capped by the model's
+    maximum; a given value that does not fit is refused with the planner's verdict.
+    """
+    import uvicorn
+
+    from ..chat_format import load_encoding
+    from ..config import ModelArgs
+    from ..plan import PlanError, plan_memory
+    from ..session import Session
+    from ..tokenizer import Tokenizer
+    from ..weights import load_model
+    from .app import create_app
+    from .engine import Engine
+    from .protocol import ServerConfig
+
+    path = Path(model_path).expanduser()
+    limit = ModelArgs.from_file(path).max_position_embeddings
+    plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    if max_context is None:
+        max_context = min(plan.largest_context, limit)
+    elif not plan.fits:
+        raise PlanError(f"{path.name} with {max_context:,} tokens of context {plan.verdict()}")
+    if max_context <= 0:
+        raise PlanError(f"{path.name} {plan.verdict()}")
+    tokenizer = Tokenizer.from_dir(path)
+    config = ServerConfig(model_id=model_id or path.name, tokenizer=tokenizer, max_context=max_context,
+                          encoding=load_encoding(path), api_key=api_key, thinking=thinking)
+
+    def load():
+        return Session(load_model(path), tokenizer, max_context=max_context,
+                       largest_context=plan.largest_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+
+    engine = Engine(load).start()
+    log.warning("serving %s as %r on http://%s:%d/v1 with %s tokens of context",
+                path, config.model_id, host, port, f"{max_context:,}")
+    try:
+        uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)
+    finally:
+        engine.stop()
+
+
+__all__ = ["serve"]

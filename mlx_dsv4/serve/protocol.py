@@ -1,0 +1,610 @@
+"""OpenAI wire shapes and the adapters between them and the engine (protocol.md Part B).
+
+Requests: pydantic models (unknown fields allowed and ignored), message normalisation (B4.2),
+thinking/effort resolution (B4.3), tool choice (B4.4) -> an engine `Job`. Replies: `ChatReply`
+turns the engine's `Chunk`s into `Delta`s (reasoning, content, tool calls, finish, usage); the
+SSE stream renders each delta and the non-streaming reply is their fold.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import chat_format
+from ..generate import Chunk
+from ..generate import StopMatcher
+from .engine import Job
+
+log = logging.getLogger("mlx_dsv4.serve")
+
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max", "ultra")
+TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
+BAN = -1e9  # logit bias that forbids a token
+MAX_EFFORT_CONTEXT = 393_216  # Think Max wants >= 384K of context (A6); below it, "high" is used
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape (B2)."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    tokenizer: Any
+    max_context: int
+    encoding: Any = None
+    api_key: str | None = None
+    thinking: bool = True  # the default when a request says nothing (B4.3)
+    created: int = field(default_factory=lambda: int(time.time()))
+    ping: float = 15.0  # seconds between SSE keep-alive comments
+    completion_max_tokens: int = 4096  # /v1/completions default budget (DeepSeek's FIM limit)
+
+    def card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "local",
+                "context_length": self.max_context, "max_model_len": self.max_context}
+
+
+class Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Message(Loose):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    thinking: str | None = None
+    prefix: bool = False
+
+
+class StreamOptions(Loose):
+    include_usage: bool = False
+
+
+class Sampling(Loose):
+    model: str = ""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # JSON keys are token-id strings
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+
+    def sampling(self) -> dict:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return {"temperature": 1.0 if self.temperature is None else self.temperature,
+                "top_p": self.top_p or 0.0, "top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
+                "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "seed": self.seed, "stop": stop,
+                "logit_bias": dict(self.logit_bias or {})}
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
+    reasoning_effort: str | None = None
+    thinking: dict | None = None
+    chat_template_kwargs: dict | None = None
+    reasoning: dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ----- requests -> jobs -------------------------------------------------------------------------
+
+def text_of(content, where: str) -> str:
+    """A message's content as one string; text parts joined with a blank line (B4.2)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        kind = part.get("type", "text")
+        if kind not in TEXT_PARTS:
+            raise APIError(400, f"{where}: content parts of type {kind!r} are not supported; this "
+                           "model reads text only.", code="unsupported_content", param="messages")
+        texts.append(part.get("text") or part.get("refusal") or "")
+    return "\n\n".join(texts)
+
+
+def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
+    """OpenAI messages -> the encoder's messages (B4.2 steps 1-8)."""
+    out: list[dict] = []
+    for i, m in enumerate(req.messages):
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        msg = {"role": role, "content": text_of(m.content, f"messages[{i}]")}
+        if role == "assistant":
+            reasoning = m.reasoning_content or m.reasoning or m.thinking
+            text = msg["content"]
+            if not reasoning and text.lstrip().startswith("<think>") and "</think>" in text:
+                reasoning, _, text = text.lstrip()[len("<think>"):].partition("</think>")
+                msg["content"] = text.lstrip("\n")
+            if reasoning:
+                msg["reasoning_content"] = reasoning
+            if m.tool_calls:
+                msg["tool_calls"] = [_call(c) for c in m.tool_calls]
+            if m.prefix and i == len(req.messages) - 1:
+                msg["wo_eos"] = True
+        elif role == "tool" and m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if role == "system" and out and out[-1]["role"] == "system":
+            out[-1]["content"] += "\n\n" + msg["content"]
+        else:
+            out.append(msg)
+    if tools or req.response_format:
+        if out[0]["role"] != "system":
+            out.insert(0, {"role": "system", "content": ""})
+        if tools:
+            out[0]["tools"] = tools
+        if req.response_format and req.response_format.get("type") != "text":
+            out[0]["response_format"] = req.response_format
+    return out
+
+
+def _call(c: dict) -> dict:
+    fn = c.get("function") or {}
+    args = fn.get("arguments")
+    if not isinstance(args, str):
+        args = json.dumps(args if args is not None else {}, ensure_ascii=False)
+    return {"id": c.get("id") or "", "type": "function",
+            "function": {"name": fn.get("name", ""), "arguments": args}}
+
+
+def resolve_thinking(req: ChatRequest, default: bool) -> tuple[bool, str | None]:
+    """(thinking on?, effort) by B4.3's precedence."""
+    kw, r = req.chat_template_kwargs or {}, req.reasoning or {}
+    effort = req.reasoning_effort or r.get("effort") or kw.get("reasoning_effort")
+    if effort is not None and effort not in EFFORTS:
+        raise APIError(400, f"reasoning_effort must be one of {', '.join(EFFORTS)}.",
+                       param="reasoning_effort")
+    kind = (req.thinking or {}).get("type")
+    on = None
+    if kind in ("enabled", "disabled", "adaptive"):
+        on = kind != "disabled"
+    elif "thinking" in kw or "enable_thinking" in kw:
+        on = bool(kw.get("thinking", kw.get("enable_thinking")))
+    elif "enabled" in r:
+        on = bool(r["enabled"])
+    elif effort == "none":
+        on = False
+    elif req.model == "deepseek-chat" or req.model.endswith("-nothink"):
+        on = False
+    elif req.model == "deepseek-reasoner":
+        on = True
+    on = default if on is None else on
+    return on, (effort if on and effort != "none" else None)
+
+
+def effort_level(effort: str | None, cfg: ServerConfig) -> str:
+    """API effort -> low / high / max (A6); `max` needs a long context, else `high` is used."""
+    level = {"minimal": "low", "low": "low", "max": "max", "ultra": "max"}.get(effort or "high", "high")
+    return "high" if level == "max" and cfg.max_context < MAX_EFFORT_CONTEXT else level
+
+
+def encoder_effort(level: str, encoding) -> str | None:
+    """The encoder's name for `level`: the preview encoder knows only unset (= high) and max."""
+    return level if getattr(encoding, "version", None) == "0731" or level == "max" else None
+
+
+def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool]:
+    """(tools to render, forced text or None, tools forbidden?) from tools and tool_choice (B4.4)."""
+    tools = [t for t in req.tools or [] if t.get("type", "function") == "function" and "function" in t]
+    tools += [{"type": "function", "function": f} for f in req.functions or []]
+    choice = req.tool_choice if req.tool_choice is not None else req.function_call
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools", {})
+        names = {(t.get("function") or t).get("name") for t in allowed.get("tools", [])}
+        tools = [t for t in tools if t["function"].get("name") in names]
+        choice = allowed.get("mode", "auto")
+    if not tools or choice in (None, "auto"):
+        return tools, None, False
+    if choice == "none":
+        return tools, None, True
+    opener = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\""
+    if choice in ("required", "any"):
+        return tools, opener, False
+    name = (choice.get("function") or choice).get("name") if isinstance(choice, dict) else None
+    if name not in {t["function"].get("name") for t in tools}:
+        raise APIError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
+    return tools, f'{opener}{name}">\n', False
+
+
+def context_error(prompt: int, limit: int) -> APIError:
+    return APIError(400, f"This model's maximum context length is {limit} tokens. However, your "
+                    f"messages resulted in {prompt} tokens. Please reduce the length of the messages.",
+                    code="context_length_exceeded", param="messages")
+
+
+def budget(prompt: int, asked: int | None, cfg: ServerConfig, default: int | None = None) -> int:
+    """Output budget: what was asked (or the default, or all that is left), clamped to the context."""
+    room = cfg.max_context - prompt
+    if room < 1:
+        raise context_error(prompt, cfg.max_context)
+    return min(asked or default or room, room)
+
+
+def token_ids(tok, *tokens: str) -> list[int]:
+    return [i for i in map(tok.token_to_id, tokens) if i is not None]
+
+
+@dataclass
+class ForcedCall(Job):
+    """tool_choice required / named (B4.4): generate until reasoning ends (at once without
+    thinking), append the DSML opener and continue through the same backend, which reuses its
+    cache. The caller sees one stream, as if the model had written the opener itself."""
+
+    force: str = ""
+    thinking: bool = False
+    think_end: int | None = None  # the `</think>` token
+    encode: Callable[[str], list[int]] | None = None
+
+    def run(self, backend, **extra) -> Iterator[Chunk]:
+        sampling = dict(self.sampling, **extra)
+        ids, forced, first, done = list(self.ids), self.force, None, 0
+        if self.thinking:
+            stops = [*sampling.get("stop_token_ids", ()), self.think_end]
+            text, tokens = "", []
+            for chunk in backend.generate(ids, **dict(sampling, stop_token_ids=stops)):
+                first, text = first or chunk, text + chunk.text
+                tokens += [chunk.token] if chunk.token is not None else []
+                if chunk.finish_reason != "stop" or chat_format.DSML in text:
+                    yield chunk  # a length cut, or the model called a tool on its own
+                    if chunk.finish_reason:
+                        return
+                    continue
+                done = chunk.generation_tokens
+                if chunk.token == self.think_end:
+                    ids += tokens
+                else:  # it ended inside reasoning: close the reasoning for it
+                    ids, forced = ids + tokens[:-1], chat_format.THINK_CLOSE + forced
+                chunk.text += chat_format.THINK_CLOSE + self.force
+                chunk.finish_reason = chunk.stop = None
+                yield chunk
+                break
+            else:
+                return
+        else:
+            yield Chunk(text=forced, prompt_tokens=len(ids))
+        ids += self.encode(forced)
+        remaining = sampling["max_tokens"] - done
+        if backend.max_context:
+            remaining = min(remaining, backend.max_context - len(ids))
+        for chunk in backend.generate(ids, **dict(sampling, max_tokens=max(remaining, 0))):
+            chunk.generation_tokens += done
+            chunk.prompt_tokens = len(self.ids)
+            chunk.reused_tokens = first.reused_tokens if first else min(chunk.reused_tokens, len(self.ids))
+            yield chunk
+
+
+@dataclass
+class ChatJob:
+    job: Job
+    thinking: bool  # the reply starts inside reasoning
+    tools: bool
+    stop: list[str]
+    parallel: bool
+    logprobs: int | None  # top-n, or None when not asked
+    exclude_reasoning: bool
+    effort: str | None
+
+
+def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
+    tok = cfg.tokenizer
+    tools, force, forbid = tool_setup(req)
+    messages = normalize(req, tools)
+    thinking, effort = resolve_thinking(req, cfg.thinking)
+    level = effort_level(effort, cfg) if thinking else None
+    try:
+        segments = chat_format.render_segments(messages, thinking=thinking, encoding=cfg.encoding,
+                                               reasoning_effort=level and encoder_effort(level, cfg.encoding))
+    except chat_format.ChatFormatError as e:
+        raise APIError(400, str(e), param="messages") from e
+    ids = tok.encode_segments(segments)
+    sampling = req.sampling()
+    stop = sampling.pop("stop")
+    n = req.top_logprobs or 0
+    sampling.update(max_tokens=budget(len(ids), req.max_completion_tokens or req.max_tokens, cfg),
+                    logprobs=max(n, 1) if req.logprobs else 0,
+                    stop_token_ids=token_ids(tok, chat_format.USER, chat_format.ASSISTANT))
+    if forbid:
+        sampling["logit_bias"].update(dict.fromkeys(token_ids(tok, chat_format.DSML), BAN))
+    prefix = messages[-1].get("wo_eos", False)
+    job = Job(ids, sampling) if force is None else ForcedCall(
+        ids, sampling, force=force, thinking=thinking and not prefix,
+        think_end=tok.token_to_id(chat_format.THINK_CLOSE),
+        encode=lambda text: tok.encode(text, allow_control=True))
+    return ChatJob(job, thinking and not prefix, bool(tools), stop, req.parallel_tool_calls,
+                   n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")), level)
+
+
+def completion_job(req: CompletionRequest, cfg: ServerConfig) -> Job:
+    tok, prompt = cfg.tokenizer, req.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise APIError(400, "Only one prompt per request is supported.", code="unsupported_parameter",
+                           param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        ids = list(prompt)
+    elif req.suffix:
+        ids = tok.encode_segments(chat_format.fim_segments(prompt, req.suffix))
+    else:  # raw text: FIM and chat token strings in it are tokens (B8)
+        ids = tok.encode(prompt, allow_control=True)
+    if not ids or ids[0] != tok.bos_token_id:
+        ids = [tok.bos_token_id] + ids
+    sampling = req.sampling()
+    stops = token_ids(tok, chat_format.FIM_BEGIN, chat_format.FIM_HOLE, chat_format.FIM_END, "<|EOT|>")
+    sampling.update(max_tokens=budget(len(ids), req.max_tokens, cfg, cfg.completion_max_tokens),
+                    logprobs=req.logprobs or 0, stop_token_ids=stops)
+    return Job(ids, sampling)
+
+
+# ----- chunks -> deltas -------------------------------------------------------------------------
+
+@dataclass
+class Delta:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+def usage(chunk: Chunk | None, prompt: int, reasoning: int | None = None) -> dict:
+    prompt = chunk.prompt_tokens if chunk else prompt
+    done, cached = (chunk.generation_tokens, chunk.reused_tokens) if chunk else (0, 0)
+    out = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+           "prompt_tokens_details": {"cached_tokens": cached},
+           "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt - cached}
+    if reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
+
+
+class ChatReply:
+    """Parse the chunk stream into deltas: reasoning, content (stop strings apply here only),
+    tool calls with ids; count reasoning tokens; keep logprobs of content tokens."""
+
+    def __init__(self, cj: ChatJob, tokenizer):
+        self.cj, self.tok = cj, tokenizer
+        self.parser = chat_format.ReplyParser(thinking=cj.thinking, tools_enabled=cj.tools)
+        self.stops = StopMatcher(cj.stop)
+        self.raw, self.calls, self.reasoning_tokens = "", 0, 0
+        self.lps: list[dict] = []
+        self.finish_reason: str | None = None
+        self.done = False  # we ended the reply (stop string, single tool call)
+        self.last: Chunk | None = None
+
+    def feed(self, chunk: Chunk) -> list[Delta]:
+        before, self.raw, self.last = self.raw, self.raw + chunk.text, chunk
+        if self.cj.thinking and "</think>" not in self.raw:
+            self.reasoning_tokens += 1
+        content = not (self.cj.thinking and "</think>" not in before) and "｜DSML｜" not in self.raw
+        if self.cj.logprobs is not None and chunk.logprob is not None and content and chunk.text:
+            self.lps.append(self._logprob(chunk))
+        events = self.parser.feed(chunk.text)
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+            events += self.parser.finish()
+        return self._deltas(events)
+
+    def finish(self) -> list[Delta]:
+        out = [] if self.done or self.finish_reason else self._deltas(self.parser.finish())
+        if not self.done and (rest := self.stops.flush()):
+            out.append(Delta(content=rest))
+        reason = "length" if self.finish_reason == "length" else "tool_calls" if self.calls else "stop"
+        out.append(Delta(finish_reason=reason, logprobs=self._take()))
+        prompt = len(self.cj.job.ids)
+        out.append(Delta(usage=usage(self.last, prompt, self.reasoning_tokens)))
+        return out
+
+    def _deltas(self, events) -> list[Delta]:
+        out = []
+        for e in events:
+            if self.done:
+                break
+            if isinstance(e, chat_format.ReasoningDelta):
+                if e.text and not self.cj.exclude_reasoning:
+                    out.append(Delta(reasoning=e.text))
+            elif isinstance(e, chat_format.ContentDelta):
+                text, hit = self.stops.feed(e.text)
+                if text:
+                    out.append(Delta(content=text, logprobs=self._take()))
+                if hit is not None:
+                    self.done, self.finish_reason = True, "stop"
+            elif isinstance(e, chat_format.ToolCallEvent):
+                if rest := self.stops.flush():
+                    out.append(Delta(content=rest))
+                i, self.calls = self.calls, self.calls + 1
+                head = {"index": i, "id": e.id or chat_format.new_call_id(), "type": "function",
+                        "function": {"name": e.name, "arguments": ""}}
+                out += [Delta(tool_calls=[head]),
+                        Delta(tool_calls=[{"index": i, "function": {"arguments": e.arguments}}])]
+                self.done = not self.cj.parallel
+            elif isinstance(e, chat_format.ToolCallError):
+                log.warning("dropped a tool call: %s", e.reason)
+        return out
+
+    def _take(self) -> list[dict]:
+        out, self.lps = self.lps, []
+        return out
+
+    def _logprob(self, chunk: Chunk) -> dict:
+        def item(t, lp):
+            text = self.tok.decode([t])
+            return {"token": text, "logprob": lp, "bytes": list(token_bytes(self.tok, t, text))}
+
+        top = [item(t, lp) for t, lp in chunk.top_logprobs[: self.cj.logprobs]]
+        return {**item(chunk.token, chunk.logprob), "top_logprobs": top}
+
+
+def token_bytes(tok, token: int, text: str) -> bytes:
+    """The token's exact bytes (a byte-level piece may be part of a UTF-8 character)."""
+    piece = tok.id_to_token(token) if hasattr(tok, "id_to_token") else None
+    if piece is None or text == piece:
+        return text.encode()
+    table = _unicode_to_byte()
+    return bytes(table[c] for c in piece) if all(c in table for c in piece) else text.encode()
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    # GPT-2's byte-level alphabet: printable bytes map to themselves, the rest to 256 + n.
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)], n = b, n + 1
+    return chars
+
+
+async def chat_deltas(chunks: AsyncIterator[Chunk], reply: ChatReply) -> AsyncIterator[Delta]:
+    try:
+        async for chunk in chunks:
+            for d in reply.feed(chunk):
+                yield d
+            if reply.done:
+                break
+    finally:
+        await chunks.aclose()
+    for d in reply.finish():
+        yield d
+
+
+# ----- deltas -> wire ---------------------------------------------------------------------------
+
+def envelope(kind: str, model: str) -> dict:
+    prefix = "chatcmpl-" if kind.startswith("chat") else "cmpl-"
+    return {"id": prefix + secrets.token_hex(12), "object": kind, "created": int(time.time()),
+            "model": model, "system_fingerprint": "fp_mlx_dsv4"}
+
+
+async def chat_chunks(deltas: AsyncIterator[Delta], env: dict, include_usage: bool):
+    """The `chat.completion.chunk` objects of a streamed reply (B6)."""
+    def chunk(delta: dict, finish=None, logprobs=None) -> dict:
+        lp = {"content": logprobs, "refusal": None} if logprobs else None
+        out = dict(env, choices=[{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}])
+        return dict(out, usage=None) if include_usage else out
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for d in deltas:
+        if d.usage is not None:
+            if include_usage:
+                yield dict(env, choices=[], usage=d.usage)
+            continue
+        delta = {k: v for k, v in (("reasoning_content", d.reasoning), ("content", d.content),
+                                   ("tool_calls", d.tool_calls)) if v}
+        if delta or d.finish_reason or d.logprobs:
+            yield chunk(delta, d.finish_reason, d.logprobs)
+
+
+async def fold_chat(deltas: AsyncIterator[Delta], env: dict, want_logprobs: bool) -> dict:
+    """The non-streaming `chat.completion`: the fold of the same deltas (B5)."""
+    reasoning, content, calls, lps, finish, use = [], [], {}, [], None, None
+    async for d in deltas:
+        reasoning.append(d.reasoning)
+        content.append(d.content)
+        lps += d.logprobs
+        finish, use = d.finish_reason or finish, d.usage or use
+        for tc in d.tool_calls:
+            call = calls.setdefault(tc["index"], {"id": "", "type": "function",
+                                                  "function": {"name": "", "arguments": ""}})
+            call["id"] = tc.get("id", call["id"])
+            call["function"]["name"] += tc["function"].get("name", "")
+            call["function"]["arguments"] += tc["function"].get("arguments", "")
+    message = {"role": "assistant", "content": "".join(content) or None}
+    if "".join(reasoning):
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    lp = {"content": lps, "refusal": None} if want_logprobs else None
+    choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
+    return dict(env, object="chat.completion", choices=[choice], usage=use)
+
+
+class CompletionReply:
+    """Legacy completions: text as generated, optional echo and legacy logprobs (B8)."""
+
+    def __init__(self, job: Job, req: CompletionRequest, tokenizer):
+        self.job, self.tok, self.n = job, tokenizer, req.logprobs
+        self.echo = tokenizer.decode(job.ids[1:]) if req.echo else ""
+        self.offset = len(self.echo)
+
+    def choice(self, chunk: Chunk, text: str) -> dict:
+        lp = None
+        if self.n is not None and chunk.logprob is not None and chunk.text:
+            lp = {"tokens": [self.tok.decode([chunk.token])], "token_logprobs": [chunk.logprob],
+                  "top_logprobs": [{self.tok.decode([t]): v for t, v in chunk.top_logprobs[: self.n]}],
+                  "text_offset": [self.offset]}
+        self.offset += len(chunk.text)
+        return {"index": 0, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
+
+    async def chunks(self, chunks: AsyncIterator[Chunk], env: dict, include_usage: bool):
+        last, first = None, True
+        async for chunk in chunks:
+            last, text = chunk, (self.echo if first else "") + chunk.text
+            first = False
+            out = dict(env, choices=[self.choice(chunk, text)])
+            yield dict(out, usage=None) if include_usage else out
+        if include_usage:
+            yield dict(env, choices=[], usage=usage(last, len(self.job.ids)))
+
+    async def fold(self, chunks: AsyncIterator[Chunk], env: dict) -> dict:
+        parts, lps, choice = [], [], None
+        async for c in self.chunks(chunks, env, include_usage=True):
+            if c["choices"]:
+                choice = c["choices"][0]
+                parts.append(choice["text"])
+                lps.append(choice["logprobs"])
+            else:
+                use = c["usage"]
+        merged = None
+        if self.n is not None:
+            merged = {k: [x for lp in lps if lp for x in lp[k]]
+                      for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        choice = {"index": 0, "text": "".join(parts), "logprobs": merged,
+                  "finish_reason": choice["finish_reason"] if choice else "length"}
+        return dict(env, choices=[choice], usage=use)

