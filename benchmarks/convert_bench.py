@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mlx_dsv4.synthetic import write_official_checkpoint
 
-FLASH = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs" / "flash.json"
+FLASH = Path(__file__).resolve().parents[1] / "mlx_dsv4" / "configs" / "flash.json"
 
 PROBE = """
 import json, resource, sys, time

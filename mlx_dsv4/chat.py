@@ -45,6 +45,29 @@ class Chat:
     sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0})
     messages: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def open(cls, model: str | Path, *, max_context: int | None = None, kv_bits: int | None = None,
+             prefill_chunk: int = 512, thinking: bool = True) -> tuple["Chat", list[str]]:
+        """Plan, wire memory, load a converted model (path or the repo id it came from); returns
+        the chat and lines worth telling the user (context, wired limit)."""
+        from .chat_format import load_encoding
+        from .plan import apply_wired_limit, plan_context
+        from .weights import load, resolve_model
+
+        path = resolve_model(model)
+        plan, context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+        notes = [f"{path.name}: {context:,} tokens of context ({plan.verdict()})"]
+        wired = apply_wired_limit(plan)
+        if wired:
+            notes.append(wired)
+        lm, tokenizer = load(path)
+        session = Session(lm, tokenizer, max_context=context, largest_context=plan.largest_context,
+                          kv_bits=kv_bits, prefill_chunk=min(prefill_chunk, plan.max_prefill_chunk))
+        encoding = load_encoding(path)
+        if encoding is None:
+            notes.append("this model ships no encoding/encoding_dsv4.py: tools and effort are off")
+        return cls(session, tokenizer, encoding=encoding, thinking=thinking), notes
+
     def conversation(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.messages
@@ -62,8 +85,8 @@ class Chat:
         ids = self.prompt_ids()
         limit = self.session.max_context
         room = DEFAULT_MAX_TOKENS if limit is None else max(1, limit - len(ids))
-        sampling = dict(self.sampling)
-        sampling["max_tokens"] = min(sampling.get("max_tokens") or room, room)
+        sampling = {k: v for k, v in self.sampling.items() if v is not None}
+        sampling["max_tokens"] = min(sampling.get("max_tokens") or DEFAULT_MAX_TOKENS, room)
 
         def check(done, total):
             if should_stop():

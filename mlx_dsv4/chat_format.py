@@ -67,7 +67,7 @@ class Encoding:
 
 
 # Encoding field <- module-level name in encoding_dsv4.py.
-_NAMES = {
+ENCODER_NAMES = {
     "bos": "bos_token", "eos": "eos_token", "think_open": "thinking_start_token",
     "think_close": "thinking_end_token", "dsml": "dsml_token", "user": "USER_SP_TOKEN",
     "assistant": "ASSISTANT_SP_TOKEN", "latest_reminder": "LATEST_REMINDER_SP_TOKEN",
@@ -156,7 +156,7 @@ def encoding_from_source(src: str) -> Encoding:
     consts = _constants(tree.body, {})
     fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == _PARAM_TPL[0]), None)
     param_tpl = _constants(list(ast.walk(fn)), consts).get(_PARAM_TPL[1]) if fn else None
-    missing = [n for f, n in _NAMES.items() if not isinstance(consts.get(n), dict if f == "tasks" else str)]
+    missing = [n for f, n in ENCODER_NAMES.items() if not isinstance(consts.get(n), dict if f == "tasks" else str)]
     if missing:
         raise ChatFormatError(f"{ENCODER_FILE} does not define {', '.join(missing)} as expected; "
                               "this encoder generation is not supported")
@@ -168,7 +168,7 @@ def encoding_from_source(src: str) -> Encoding:
     else:
         raise ChatFormatError(f"{ENCODER_FILE} has neither REASONING_EFFORT_MAX nor "
                               "REASONING_EFFORT_PROMPTS: unknown encoder generation")
-    fields = {f: consts[n] for f, n in _NAMES.items()}
+    fields = {f: consts[n] for f, n in ENCODER_NAMES.items()}
     fields.update({f: consts.get(n) for f, n in _OPTIONAL.items()})
     # The DSML parameter line is part of the grammar (A7); keep the built-in one if not found.
     return Encoding(version=version, param_tpl=param_tpl or BUILTIN.param_tpl, efforts=efforts,

@@ -31,6 +31,16 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def _fail(message) -> typer.Exit:
+    from rich.console import Console
+    from rich.markup import escape
+
+    # soft_wrap: paths and commands in the message must stay copyable on one line
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(message))}",
+                                               highlight=False)
+    return typer.Exit(1)
+
+
 @app.callback()
 def main() -> None:
     """Run DeepSeek-V4 (Flash and Pro) locally with MLX."""
@@ -62,8 +72,7 @@ def convert(
             result = run(source, output_dir, recipe=recipe, revision=revision, dry_run=dry_run,
                          shard_size=shard_size, progress=report)
     except (ConvertError, HubError, ConfigError) as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1)
+        raise _fail(e)
     if dry_run:
         console.print(_plan_table(source, result))
     elif not result.written:
@@ -125,3 +134,145 @@ def _size(n: int) -> str:
     if n < 10**9:
         return f"{n / 1e6:,.1f} MB"
     return f"{n / 1e9:,.2f} GB ({n / 2**30:,.2f} GiB)"
+
+
+Model = Annotated[str, typer.Argument(help="Converted model directory, or the Hugging Face id "
+                                           "it was converted from (looked up in $DSV4_MODELS).")]
+Context = Annotated[int | None, typer.Option("--max-context", metavar="TOKENS",
+                                             help="Context to plan for; default: the largest "
+                                                  "that fits this machine.")]
+KvBits = Annotated[int | None, typer.Option("--kv-bits", help="8 stores the compressed KV and "
+                                                               "index pools in 8 bits (half the bytes).")]
+
+
+def _check_kv_bits(kv_bits: int | None) -> None:
+    if kv_bits not in (None, 8):
+        raise typer.BadParameter("only 8 is supported (omit the option for bf16 pools).",
+                                 param_hint="--kv-bits")
+
+
+@app.command()
+def chat(
+    model: Model,
+    max_context: Context = None,
+    kv_bits: KvBits = None,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    no_think: Annotated[bool, typer.Option("--no-think", help="Answer without reasoning.")] = False,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; DeepSeek suggests 1.0.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    max_tokens: Annotated[int | None, typer.Option(help="Longest reply; default: what the "
+                                                        "context leaves, at most 8192.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same replies.")] = None,
+) -> None:
+    """Chat in the terminal; /help lists the commands."""
+    _check_kv_bits(kv_bits)
+    from rich.console import Console
+
+    from .chat import Chat
+    from .config import ConfigError
+    from .plan import PlanError
+    from .repl import run
+    from .weights import LoadError
+
+    console = Console()
+    try:
+        with console.status("loading the model…"):
+            session, notes = Chat.open(model, max_context=max_context, kv_bits=kv_bits,
+                                       prefill_chunk=prefill_chunk, thinking=not no_think)
+    except (LoadError, PlanError, ConfigError) as e:
+        raise _fail(e)
+    session.system = system
+    session.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+                        "seed": seed}
+    run(session, console=console, banner="\n".join(f"[dim]{n}[/dim]" for n in notes))
+
+
+@app.command()
+def serve(
+    model: Model,
+    host: Annotated[str, typer.Option(help="Interface to listen on; keep 127.0.0.1 unless you "
+                                           "set --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="DSV4_API_KEY",
+                                                help="Require this bearer token.")] = None,
+    max_context: Context = None,
+    kv_bits: KvBits = None,
+    model_id: Annotated[str | None, typer.Option(help="Model name clients see in /v1/models; "
+                                                      "default: the directory name.")] = None,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    _check_kv_bits(kv_bits)
+    from .config import ConfigError
+    from .plan import PlanError
+    from .serve import serve as run
+    from .weights import LoadError, resolve_model
+
+    try:
+        run(resolve_model(model), host=host, port=port, api_key=api_key, max_context=max_context,
+            model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    except (LoadError, PlanError, ConfigError) as e:
+        raise _fail(e)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="Converted model directory, a config.json, or a "
+                                              "release: flash, pro, deepseek-ai/DeepSeek-V4-Flash.")],
+    context: Annotated[int, typer.Option("--context", "-c", metavar="TOKENS",
+                                         help="Context length to plan for.")] = 1 << 20,
+    recipe: Annotated[str | None, typer.Option(help="official, native, q8 or q4 (for a config "
+                                                    "or a release; default q4).")] = None,
+    kv_bits: KvBits = None,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    memory: Annotated[str | None, typer.Option(help="Plan for a machine of this size, e.g. 256GB "
+                                                    "(default: this machine).")] = None,
+) -> None:
+    """Will this model and context fit? Weights, KV pools, activations and the verdict."""
+    _check_kv_bits(kv_bits)
+    from rich.console import Console
+
+    from .config import ConfigError
+    from .plan import GiB, PlanError
+    from .plan import parse_size as parse_memory
+    from .plan import plan_memory
+
+    try:
+        p = plan_memory(model, context=context, recipe=recipe, kv_bits=kv_bits,
+                        prefill_chunk=prefill_chunk,
+                        memory=parse_memory(memory) if memory else None)
+    except (PlanError, ConfigError, ValueError) as e:
+        raise _fail(e)
+    from rich.table import Table
+
+    gib = lambda b: f"{b / GiB:,.2f} GiB"  # noqa: E731
+    pools = "8-bit" if kv_bits == 8 else "bf16"
+    table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens", show_header=False)
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_row("weights", gib(p.weight_bytes))
+    table.add_row(f"KV pools ({pools}, {p.kv_bytes_per_token:,.0f} B/token)", gib(p.kv_bytes))
+    table.add_row("fixed per-sequence state", gib(p.fixed_bytes))
+    table.add_row(f"prefill activations ({p.prefill_chunk:,}-token chunk)", gib(p.prefill_bytes))
+    table.add_row("decode activations", gib(p.decode_bytes))
+    table.add_row("total", gib(p.total_bytes))
+    table.add_row(f"budget ({p.budget_source})", gib(p.budget_bytes))
+    console = Console()
+    console.print(table)
+    console.print(p.verdict(), highlight=False)
+    if not p.fits:
+        raise typer.Exit(2)
+
+
+@app.command()
+def selftest(
+    keep: Annotated[Path | None, typer.Option(help="Keep the tiny checkpoint and its conversion "
+                                                   "in this directory.")] = None,
+) -> None:
+    """Check the install end to end on a tiny random model: convert, load, chat, serve."""
+    from .selftest import run_selftest
+
+    report = run_selftest(keep, log=lambda line: print(line, flush=True))
+    if not report.ok:
+        raise typer.Exit(1)

@@ -23,6 +23,19 @@ class ConfigError(ValueError):
     """A config.json this runtime cannot run, with a sentence saying why."""
 
 
+# The released configs ship with the package so the planner can answer before any download.
+RELEASED = {"flash": "deepseek-ai/DeepSeek-V4-Flash", "pro": "deepseek-ai/DeepSeek-V4-Pro"}
+
+
+def released_config(name: str) -> dict[str, Any] | None:
+    """The config.json of a release named `flash`, `pro` or by its repo id (a `-0731` refresh
+    shares its base's shapes); None for anything else."""
+    key = str(name).lower().split("/")[-1].removeprefix("deepseek-v4-").split("-")[0]
+    if key not in RELEASED or ("/" in str(name) and not str(name).lower().startswith("deepseek-ai/")):
+        return None
+    return json.loads((Path(__file__).parent / "configs" / f"{key}.json").read_text())
+
+
 @dataclass
 class ModelArgs:
     model_type: str = "deepseek_v4"

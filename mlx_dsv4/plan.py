@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CSA, HCA, ModelArgs
+from .config import CSA, HCA, ModelArgs, released_config
 
 GiB = 1 << 30
 RECIPES = ("official", "native", "q8", "q4")
@@ -205,6 +205,23 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
     return plan
 
 
+def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: int | None = None,
+                 prefill_chunk: int = 512) -> tuple[Plan, int]:
+    """(plan, context to run) for a converted model: the asked context if it fits, else an error;
+    with none asked, the largest context that fits this machine, capped by the model's maximum."""
+    limit = ModelArgs.from_file(path).max_position_embeddings
+    plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    name = Path(path).name
+    if max_context is not None and not plan.fits:
+        raise PlanError(f"{name} with {max_context:,} tokens of context {plan.verdict()}")
+    context = max_context or min(plan.largest_context, limit)
+    if context <= 0:
+        raise PlanError(f"{name} {plan.verdict()}")
+    if context != plan.context:  # size the wired limit and prefill chunk for what will run
+        plan = plan_memory(path, context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    return plan, context
+
+
 def _max_prefill_chunk(args: ModelArgs, plan: Plan) -> int:
     """The largest power-of-two chunk (64..4096) whose activations fit beside the rest."""
     room = plan.budget_bytes - plan.weight_bytes - plan.kv_bytes - plan.fixed_bytes
@@ -257,10 +274,16 @@ def _weights(model, recipe):
     if isinstance(model, ModelArgs):
         recipe = recipe or "q4"
         return model, weight_bytes(model, recipe), recipe, "config"
-    path = Path(model)
+    path = Path(model).expanduser()
+    release = None if path.exists() else released_config(str(model))
+    if release is not None:
+        recipe = recipe or "q4"
+        args = ModelArgs.from_dict(release)
+        return args, weight_bytes(args, recipe), recipe, str(model)
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.exists():
-        raise PlanError(f"{model}: no config.json there; give a converted model directory or a config.json.")
+        raise PlanError(f"{model}: no config.json there; give a converted model directory, a "
+                        f"config.json, or a release (flash, pro, deepseek-ai/DeepSeek-V4-Flash).")
     config = json.loads(config_path.read_text())
     args = ModelArgs.from_dict(config)
     converted = path.is_dir() and any(path.glob("*.safetensors"))

@@ -1,15 +1,13 @@
 """The released Flash and Pro configs parse into the schedules and parameter counts of spec §1."""
 
-import json
 
 import pytest
 
-from mlx_dsv4.config import CSA, HCA, SLIDING, ConfigError, ModelArgs
-from conftest import FIXTURES
+from mlx_dsv4.config import CSA, HCA, SLIDING, ConfigError, ModelArgs, released_config
 
 
 def released(name: str) -> dict:
-    return json.loads((FIXTURES / "configs" / f"{name}.json").read_text())
+    return released_config(name)
 
 
 def test_flash_schedule():

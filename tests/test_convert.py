@@ -23,7 +23,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from safetensors import safe_open
 
-from mlx_dsv4.config import ConfigError, ModelArgs
+from mlx_dsv4.config import ConfigError, ModelArgs, released_config
 from mlx_dsv4.convert import RECIPES, ConvertError, convert
 from mlx_dsv4.convert.plan import Header, Source, make_plan, read_source
 from mlx_dsv4.convert.shards import PROGRESS, ShardWriter
@@ -148,7 +148,7 @@ def test_plan_writes_exactly_the_model_parameters(recipe):
 
 
 def test_plan_of_flash_matches_the_release_and_spec():
-    flash = json.loads((FIXTURES / "configs" / "flash.json").read_text())
+    flash = released_config("flash")
     source = fake_source(flash)
     assert len(source.tensors) == 69_187
     native = make_plan(source, "native")

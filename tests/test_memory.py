@@ -1,6 +1,5 @@
 """Memory honesty: pool bytes and planner figures against spec §5, and what 8-bit pools cost."""
 
-import json
 
 import numpy as np
 import pytest
@@ -8,9 +7,8 @@ import pytest
 import mlx.core as mx
 import mlx.nn as nn
 
-from conftest import FIXTURES
 from mlx_dsv4.cache import make_cache
-from mlx_dsv4.config import ModelArgs
+from mlx_dsv4.config import ModelArgs, released_config
 from mlx_dsv4.model import Model, keep_float32
 from mlx_dsv4.plan import GiB, parse_size, plan_memory, weight_bytes
 from mlx_dsv4.synthetic import random_weights, to_model_weights
@@ -22,7 +20,7 @@ SPEC_FIXED = {"flash": 17 * MiB, "pro": 26 * MiB}
 
 
 def released(name):
-    return ModelArgs.from_dict(json.loads((FIXTURES / "configs" / f"{name}.json").read_text()))
+    return ModelArgs.from_dict(released_config(name))
 
 
 @pytest.mark.parametrize("name", ["flash", "pro"])

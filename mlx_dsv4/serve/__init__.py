@@ -23,8 +23,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
     import uvicorn
 
     from ..chat_format import load_encoding
-    from ..config import ModelArgs
-    from ..plan import PlanError, plan_memory
+    from ..plan import apply_wired_limit, plan_context
     from ..session import Session
     from ..tokenizer import Tokenizer
     from ..weights import load_model
@@ -33,14 +32,11 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
     from .protocol import ServerConfig
 
     path = Path(model_path).expanduser()
-    limit = ModelArgs.from_file(path).max_position_embeddings
-    plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
-    if max_context is None:
-        max_context = min(plan.largest_context, limit)
-    elif not plan.fits:
-        raise PlanError(f"{path.name} with {max_context:,} tokens of context {plan.verdict()}")
-    if max_context <= 0:
-        raise PlanError(f"{path.name} {plan.verdict()}")
+    plan, max_context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    prefill_chunk = min(prefill_chunk, plan.max_prefill_chunk)
+    wired = apply_wired_limit(plan)
+    if wired:
+        log.warning("%s", wired)
     tokenizer = Tokenizer.from_dir(path)
     config = ServerConfig(model_id=model_id or path.name, tokenizer=tokenizer, max_context=max_context,
                           encoding=load_encoding(path), api_key=api_key, thinking=thinking)

@@ -1,0 +1,69 @@
+"""The `dsv4` command line: exit codes, tables and one-line errors, without a terminal."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_dsv4.cli import app
+from mlx_dsv4.synthetic import tiny_config, write_official_checkpoint
+
+runner = CliRunner()
+
+
+def test_plan_flash_q4_at_one_million_tokens_fits_a_256gb_mac():
+    r = runner.invoke(app, ["plan", "deepseek-ai/DeepSeek-V4-Flash", "--context", "1048576",
+                            "--memory", "256GB"])
+    assert r.exit_code == 0, r.output
+    assert "145.35 GiB" in r.output  # q4 weights
+    assert "6,880 B/token" in r.output  # spec §5.1
+    assert "fits: 153.7 GiB of 230.4 GiB (76.7 GiB to spare)" in " ".join(r.output.split())
+
+
+def test_plan_pro_says_what_it_needs_and_exits_2():
+    r = runner.invoke(app, ["plan", "pro", "--memory", "256GB"])
+    assert r.exit_code == 2
+    assert "the weights alone need 794.6 GiB" in " ".join(r.output.split())
+
+
+def test_plan_8bit_pools_halve_the_kv_bytes():
+    r = runner.invoke(app, ["plan", "flash", "-c", "1048576", "--kv-bits", "8", "--memory", "256GB"])
+    assert r.exit_code == 0 and "3,655 B/token" in r.output
+
+
+def test_unknown_kv_bits_are_refused():
+    r = runner.invoke(app, ["plan", "flash", "--kv-bits", "4"])
+    assert r.exit_code == 2 and "only 8 is supported" in r.output
+
+
+def test_plan_of_a_missing_path_names_what_it_accepts(tmp_path):
+    r = runner.invoke(app, ["plan", str(tmp_path / "nothing")])
+    assert r.exit_code == 1
+    assert "no config.json there" in r.output and "flash, pro" in " ".join(r.output.split())
+
+
+def test_chat_on_an_unconverted_repo_prints_the_convert_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV4_MODELS", str(tmp_path))
+    r = runner.invoke(app, ["chat", "deepseek-ai/DeepSeek-V4-Flash"])
+    assert r.exit_code == 1
+    assert "dsv4 convert deepseek-ai/DeepSeek-V4-Flash" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_serve_on_an_original_fp8_checkpoint_prints_the_convert_command(tmp_path):
+    src = write_official_checkpoint(tmp_path / "orig", tiny_config(num_hidden_layers=1,
+                                                                   compress_ratios=[0, 0]),
+                                    shards=1, extras=False)
+    r = runner.invoke(app, ["serve", str(src)])
+    assert r.exit_code == 1
+    assert f"dsv4 convert {src} {src}-mlx-q4" in r.output
+
+
+def test_help_does_not_import_mlx():
+    code = ("import sys; from typer.testing import CliRunner; from mlx_dsv4.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "assert 'selftest' in r.output; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
