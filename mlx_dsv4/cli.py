@@ -276,3 +276,7 @@ def selftest(
     report = run_selftest(keep, log=lambda line: print(line, flush=True))
     if not report.ok:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
