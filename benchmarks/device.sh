@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One device check on the H200 (MLX CUDA build): Flash-shaped decode speed and prefill memory.
+#
+# Run from the repository root, after the wheels are installed (../shared/tools/gpu-wheels.sh):
+#   call 2: carry [".gpu/b"]  command: bash .gpu/b/install.sh && bash benchmarks/device.sh
+# Steps, each under its own `timeout` (guards 30 + 220 + 100 = 350 s, +3 s kill grace each), so
+# the whole script ends within ~6 minutes and a step that overruns never eats the next one:
+#   1. nvidia-smi, python / mlx / mlx-lm versions, mx.device_info(), and an import check
+#   2. benchmarks/flash_layers.py at full Flash shapes: 4 layers (4..7: CSA, HCA, CSA, HCA),
+#      256 experts (mxfp4), q4 layout, 50 decode steps, prefill chunks 512..4096, decode at
+#      contexts 1K..256K (writes its JSON after every phase, so a cut run keeps what it measured)
+#   3. benchmarks/decode_context.py (its own 4-layer, 8-expert model; contexts 1K..256K)
+# Logs: $OUT/env.log, $OUT/flash_layers.log, $OUT/decode_context.log; JSON: $OUT/flash_layers.json.
+# FLASH_ARGS overrides step 2's arguments (e.g. FLASH_ARGS="--hash --steps 30 --chunks 2048").
+set -uo pipefail
+OUT=${OUT:-$PWD/out-device}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+t0=$SECONDS
+PY=${PY:-python3}
+FLASH_ARGS=${FLASH_ARGS:---layers 4 --steps 50 --warmup 3 --prompt 256 --chunks 512 1024 2048 4096 --repeats 2 --context 1024 8192 65536 262144}
+
+{
+  echo "== env $(date -u +%FT%TZ)"
+  nvidia-smi -L
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
+  $PY --version
+  timeout -k 3 30 $PY - <<'EOF'
+import time
+t = time.perf_counter()
+import mlx.core as mx
+import mlx_lm
+import mlx_dsv4.model, mlx_dsv4.generate  # pulls mlx_lm (and transformers through its __init__)
+print("mlx", mx.__version__, "mlx-lm", mlx_lm.__version__, "device", mx.default_device(),
+      f"imports {time.perf_counter() - t:.1f} s")
+try:
+    print("device_info", mx.device_info())
+except Exception as e:
+    print("device_info unavailable:", e)
+EOF
+  echo "env rc=$?"
+} 2>&1 | tee "$OUT/env.log"
+
+echo "== flash_layers $FLASH_ARGS" | tee "$OUT/flash_layers.log"
+# shellcheck disable=SC2086
+timeout -k 3 220 $PY benchmarks/flash_layers.py $FLASH_ARGS --out "$OUT/flash_layers.json" 2>&1 \
+  | tee -a "$OUT/flash_layers.log"
+rc1=${PIPESTATUS[0]}
+echo "flash_layers rc=$rc1 ($((SECONDS - t0)) s so far)" | tee -a "$OUT/flash_layers.log"
+
+echo "== decode_context" | tee "$OUT/decode_context.log"
+timeout -k 3 100 $PY benchmarks/decode_context.py --contexts 1024,8192,65536,262144 --steps 8 2>&1 \
+  | tee -a "$OUT/decode_context.log"
+rc2=${PIPESTATUS[0]}
+echo "decode_context rc=$rc2" | tee -a "$OUT/decode_context.log"
+
+echo "== done in $((SECONDS - t0)) s: flash_layers rc=$rc1 decode_context rc=$rc2 (124 = timed out)"
+ls -la "$OUT"
