@@ -4,6 +4,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -79,5 +80,21 @@ def test_chat_streams_a_reply_resets_and_quits(tiny_model, tmp_path):
         term.send("/quit\r")
         assert term.proc.wait(timeout=30) == 0
         assert (tmp_path / ".dsv4_history").read_text().count("hello there") == 1
+    finally:
+        term.close()
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_chat(tiny_model, tmp_path):
+    term = Terminal([sys.executable, "-m", "mlx_dsv4.cli", "chat", str(tiny_model),
+                     "--temperature", "0", "--max-tokens", "100000"], tmp_path)
+    try:
+        term.expect(r"›\s*$")
+        term.send("write forever\r")
+        term.expect(r"thinking…")  # the reply is streaming
+        term.proc.send_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
+        stats = term.expect(r"tokens at [^›]*›\s*$")
+        assert "stopped by you" in stats
+        term.send("/quit\r")
+        assert term.proc.wait(timeout=30) == 0
     finally:
         term.close()
