@@ -295,6 +295,36 @@ def test_write_error_leaves_nothing_that_looks_complete(official, tmp_path, monk
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+def test_a_run_stopped_before_its_first_shard_resumes(official, converted, tmp_path, monkeypatch):
+    # Ctrl-C (or a disk-full error) in the first minutes of a real conversion, before the first
+    # 5 GB output shard is complete, leaves only `.part` files: the same command must resume.
+    original, count = ShardWriter.write, [0]
+
+    def write(self, *args):
+        original(self, *args)
+        count[0] += 1
+        if count[0] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert(official, out, recipe="q4", shard_size=SHARD)
+    assert list(out.glob("*.part")) and not list(out.glob("model-*.safetensors"))
+    monkeypatch.setattr(ShardWriter, "write", original)
+    result = convert(official, out, recipe="q4", shard_size=SHARD)
+    assert not result.reused and result.written
+    assert files_of(out) == files_of(converted("q4"))
+
+
+def test_a_new_directory_may_hold_finder_metadata(tmp_path):
+    from mlx_dsv4.convert import _check_output
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".DS_Store").write_bytes(b"\0Bud1")  # macOS Finder writes one on opening
+    assert _check_output(tmp_path / "out", "fingerprint", None) == "new"
+
+
 def test_rerun_on_a_finished_directory_does_nothing(official, converted):
     out = converted("native")
     before = files_of(out)
@@ -460,6 +490,65 @@ def test_remote_dry_run_downloads_nothing_and_a_full_disk_is_refused(official, t
         convert("deepseek-ai/DeepSeek-V4-Pro", tmp_path / "out", api=FakeHub(official, 10**18))
     with pytest.raises(HubError, match="neither an existing directory nor a Hugging Face repo id"):
         convert("no such dir", tmp_path / "out", api=fake)
+
+
+def interrupted_remote_run(official: Path, out: Path, fake, monkeypatch, after: int = 150) -> dict:
+    """A Hub conversion stopped by a write error after `after` tensors; its progress record."""
+    original, count = ShardWriter.write, [0]
+
+    def write(self, *args):
+        count[0] += 1
+        if count[0] > after:
+            raise OSError(5, "Input/output error")
+        original(self, *args)
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+    with pytest.raises(ConvertError, match="rerun the same command"):
+        convert("deepseek-ai/DeepSeek-V4-Flash", out, recipe="q4", shard_size=SHARD, api=fake)
+    monkeypatch.setattr(ShardWriter, "write", original)
+    record = json.loads((out / PROGRESS).read_text())
+    assert record["shards"]
+    return record
+
+
+class CachedHub(FakeHub):
+    """A Hub source whose files are all in the local cache already (nothing left to download)."""
+
+    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, dry_run=False):
+        got = super().snapshot_download(repo_id, revision, allow_patterns, dry_run)
+        if dry_run:
+            for f in got:
+                f.will_download = False
+        return got
+
+
+def test_resume_needs_disk_only_for_the_shards_still_to_write(official, converted, tmp_path,
+                                                               monkeypatch):
+    # Flash q4 writes 145 GiB: a resume with 100 GiB already written must not ask for 145 free.
+    out = tmp_path / "out"
+    done = sum(i["size"] for i in interrupted_remote_run(official, out, CachedHub(official),
+                                                          monkeypatch)["shards"].values())
+    total = sum(f.stat().st_size for f in converted("q4").glob("model-*.safetensors"))
+    free = total - done // 2  # room for what is left, not for the whole output again
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    result = convert("deepseek-ai/DeepSeek-V4-Flash", out, recipe="q4", shard_size=SHARD,
+                     api=CachedHub(official))
+    assert result.reused and result.written
+
+
+def test_resume_stays_on_the_commit_it_started_from(official, converted, tmp_path, monkeypatch):
+    # The Hub's main moves (a README edit) while a multi-hour conversion is interrupted: the same
+    # command finishes the conversion of the commit it started, instead of refusing the directory.
+    out = tmp_path / "out"
+    interrupted_remote_run(official, out, FakeHub(official), monkeypatch)
+    moved = FakeHub(official)
+    moved.commit = "f" * 40
+    result = convert("deepseek-ai/DeepSeek-V4-Flash", out, recipe="q4", shard_size=SHARD, api=moved)
+    assert result.reused and result.written
+    assert {c[2] for c in moved.calls if c[0] == "snapshot_download"} == {FakeHub.commit}
+    assert json.loads((out / "config.json").read_text())["mlx_dsv4"]["commit"] == FakeHub.commit
+    shards = {k: v for k, v in files_of(out).items() if k.startswith("model-")}
+    assert shards == {k: v for k, v in files_of(converted("q4")).items() if k.startswith("model-")}
 
 
 # ----- the command line ----------------------------------------------------------------------------

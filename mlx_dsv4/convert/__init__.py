@@ -24,10 +24,12 @@ import mlx.core as mx
 from .. import __version__, hub
 from . import quant
 from .plan import INDEX, RECIPES, ConvertError, Header, Plan, Source, make_plan, read_source
-from .shards import EXTRA_FILES, PROGRESS, ShardWriter
+from .shards import EXTRA_FILES, PROGRESS, ShardWriter, progress_record, recorded_bytes
 
 __all__ = ["ConvertError", "Progress", "Result", "RECIPES", "convert"]
 
+# What an otherwise empty output directory may hold (macOS Finder writes .DS_Store on opening it).
+IGNORED = {".DS_Store"}
 SOURCE_FILES = ("model-*.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "config.json", *EXTRA_FILES)
 
@@ -70,7 +72,15 @@ def convert(source: str | Path, output_dir: str | Path, *, recipe: str = "q4",
     out = Path(output_dir)
     remote = not hub.is_local(source)
     if remote:
-        pinned = hub.commit(str(source), revision, api=api)
+        # An unfinished run of the same source and revision stays on the commit it started from,
+        # even if the branch has moved since (a README edit): resuming finishes that conversion.
+        started = (progress_record(out).get("meta") or {}) if out.is_dir() else {}
+        same = (started.get("source"), started.get("revision")) == (str(source), revision)
+        if same and started.get("commit"):
+            hub.check_repo_id(str(source))
+            pinned = started["commit"]
+        else:
+            pinned = hub.commit(str(source), revision, api=api)
         config, headers = hub.remote_headers(str(source), pinned, api=api)
         plan = make_plan(Source(config, {n: Header(*h) for n, h in headers.items()}), recipe, shard_size)
         meta = _metadata(str(source), revision, pinned, recipe)
@@ -87,13 +97,13 @@ def convert(source: str | Path, output_dir: str | Path, *, recipe: str = "q4",
         return Result(plan, out, False, reused=[s.name for s in plan.shards])
     if remote:
         path = hub.resolve(str(source), pinned, SOURCE_FILES, output_dir=out,
-                           output_bytes=plan.bytes_out, api=api)
+                           output_bytes=plan.bytes_out - recorded_bytes(out, fingerprint), api=api)
         local = make_plan(read_source(path), recipe, shard_size)
         if [s.header for s in local.shards] != [s.header for s in plan.shards]:
             raise ConvertError(f"The files downloaded to {path} do not match the headers the Hub "
                                "reported for the same commit; delete them and retry.")
         plan = local
-    writer = ShardWriter(out, plan, fingerprint)
+    writer = ShardWriter(out, plan, fingerprint, meta)
     hub.require_space([(out, plan.bytes_out - sum(i["size"] for i in writer.done.values()))],
                       what=f"write {out}")
     try:
@@ -173,7 +183,7 @@ def _check_output(out: Path, fingerprint: str, source: Path | None) -> str:
         raise ConvertError(f"{out} is a file; the output must be a new or empty directory.")
     if source is not None and out.exists() and out.resolve() == source.resolve():
         raise ConvertError("The output directory is the source directory; choose another one.")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not [p for p in out.iterdir() if p.name not in IGNORED]:
         return "new"
     if (out / PROGRESS).exists():
         return "resume"  # the writer checks that the run has the same settings
@@ -181,9 +191,10 @@ def _check_output(out: Path, fingerprint: str, source: Path | None) -> str:
         done = json.loads((out / "config.json").read_text()).get("mlx_dsv4", {})
         if done.get("fingerprint") == fingerprint:
             return "complete"
+        at = f" at commit {done['commit']}" if done.get("commit") else ""
         raise ConvertError(f"{out} holds another converted model (recipe {done.get('recipe')!r} of "
-                           f"{done.get('source')!r}); remove it or choose another directory.")
-    names = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+                           f"{done.get('source')!r}{at}); remove it or choose another directory.")
+    names = ", ".join(sorted(p.name for p in out.iterdir() if p.name not in IGNORED)[:5])
     raise ConvertError(f"{out} already holds other files ({names}); choose a new or empty directory.")
 
 

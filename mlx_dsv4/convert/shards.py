@@ -29,14 +29,17 @@ _CHUNK = 1 << 22
 
 
 class ShardWriter:
-    def __init__(self, out: Path, plan: Plan, fingerprint: str):
-        self.out, self.plan, self.fingerprint = Path(out), plan, fingerprint
+    def __init__(self, out: Path, plan: Plan, fingerprint: str, meta: dict | None = None):
+        self.out, self.plan, self.fingerprint, self.meta = Path(out), plan, fingerprint, meta
         self.out.mkdir(parents=True, exist_ok=True)
         self.done = self._verified()
         self.reused = sorted(self.done)
         self.left = {s.name: sum(t.pieces for t, _ in s.tensors) for s in plan.shards
                      if s.name not in self.done}
         self._files: dict[str, int] = {}
+        # Recorded before the first `.part` exists: a run stopped before its first shard is done
+        # (Ctrl-C in the first minutes) leaves a directory the same command recognises and resumes.
+        self._save()
         for name in self.left:  # unrecorded shards are rewritten whole, whatever is on disk
             for stale in (self.out / name, self.out / f"{name}.part"):
                 stale.unlink(missing_ok=True)
@@ -82,10 +85,9 @@ class ShardWriter:
 
     def _verified(self) -> dict[str, dict]:
         """Recorded shards whose size and checksum still match; the others are redone."""
-        path = self.out / PROGRESS
-        if not path.exists():
+        record = progress_record(self.out)
+        if not record:
             return {}
-        record = json.loads(path.read_text())
         if record.get("fingerprint") != self.fingerprint:
             raise ConvertError(f"{self.out} holds an unfinished conversion with other settings (source, "
                                "revision, recipe or shard size); remove it or choose another directory.")
@@ -99,7 +101,8 @@ class ShardWriter:
         return good
 
     def _save(self) -> None:
-        record = {"fingerprint": self.fingerprint, "shards": dict(sorted(self.done.items()))}
+        record = {"fingerprint": self.fingerprint, "meta": self.meta,
+                  "shards": dict(sorted(self.done.items()))}
         write_atomic(self.out / PROGRESS, json.dumps(record, indent=1))
 
     def finish(self, source_dir: Path, config: dict) -> None:
@@ -117,6 +120,22 @@ class ShardWriter:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
+
+
+def progress_record(out: Path) -> dict:
+    """The progress file of an unfinished conversion in `out`; {} when there is none."""
+    path = Path(out) / PROGRESS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def recorded_bytes(out: Path, fingerprint: str) -> int:
+    """Bytes of the shards an unfinished run with this fingerprint has recorded and left in
+    place (sizes only, no checksums: what a resume will most likely not write again)."""
+    record = progress_record(out)
+    if record.get("fingerprint") != fingerprint:
+        return 0
+    return sum(info["size"] for name, info in record.get("shards", {}).items()
+               if (Path(out) / name).is_file() and (Path(out) / name).stat().st_size == info["size"])
 
 
 def copy_extras(src: Path, dst: Path, patterns=EXTRA_FILES) -> list[str]:
