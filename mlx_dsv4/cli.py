@@ -201,6 +201,9 @@ def serve(
     model_id: Annotated[str | None, typer.Option(help="Model name clients see in /v1/models; "
                                                       "default: the directory name.")] = None,
     prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    exact_sampling: Annotated[bool, typer.Option(
+        "--exact-sampling", help="Honour temperature, top_p and penalties in thinking mode too "
+                                 "(by default, as DeepSeek's API: T=1, top_p>=0.95, no penalties).")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     _check_kv_bits(kv_bits)
@@ -211,7 +214,8 @@ def serve(
 
     try:
         run(resolve_model(model), host=host, port=port, api_key=api_key, max_context=max_context,
-            model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+            model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
+            exact_sampling=exact_sampling)
     except (LoadError, PlanError, ConfigError) as e:
         raise _fail(e)
 

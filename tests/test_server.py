@@ -255,6 +255,11 @@ def test_c3_api_keys(scripted, tokenizer, encoding):
         assert e.value.body["message"] and e.value.body["code"] == "invalid_api_key"
         assert keyed.client(key="secret").models.list().data
         assert httpx.get(keyed.url + "/v1/models", headers={"x-api-key": "secret"}).status_code == 200
+        # The auth scheme is case-insensitive (RFC 9110); the key itself is not.
+        ok = httpx.get(keyed.url + "/v1/models", headers={"Authorization": "bearer secret"})
+        assert ok.status_code == 200
+        bad = httpx.get(keyed.url + "/v1/models", headers={"Authorization": "Basic secret"})
+        assert bad.status_code == 401
         assert httpx.get(keyed.url + "/health").status_code == 200
     finally:
         keyed.close()
@@ -385,7 +390,11 @@ def test_forced_call_through_the_session(tiny):
 def test_c18_n(client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, n=2)
-    assert "n" == e.value.body["param"]
+    assert "n" == e.value.body["param"] and e.value.code == "unsupported_parameter"  # B2
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=M, prompt="def add(a, b)", n=3)
+    assert e.value.code == "unsupported_parameter"
+    assert chat(client, n=1).choices[0].message.content == "Hi!"
 
 
 def test_c19_logprobs(tiny):
@@ -747,3 +756,87 @@ def test_c53_concurrent_streams(scripted):
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(run, range(4)))
     assert replies == [f"reply {i}: " + "word " * 20 for i in range(4)]
+
+
+# ----- what clients send beyond the checklist ---------------------------------------------------
+
+def test_nulls_mean_not_given(client, scripted):
+    # The openai SDK sends `null` for a parameter passed as None (wrappers pass through whatever
+    # they were not told); OpenAI's schema makes these fields nullable.
+    r = chat(client, n=None, logprobs=None, parallel_tool_calls=None, stream=None, top_logprobs=None,
+             stream_options=None, max_tokens=None, max_completion_tokens=None, stop=None, seed=None,
+             temperature=None, tools=None, tool_choice=None, response_format=None)
+    assert r.choices[0].message.content == "Hi!"
+    assert last_call(scripted).kw["max_tokens"] == 4096 - len(last_call(scripted).ids)
+    r = httpx.post(scripted.url + "/v1/chat/completions", json={
+        "model": None, "stream": True, "stream_options": {"include_usage": None}, "thinking": None,
+        "messages": [{"role": "user", "content": "Say hi", "name": None, "prefix": None}]})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    r = client.completions.create(model=M, prompt="def add(a, b):\n    return", echo=None, logprobs=None,
+                                  suffix=None, n=None, stream=None)
+    assert r.choices[0].text == " a + b\n"
+
+
+def test_any_int64_seed(client, tiny):
+    # -1 ("random" in llama.cpp-style UIs) and full-range int64 seeds are valid OpenAI seeds.
+    for seed in (-1, -(2**63), 2**63 - 1):
+        assert chat(client, seed=seed).choices[0].message.content == "Hi!"
+    c = tiny.client()
+    a, b = (chat(c, "Hello", seed=-7, max_tokens=6).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_system_message_after_the_user_turn(client, scripted):
+    # Aider (`reminder: sys`) and agent frameworks append a system reminder after the user's
+    # message; the encoder alone would glue it to the user text and open no assistant turn.
+    r = client.chat.completions.create(model=M, extra_body=OFF, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
+        {"role": "system", "content": "Reminder: reply in English."}])
+    assert r.choices[0].message.content == "Hi!"
+    prompt = last_call(scripted).prompt
+    assert prompt.startswith("Be brief.<｜User｜>")
+    assert prompt.endswith("<｜User｜>Say hi\n\nReminder: reply in English.<｜Assistant｜></think>")
+    for msgs in ([{"role": "system", "content": "Say hi"}],
+                 [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                  {"role": "developer", "content": "Say hi"}]):
+        r = client.chat.completions.create(model=M, messages=msgs, extra_body=ON)
+        assert last_call(scripted).prompt.endswith("<｜User｜>Say hi<｜Assistant｜><think>")
+        assert r.choices[0].message.content == "Hi!"
+
+
+def test_trailing_assistant_message_is_continued(client, scripted):
+    # A last assistant message without `prefix` (llama.cpp-style prefill, Open WebUI's "continue")
+    # is continued rather than closed with EOS, after which the model would write past a finished turn.
+    for mode, opener in ((OFF, "</think>"), (ON, "<think></think>")):
+        r = client.chat.completions.create(model=M, extra_body=mode, messages=[
+            {"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Sure: "}])
+        assert last_call(scripted).prompt.endswith(f"<｜Assistant｜>{opener}Sure: ")
+        assert r.choices[0].message.content and not getattr(r.choices[0].message, "reasoning_content", None)
+
+
+def test_completion_echo_with_suffix(client):
+    # echo returns the prompt as given, not the FIM-wrapped prompt.
+    r = client.completions.create(model=M, prompt="def add(a, b):\n    return", suffix="\n", echo=True)
+    assert r.choices[0].text == "def add(a, b):\n    return a + b\n"
+
+
+def test_thinking_mode_samples_as_deepseek_does_unless_told_exact(scripted, tokenizer, encoding):
+    """B4.1: agents send temperature 0; in thinking mode DeepSeek's API ignores it and the
+    penalties and keeps top_p >= 0.95. Non-thinking requests and --exact-sampling honour them."""
+    asked = dict(temperature=0.0, top_p=0.5, presence_penalty=1.0, frequency_penalty=0.5)
+    chat(scripted.client(), **asked, extra_body={"thinking": {"type": "enabled"}})
+    kw = last_call(scripted).kw
+    assert (kw["temperature"], kw["top_p"]) == (1.0, 0.95)
+    assert kw["presence_penalty"] is None and kw["frequency_penalty"] is None
+    chat(scripted.client(), **asked, extra_body={"thinking": {"type": "disabled"}})
+    kw = last_call(scripted).kw
+    assert (kw["temperature"], kw["top_p"], kw["presence_penalty"]) == (0.0, 0.5, 1.0)
+    config = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding,
+                          exact_sampling=True)
+    exact = Running(create_app(scripted.engine, config))
+    try:
+        chat(exact.client(), **asked, extra_body={"thinking": {"type": "enabled"}})
+        kw = last_call(scripted).kw
+        assert (kw["temperature"], kw["top_p"], kw["frequency_penalty"]) == (0.0, 0.5, 0.5)
+    finally:
+        exact.close()

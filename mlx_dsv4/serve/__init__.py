@@ -14,7 +14,8 @@ log = logging.getLogger("mlx_dsv4.serve")
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
-          prefill_chunk: int = 512, thinking: bool = True, log_level: str = "info"):
+          prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
+          log_level: str = "info"):
     """Plan memory, start the engine (it loads the model on its own thread) and run uvicorn.
 
     `max_context` defaults to the largest context that fits this machine, capped by the model's
@@ -39,7 +40,8 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
         log.warning("%s", wired)
     tokenizer = Tokenizer.from_dir(path)
     config = ServerConfig(model_id=model_id or path.name, tokenizer=tokenizer, max_context=max_context,
-                          encoding=load_encoding(path), api_key=api_key, thinking=thinking)
+                          encoding=load_encoding(path), api_key=api_key, thinking=thinking,
+                          exact_sampling=exact_sampling)
 
     def load():
         return Session(load_model(path), tokenizer, max_context=max_context,

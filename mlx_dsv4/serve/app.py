@@ -31,7 +31,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def check_key(request: Request):
         if config.api_key and request.url.path not in OPEN:
             h = request.headers
-            bearer = h.get("authorization", "").removeprefix("Bearer ").strip()
+            scheme, _, bearer = h.get("authorization", "").strip().partition(" ")
+            bearer = bearer.strip() if scheme.lower() == "bearer" else ""  # schemes ignore case
             if config.api_key not in (h.get("x-api-key"), h.get("api-key"), bearer):
                 raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import chat_format
 from ..generate import Chunk
@@ -56,6 +56,7 @@ class ServerConfig:
     created: int = field(default_factory=lambda: int(time.time()))
     ping: float = 15.0  # seconds between SSE keep-alive comments
     completion_max_tokens: int = 4096  # /v1/completions default budget (DeepSeek's FIM limit)
+    exact_sampling: bool = False  # honour temperature/top_p/penalties in thinking mode too (B4.1)
 
     def card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "local",
@@ -64,6 +65,13 @@ class ServerConfig:
 
 class Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data):
+        """`null` means "not given": OpenAI's schema makes optional fields nullable, and the
+        openai SDK sends `null` for a parameter passed as None."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class Message(Loose):
@@ -96,14 +104,18 @@ class Sampling(Loose):
     seed: int | None = None
     logit_bias: dict[int, float] | None = None  # JSON keys are token-id strings
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per request
+    n: int = Field(1, ge=1)
 
     def sampling(self) -> dict:
+        if self.n > 1:
+            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per "
+                           "request.", code="unsupported_parameter", param="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        seed = None if self.seed is None else self.seed % 2**64  # any int64, as OpenAI takes it
         return {"temperature": 1.0 if self.temperature is None else self.temperature,
                 "top_p": self.top_p or 0.0, "top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
                 "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty, "seed": self.seed, "stop": stop,
+                "frequency_penalty": self.frequency_penalty, "seed": seed, "stop": stop,
                 "logit_bias": dict(self.logit_bias or {})}
 
 
@@ -148,10 +160,17 @@ def text_of(content, where: str) -> str:
 
 
 def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
-    """OpenAI messages -> the encoder's messages (B4.2 steps 1-8)."""
+    """OpenAI messages -> the encoder's messages (B4.2 steps 1-8).
+
+    A system message right after a user or tool message joins that user turn, and one that ends
+    the conversation becomes a user turn: the encoder renders system text bare and opens an
+    assistant turn only after a user turn, so either would leave the model no turn to answer in.
+    A last assistant message is continued (as with `prefix`) unless it holds tool calls."""
     out: list[dict] = []
     for i, m in enumerate(req.messages):
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        if role == "system" and out and out[-1]["role"] in ("user", "tool"):
+            role = "user"
         msg = {"role": role, "content": text_of(m.content, f"messages[{i}]")}
         if role == "assistant":
             reasoning = m.reasoning_content or m.reasoning or m.thinking
@@ -163,7 +182,7 @@ def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
                 msg["reasoning_content"] = reasoning
             if m.tool_calls:
                 msg["tool_calls"] = [_call(c) for c in m.tool_calls]
-            if m.prefix and i == len(req.messages) - 1:
+            if i == len(req.messages) - 1 and (m.prefix or not m.tool_calls):
                 msg["wo_eos"] = True
         elif role == "tool" and m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
@@ -171,6 +190,8 @@ def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
             out[-1]["content"] += "\n\n" + msg["content"]
         else:
             out.append(msg)
+    if out[-1]["role"] == "system":
+        out[-1]["role"] = "user"
     if tools or req.response_format:
         if out[0]["role"] != "system":
             out.insert(0, {"role": "system", "content": ""})
@@ -341,6 +362,8 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
         raise APIError(400, str(e), param="messages") from e
     ids = tok.encode_segments(segments)
     sampling = req.sampling()
+    if thinking and not cfg.exact_sampling:
+        deepseek_compat(sampling)
     stop = sampling.pop("stop")
     n = req.top_logprobs or 0
     sampling.update(max_tokens=budget(len(ids), req.max_completion_tokens or req.max_tokens, cfg),
@@ -355,6 +378,15 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
         encode=lambda text: tok.encode(text, allow_control=True))
     return ChatJob(job, thinking and not prefix, bool(tools), stop, req.parallel_tool_calls,
                    n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")), level)
+
+
+def deepseek_compat(sampling: dict) -> None:
+    """Thinking-mode sampling as DeepSeek's API does it (B4.1): temperature and the presence and
+    frequency penalties are ignored, top_p is at least 0.95. Agents that send temperature 0
+    would otherwise reason greedily, which loops."""
+    sampling.update(temperature=1.0, presence_penalty=None, frequency_penalty=None)
+    if sampling.get("top_p"):
+        sampling["top_p"] = max(sampling["top_p"], 0.95)
 
 
 def completion_job(req: CompletionRequest, cfg: ServerConfig) -> Job:
@@ -570,7 +602,9 @@ class CompletionReply:
 
     def __init__(self, job: Job, req: CompletionRequest, tokenizer):
         self.job, self.tok, self.n = job, tokenizer, req.logprobs
-        self.echo = tokenizer.decode(job.ids[1:]) if req.echo else ""
+        prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
+        text = prompt if isinstance(prompt, str) else tokenizer.decode(job.ids[1:])
+        self.echo = text if req.echo else ""  # the prompt as given, not its FIM form
         self.offset = len(self.echo)
 
     def choice(self, chunk: Chunk, text: str) -> dict:
