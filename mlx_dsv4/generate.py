@@ -22,6 +22,9 @@ from .cache import LayerCache, make_cache
 CLEAR_EVERY = 256  # decode steps between MLX buffer-cache clears
 
 
+PROCESSOR_CONTEXT = 64  # recent tokens handed to logits processors (their windows are 20)
+
+
 class ContextError(ValueError):
     """A request that cannot fit the planned context; raised before anything is computed."""
 
@@ -88,7 +91,10 @@ def generate_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], *,
         raise ValueError("generate_step needs at least one new prompt token.")
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     processors = logits_processors or []
-    tokens = mx.array(list(history) + list(prompt_ids)) if processors else None
+    # Processors see only the recent tokens (mlx-lm's penalties read the last 20): keeping a
+    # bounded tail avoids copying the whole, growing history on every step.
+    tail = (list(history) + list(prompt_ids))[-PROCESSOR_CONTEXT:]
+    tokens = mx.array(tail) if processors else None
 
     def sample(logits):
         nonlocal tokens
@@ -97,7 +103,7 @@ def generate_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], *,
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         y = sampler(logprobs)
         if processors:
-            tokens = mx.concatenate([tokens, y])
+            tokens = mx.concatenate([tokens[-(PROCESSOR_CONTEXT - 1):], y])
         return y, logprobs[0]
 
     y, logprobs = sample(prefill(model, prompt_ids, cache, prefill_chunk, progress, on_prefilled))

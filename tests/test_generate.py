@@ -141,3 +141,26 @@ def test_logit_bias_bans_a_token():
     chunks = list(stream_generate(model, TOK, "hi", max_tokens=4, cache=model.make_cache(),
                                   logit_bias={ord("a"): -100.0}))
     assert ord("a") not in [c.token for c in chunks]
+
+
+def test_processors_see_a_bounded_tail_of_the_history():
+    """Penalties read recent tokens only; the generator must not copy the whole history per step."""
+    from mlx_dsv4.generate import PROCESSOR_CONTEXT, generate_step
+
+    script = list(b"abcdefghij" * 30)
+    model = ScriptedModel(script, prompt_len=200)
+    seen = []
+
+    def spy(tokens, logits):
+        seen.append(tokens.tolist())
+        return logits
+
+    prompt = list(range(2, 202))
+    out = [t for t, _ in generate_step(model, prompt, model.make_cache(), logits_processors=[spy],
+                                       max_tokens=150)]
+    assert out == script[:150]
+    assert max(len(s) for s in seen) == PROCESSOR_CONTEXT
+    assert seen[0] == prompt[-PROCESSOR_CONTEXT:]
+    # Before sampling token n the tail ends with the prompt and tokens 0..n-1.
+    for n in (1, 70, 149):
+        assert seen[n] == (prompt + out[:n])[-PROCESSOR_CONTEXT:]
