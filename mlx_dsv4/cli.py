@@ -81,6 +81,10 @@ def convert(
         reused = f", kept {len(result.reused)} from an earlier run" if result.reused else ""
         console.print(f"Wrote {len(result.written)} shard(s){reused} to {result.output} "
                       f"in {result.seconds:.0f} s.", highlight=False)
+        if result.plan.dropped:
+            from .convert import dropped_note
+
+            console.print(f"Note: {dropped_note(result.plan)}.", highlight=False)
 
 
 class _progress_bar:
@@ -126,6 +130,10 @@ def _plan_table(source: str, result):
                   f"{len(plan.shards)}")
     download = f" (incl. download up to {_size(result.download_bytes)})" if result.download_bytes else ""
     table.add_row("disk needed", "", _size(result.disk_bytes) + download)
+    if plan.dropped:
+        from .convert import dropped_note
+
+        table.add_row("not converted", "", dropped_note(plan))
     table.add_row("peak memory", "", f"{_size(plan.peak_bytes)} + interpreter")
     return table
 

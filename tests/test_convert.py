@@ -568,3 +568,46 @@ def test_cli_dry_run_prints_the_plan(official, tmp_path):
     assert not (tmp_path / "out").exists()
     run = CliRunner().invoke(app, ["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")])
     assert run.exit_code == 1 and "error:" in run.output
+
+
+def test_a_dspark_refresh_converts_its_trunk_and_names_what_it_drops(official, converted, tmp_path, ids):
+    """-0731: same trunk plus DSpark draft stages under mtp.*; those are dropped by name, and the
+    trunk converts to the same weights (hence logits) as the release without them."""
+    src = write_official_checkpoint(tmp_path / "refresh", dict(CFG, dspark_block_size=5,
+                                                               dspark_target_layer_ids=[1, 2, 3]),
+                                    seed=0, shards=3)
+    extra = {"mtp.0.main_proj.weight": ("BF16", np.zeros((CFG["hidden_size"], 3 * CFG["hidden_size"]),
+                                                         np.uint16)),
+             "mtp.2.markov_head.markov_w1.weight": ("BF16", np.zeros((CFG["vocab_size"], 8), np.uint16))}
+    from mlx_dsv4.synthetic import _write_safetensors
+
+    _write_safetensors(src / "model-extra.safetensors", extra)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(extra, "model-extra.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    plan = make_plan(read_source(src), "q4")
+    assert plan.dropped and all(n.startswith("mtp.") for n in plan.dropped)
+    assert set(extra) <= set(plan.dropped) and not any(t.startswith("mtp.") for t in plan.targets)
+
+    out = tmp_path / "out"
+    convert(src, out, recipe="q4", shard_size=SHARD)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0
+    assert "DSpark draft-stage tensors (mtp.*) not converted" in config["mlx_dsv4"]["dropped"]
+    model = load_model(out)
+    base = load_model(converted("q4"))
+    np.testing.assert_array_equal(np.array(model(ids)), np.array(base(ids)))
+
+
+def test_tensors_outside_the_inventory_are_still_refused_without_dspark(tmp_path):
+    src = write_official_checkpoint(tmp_path / "src", CFG, seed=0, shards=1, extras=False)
+    from mlx_dsv4.synthetic import _write_safetensors
+
+    _write_safetensors(src / "model-extra.safetensors",
+                       {"mtp.0.main_proj.weight": ("BF16", np.zeros((4, 4), np.uint16))})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["mtp.0.main_proj.weight"] = "model-extra.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConvertError, match=r"does not know .*mtp\.0\.main_proj\.weight"):
+        make_plan(read_source(src), "q4")

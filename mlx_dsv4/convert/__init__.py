@@ -218,8 +218,15 @@ def _fingerprint(plan: Plan, meta: dict) -> str:
 
 def _config(plan: Plan, meta: dict, fingerprint: str) -> dict:
     """The source config with the MLX quantization block; the FP8 block no longer applies."""
-    config = dict(plan.source.config)
+    config = dict(plan.config or plan.source.config)
     shipped = config.pop("quantization_config", None)
     config["quantization"] = plan.quantization
     config["mlx_dsv4"] = dict(meta, fingerprint=fingerprint, source_quantization_config=shipped)
+    if plan.dropped:
+        config["mlx_dsv4"]["dropped"] = dropped_note(plan)
     return config
+
+
+def dropped_note(plan: Plan) -> str:
+    return (f"{len(plan.dropped):,} DSpark draft-stage tensors (mtp.*) not converted: "
+            "speculative drafting is not supported; the trunk is complete")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ModelArgs
@@ -25,6 +25,9 @@ ITEMSIZE = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BF16": 2, "F16": 2, "
 FP8_BLOCK, FP4_GROUP = 128, 32
 _FLOATS = ("BF16", "F16", "F32")
 _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+DSPARK_KEY = "dspark_block_size"  # marks a checkpoint that carries DSpark draft stages
 
 
 class ConvertError(ValueError):
@@ -134,6 +137,8 @@ class Plan:
     shards: list[Shard]
     quantization: dict
     where: dict[str, tuple[str, int]]  # target -> (shard name, file offset of its data)
+    config: dict = field(default_factory=dict)  # the config the output describes
+    dropped: list[str] = field(default_factory=list)  # source tensors deliberately not converted
 
     @property
     def bytes_in(self) -> int:
@@ -186,9 +191,16 @@ def read_source(path: Path) -> Source:
 def make_plan(source: Source, recipe: str | Recipe = "q4", shard_size: int = 5 * 10**9) -> Plan:
     """The jobs and output layout for `recipe`; deterministic for given headers."""
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    args = ModelArgs.from_dict(source.config)
+    config, dropped = dict(source.config), []
+    if DSPARK_KEY in config:
+        # The -0731 refresh is the same trunk plus DSpark draft stages under mtp.* (spec §1.5),
+        # which this runtime cannot run: convert the trunk, drop the stages by name, say so.
+        config["num_nextn_predict_layers"] = 0
+        dropped = sorted(n for n in source.tensors if n.startswith("mtp."))
+    args = ModelArgs.from_dict(config)
     inventory = list(args.tensors())
-    _check_names(inventory, source.tensors)
+    skip = set(dropped)
+    _check_names(inventory, {n: h for n, h in source.tensors.items() if n not in skip})
     E = args.n_routed_experts
     jobs, targets, quantization = [], {}, dict(recipe.fp8.entry())
     for name, shape, role in inventory:
@@ -201,7 +213,7 @@ def make_plan(source: Source, recipe: str | Recipe = "q4", shard_size: int = 5 *
     order = {s: k for k, s in enumerate(sorted({h.shard for h in source.tensors.values()}))}
     jobs.sort(key=lambda j: (order[source.tensors[j.weight].shard], j.weight))
     shards, where = _layout(jobs, targets, shard_size)
-    return Plan(recipe, source, jobs, targets, shards, quantization, where)
+    return Plan(recipe, source, jobs, targets, shards, quantization, where, config, dropped)
 
 
 def _check_names(inventory, tensors: dict[str, Header]) -> None:
