@@ -278,6 +278,47 @@ def plan(
 
 
 @app.command()
+def bench(
+    model: Model,
+    prompt: Annotated[int, typer.Option(help="Prompt tokens to prefill (seeded random ids).")] = 2048,
+    tokens: Annotated[int, typer.Option(help="Tokens to decode (greedy; EOS does not stop).")] = 128,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    kv_bits: KvBits = None,
+) -> None:
+    """Measure prefill and decode speed and peak memory against the planner's prediction."""
+    _check_kv_bits(kv_bits)
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import run_bench
+    from .config import ConfigError
+    from .plan import GiB, PlanError
+    from .weights import LoadError, resolve_model
+
+    console = Console()
+    try:
+        r = run_bench(resolve_model(model), prompt_tokens=prompt, gen_tokens=tokens,
+                      prefill_chunk=prefill_chunk, kv_bits=kv_bits,
+                      log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
+    except (LoadError, PlanError, ConfigError, ValueError) as e:
+        raise _fail(e)
+    import mlx.core as mx
+
+    table = Table(title=f"{r.model} on {mx.default_device()}", show_header=False)
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_row(f"prefill ({r.prompt_tokens:,} tokens, chunks of {r.prefill_chunk})",
+                  f"{r.prompt_tps:,.1f} tok/s")
+    table.add_row(f"decode ({r.generated:,} tokens)",
+                  f"{r.decode_tps:,.2f} tok/s · {r.ms_per_token:,.1f} ms/token")
+    mem = lambda b: f"{b / GiB:,.2f} GiB" if b >= GiB else f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    table.add_row("peak memory (measured)", mem(r.peak_bytes))
+    table.add_row("planned total", mem(r.plan.total_bytes))
+    table.add_row("of which weights", mem(r.plan.weight_bytes))
+    console.print(table)
+
+
+@app.command()
 def selftest(
     keep: Annotated[Path | None, typer.Option(help="Keep the tiny checkpoint and its conversion "
                                                    "in this directory.")] = None,

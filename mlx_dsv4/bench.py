@@ -1,0 +1,81 @@
+"""`dsv4 bench`: prefill and decode speed and peak memory of a converted model on this machine.
+
+Plans the context first (the same planner chat and serve use), feeds a seeded random prompt in
+planner-sized chunks, then decodes greedily for a fixed number of tokens (EOS is not a stop:
+the figure is per token, not per answer). Reports tokens per second for both phases, the decode
+time per token, and the measured peak memory next to the planner's prediction, so a user can
+check both our speed and our memory arithmetic on their own Mac.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from .cache import make_cache
+from .generate import generate_step
+from .plan import Plan, apply_wired_limit, plan_context
+from .weights import load_model
+
+
+@dataclass
+class BenchResult:
+    model: str
+    prompt_tokens: int
+    generated: int
+    prefill_chunk: int
+    load_s: float
+    prefill_s: float
+    decode_s: float
+    peak_bytes: int
+    plan: Plan
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / max(self.prefill_s, 1e-9)
+
+    @property
+    def decode_tps(self) -> float:
+        # The first token comes out of prefill; decode time covers the rest.
+        return (self.generated - 1) / max(self.decode_s, 1e-9)
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / max(self.generated - 1, 1)
+
+
+def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: int = 128,
+              prefill_chunk: int = 512, kv_bits: int | None = None, seed: int = 0,
+              log: Callable[[str], None] | None = None) -> BenchResult:
+    if prompt_tokens < 1 or gen_tokens < 2:
+        raise ValueError("bench needs at least 1 prompt token and 2 generated tokens.")
+    path = Path(model_dir)
+    plan, context = plan_context(path, prompt_tokens + gen_tokens, kv_bits=kv_bits,
+                                 prefill_chunk=prefill_chunk)
+    chunk = min(prefill_chunk, plan.max_prefill_chunk)
+    wired = apply_wired_limit(plan)
+    if log and wired:
+        log(wired)
+    t = time.perf_counter()
+    model = load_model(path)
+    load_s = time.perf_counter() - t
+    if log:
+        log(f"loaded {path.name} in {load_s:.1f} s")
+    vocab = model.args.vocab_size
+    prompt = mx.random.randint(2, vocab, (prompt_tokens,), key=mx.random.key(seed)).tolist()
+    cache = make_cache(model, max_tokens=context, kv_bits=kv_bits)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    steps = generate_step(model, prompt, cache, max_tokens=gen_tokens, prefill_chunk=chunk)
+    t = time.perf_counter()
+    next(steps)  # prefill and the first token
+    prefill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    generated = 1 + sum(1 for _ in steps)
+    decode_s = time.perf_counter() - t
+    return BenchResult(path.name, prompt_tokens, generated, chunk, load_s, prefill_s, decode_s,
+                       mx.get_peak_memory(), plan)
