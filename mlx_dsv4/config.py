@@ -23,6 +23,23 @@ class ConfigError(ValueError):
     """A config.json this runtime cannot run, with a sentence saying why."""
 
 
+# Parameters the reference keeps in fp32; the converter stores them so (every recipe) and the
+# model reads them as fp32 whatever their stored dtype. Plain Python: the converter's plan and
+# the memory planner use the rule without importing the model.
+KEEP_FLOAT32 = ("hc_*", ".attn_sink", ".gate.bias", ".gate.weight", ".ape")
+
+
+def keep_float32(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith("hc_") or any(("." + name).endswith(k) for k in KEEP_FLOAT32[1:])
+
+
+def list_names(names: list[str], most: int = 10) -> str:
+    """`a, b, c and 7 more`: tensor names in an error message."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 # The released configs ship with the package so the planner can answer before any download.
 RELEASED = {"flash": "deepseek-ai/DeepSeek-V4-Flash", "pro": "deepseek-ai/DeepSeek-V4-Pro"}
 

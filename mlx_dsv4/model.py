@@ -16,17 +16,8 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from . import mhc
 from .attention import Attention
 from .cache import LayerCache, make_cache
-from .config import ModelArgs
+from .config import KEEP_FLOAT32, ModelArgs, keep_float32  # noqa: F401 (re-exported)
 from .layers import RMSNorm
-
-# Parameters the reference keeps in fp32; the converter stores them so and the model reads them
-# as fp32 whatever their stored dtype.
-KEEP_FLOAT32 = ("hc_*", ".attn_sink", ".gate.bias", ".gate.weight", ".ape")
-
-
-def keep_float32(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf.startswith("hc_") or any(("." + name).endswith(k) for k in KEEP_FLOAT32[1:])
 
 
 def _f32(a: mx.array) -> mx.array:

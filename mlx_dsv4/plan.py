@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CSA, HCA, ModelArgs, released_config
+from .config import CSA, HCA, ModelArgs, keep_float32, released_config
 
 GiB = 1 << 30
 RECIPES = ("official", "native", "q8", "q4")
@@ -98,9 +98,9 @@ def weight_bytes(args: ModelArgs, recipe: str, include_mtp: bool = True) -> int:
     table = _ROLE_BYTES[recipe]
     total = 0.0
     for name, shape, role in args.tensors(include_mtp):
-        per = table[role]
-        if recipe != "native" and name.endswith(".gate.weight"):
-            per = 4  # the converter keeps the router in fp32
+        # A converted model stores what the reference keeps in fp32 as fp32 (the router, shipped
+        # in bf16, included); `official` counts the release as shipped.
+        per = 4 if recipe != "official" and keep_float32(name) else table[role]
         total += math.prod(shape) * per
     return int(total)
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from .config import ModelArgs, list_names
 from .model import Model
 
 INDEX = "model.safetensors.index.json"
@@ -65,9 +65,9 @@ def check_tensors(model: nn.Module, weights: dict[str, mx.array]):
     extra = sorted(set(weights) - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
+        problems.append(f"missing {len(missing)} tensor(s): {list_names(missing, 8)}")
     if extra:
-        problems.append(f"unexpected {len(extra)} tensor(s): {_names(extra)}")
+        problems.append(f"unexpected {len(extra)} tensor(s): {list_names(extra, 8)}")
     for name in sorted(set(expected) & set(weights)):
         if tuple(expected[name].shape) != tuple(weights[name].shape):
             problems.append(f"{name} has shape {tuple(weights[name].shape)}, the model expects "
@@ -75,10 +75,6 @@ def check_tensors(model: nn.Module, weights: dict[str, mx.array]):
     if problems:
         raise LoadError("Weights do not match the model: " + "; ".join(problems) + ".")
 
-
-def _names(names: list[str], most: int = 8) -> str:
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
 
 
 def load_model(path: str | Path, lazy: bool = False) -> Model:

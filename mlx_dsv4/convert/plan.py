@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ModelArgs
-from ..model import keep_float32
+from ..config import ModelArgs, keep_float32
+from ..config import list_names as _names
 
 INDEX = "model.safetensors.index.json"
 ITEMSIZE = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4,
@@ -360,7 +360,3 @@ def _scale(weight: str) -> str:
 def _names_of(targets) -> tuple[str, ...]:
     return tuple(t.name for t in targets)
 
-
-def _names(names: list[str], most: int = 10) -> str:
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
