@@ -8,7 +8,6 @@ To add a command, add a decorated function here that calls the library.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,16 +18,25 @@ app = typer.Typer(name="dsv4", help="Run DeepSeek-V4 (Flash and Pro) locally wit
 
 # The names of convert.plan.RECIPES, spelled out so `--help` needs no import (a test checks them).
 Recipe = Literal["q4", "native", "q8"]
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '4GiB' or a byte count."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise typer.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 4GiB.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """A file size option ('5GB' = 5e9, '4GiB'), as plan.parse_size reads it, for typer."""
+    return _size_option(text, decimal=True)
+
+
+def parse_memory(text: str) -> int:
+    """A machine's memory ('256GB' = 256 GiB, as Apple quotes RAM), for typer."""
+    return _size_option(text, decimal=False)
+
+
+def _size_option(text: str, decimal: bool) -> int:
+    from .plan import parse_size as parse  # plan.py imports no MLX at module level
+
+    try:
+        return parse(text, decimal=decimal)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 def _fail(message) -> typer.Exit:
@@ -238,7 +246,8 @@ def plan(
                                                     "or a release; default q4).")] = None,
     kv_bits: KvBits = None,
     prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
-    memory: Annotated[str | None, typer.Option(help="Plan for a machine of this size, e.g. 256GB "
+    memory: Annotated[int | None, typer.Option(parser=parse_memory, metavar="SIZE",
+                                               help="Plan for a machine of this size, e.g. 256GB "
                                                     "(default: this machine).")] = None,
 ) -> None:
     """Will this model and context fit? Weights, KV pools, activations and the verdict."""
@@ -246,19 +255,16 @@ def plan(
     from rich.console import Console
 
     from .config import ConfigError
-    from .plan import GiB, PlanError
-    from .plan import parse_size as parse_memory
-    from .plan import plan_memory
+    from .plan import PlanError, plan_memory
+    from .plan import format_bytes as gib
 
     try:
         p = plan_memory(model, context=context, recipe=recipe, kv_bits=kv_bits,
-                        prefill_chunk=prefill_chunk,
-                        memory=parse_memory(memory) if memory else None)
+                        prefill_chunk=prefill_chunk, memory=memory)
     except (PlanError, ConfigError, ValueError) as e:
         raise _fail(e)
     from rich.table import Table
 
-    gib = lambda b: f"{b / GiB:,.2f} GiB"  # noqa: E731
     pools = "8-bit" if kv_bits == 8 else "bf16"
     table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens", show_header=False)
     table.add_column()
@@ -292,7 +298,8 @@ def bench(
 
     from .bench import run_bench
     from .config import ConfigError
-    from .plan import GiB, PlanError
+    from .plan import PlanError
+    from .plan import format_bytes as mem
     from .weights import LoadError, resolve_model
 
     console = Console()
@@ -311,7 +318,6 @@ def bench(
                   f"{r.prompt_tps:,.1f} tok/s")
     table.add_row(f"decode ({r.generated:,} tokens)",
                   f"{r.decode_tps:,.2f} tok/s · {r.ms_per_token:,.1f} ms/token")
-    mem = lambda b: f"{b / GiB:,.2f} GiB" if b >= GiB else f"{b / 2**20:,.1f} MiB"  # noqa: E731
     table.add_row("peak memory (measured)", mem(r.peak_bytes))
     table.add_row("planned total", mem(r.plan.total_bytes))
     table.add_row("of which weights", mem(r.plan.weight_bytes))

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ class Plan:
         return self.budget_bytes - self.total_bytes
 
     def verdict(self) -> str:
-        gib = lambda b: f"{b / GiB:,.1f} GiB"  # noqa: E731
+        gib = lambda b: format_bytes(b, 1)  # noqa: E731
         if self.fits:
             return (f"fits: {gib(self.total_bytes)} of {gib(self.budget_bytes)} "
                     f"({gib(self.headroom_bytes)} to spare); largest context that fits: "
@@ -90,6 +91,11 @@ class Plan:
         return (f"does not fit at any context: the weights alone need {gib(self.weight_bytes)} "
                 f"(with state and activations {gib(need)} before any KV), the budget is "
                 f"{gib(self.budget_bytes)}")
+
+
+def format_bytes(n: int, digits: int = 2) -> str:
+    """GiB, or MiB below one GiB (tiny test models)."""
+    return f"{n / GiB:,.{digits}f} GiB" if n >= GiB else f"{n / 2**20:,.{digits}f} MiB"
 
 
 def weight_bytes(args: ModelArgs, recipe: str, include_mtp: bool = True) -> int:
@@ -177,14 +183,17 @@ def _with_reserve(total: int) -> int:
     return total - max(8 * GiB, total // 10)
 
 
-def parse_size(text: str) -> int:
-    """'256GB', '256GiB', '192G', '5e9' -> bytes; GB is read as GiB, as Apple quotes RAM."""
-    t = text.strip().upper().replace(" ", "")
-    for suffix, mult in (("GIB", GiB), ("GB", GiB), ("G", GiB), ("MIB", 1 << 20), ("MB", 1 << 20),
-                         ("TB", 1 << 40), ("TIB", 1 << 40)):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * mult)
-    return int(float(t))
+_PREFIX = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+
+
+def parse_size(text: str, *, decimal: bool = False) -> int:
+    """'256GB', '192G', '4GiB', '500MB', '5e9' -> bytes. KiB/MiB/GiB/TiB are binary; KB/MB/GB/TB
+    (and K/M/G/T) are binary too unless `decimal`: a '256GB' Mac has 256 GiB, a '5GB' file 5e9."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:E[0-9]+)?)\s*([KMGT]?)(I?)(B?)\s*", str(text).upper())
+    if not m or (m.group(3) and not (m.group(2) and m.group(4))):
+        raise ValueError(f"{text!r} is not a size like 256GB, 500MB or 4GiB.")
+    base = 1000 if decimal and not m.group(3) else 1024
+    return int(float(m.group(1)) * base ** _PREFIX[m.group(2)])
 
 
 def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | None = None,
