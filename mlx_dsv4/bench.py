@@ -56,7 +56,7 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
     path = Path(model_dir)
     plan, context = plan_context(path, prompt_tokens + gen_tokens, kv_bits=kv_bits,
                                  prefill_chunk=prefill_chunk)
-    chunk = min(prefill_chunk, plan.max_prefill_chunk)
+    chunk = plan.run_chunk
     wired = apply_wired_limit(plan)
     if log and wired:
         log(wired)

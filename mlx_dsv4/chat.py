@@ -62,7 +62,7 @@ class Chat:
             notes.append(wired)
         lm, tokenizer = load(path)
         session = Session(lm, tokenizer, max_context=context, largest_context=plan.largest_context,
-                          kv_bits=kv_bits, prefill_chunk=min(prefill_chunk, plan.max_prefill_chunk))
+                          kv_bits=kv_bits, prefill_chunk=plan.run_chunk)
         encoding = load_encoding(path)
         if encoding is None:
             notes.append("this model ships no encoding/encoding_dsv4.py: tools and effort are off")

@@ -66,6 +66,11 @@ class Plan:
     max_prefill_chunk: int = 0  # largest prefill chunk whose activations fit what is left
 
     @property
+    def run_chunk(self) -> int:
+        """The prefill chunk to run: the asked one, bounded by what fits beside the rest."""
+        return min(self.prefill_chunk, self.max_prefill_chunk) if self.max_prefill_chunk else self.prefill_chunk
+
+    @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.kv_bytes + self.fixed_bytes + max(self.prefill_bytes,
                                                                             self.decode_bytes)

@@ -224,22 +224,13 @@ class _Run:
         import openai
         import uvicorn
 
-        from .plan import plan_context
-        from .serve.app import create_app
-        from .serve.engine import Engine
-        from .serve.protocol import ServerConfig
-        from .session import Session
-        from .weights import load_model
+        from .serve import create_server
 
-        # As in `serve`, less the wired limit: sized for this tiny model it would shrink the process's.
-        plan, context = plan_context(self.output, MAX_CONTEXT)
-        config = ServerConfig(model_id="dsv4-selftest", tokenizer=self.tokenizer, max_context=context,
-                              encoding=self.encoding)
-        # The engine thread loads its own model, as `serve` does: MLX streams are per thread.
-        engine = Engine(lambda: Session(load_model(self.output), self.tokenizer, max_context=context,
-                                        largest_context=plan.largest_context,
-                                        prefill_chunk=min(512, plan.max_prefill_chunk)))
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="warning",
+        # As `dsv4 serve` builds it, less the wired limit: sized for this tiny model it would
+        # shrink the process's.
+        engine, app, config = create_server(self.output, max_context=MAX_CONTEXT,
+                                            model_id="dsv4-selftest", wire_memory=False)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
                                                lifespan="off"))
         # Our own socket on port 0: the port is known before uvicorn starts, and never taken.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

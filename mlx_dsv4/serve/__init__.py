@@ -12,17 +12,16 @@ from pathlib import Path
 log = logging.getLogger("mlx_dsv4.serve")
 
 
-def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
-          prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
-          log_level: str = "info"):
-    """Plan memory, start the engine (it loads the model on its own thread) and run uvicorn.
+def create_server(model_path: str | Path, *, api_key: str | None = None,
+                  max_context: int | None = None, model_id: str | None = None,
+                  kv_bits: int | None = None, prefill_chunk: int = 512, thinking: bool = True,
+                  exact_sampling: bool = False, wire_memory: bool = True):
+    """Plan memory and build `(engine, app, config)` for a converted model; the engine is not
+    started (it loads the model on its own thread when it is).
 
     `max_context` defaults to the largest context that fits this machine, capped by the model's
     maximum; a given value that does not fit is refused with the planner's verdict.
     """
-    import uvicorn
-
     from ..chat_format import load_encoding
     from ..plan import apply_wired_limit, plan_context
     from ..session import Session
@@ -34,8 +33,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
 
     path = Path(model_path).expanduser()
     plan, max_context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
-    prefill_chunk = min(prefill_chunk, plan.max_prefill_chunk)
-    wired = apply_wired_limit(plan)
+    wired = apply_wired_limit(plan) if wire_memory else None
     if wired:
         log.warning("%s", wired)
     tokenizer = Tokenizer.from_dir(path)
@@ -43,17 +41,33 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
                           encoding=load_encoding(path), api_key=api_key, thinking=thinking,
                           exact_sampling=exact_sampling)
 
-    def load():
+    def load():  # on the engine's thread: MLX streams are per thread
         return Session(load_model(path), tokenizer, max_context=max_context,
-                       largest_context=plan.largest_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+                       largest_context=plan.largest_context, kv_bits=kv_bits,
+                       prefill_chunk=plan.run_chunk)
 
-    engine = Engine(load).start()
+    engine = Engine(load)
+    return engine, create_app(engine, config), config
+
+
+def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
+          prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
+          log_level: str = "info"):
+    """`create_server`, then run uvicorn until interrupted."""
+    import uvicorn
+
+    engine, app, config = create_server(model_path, api_key=api_key, max_context=max_context,
+                                        model_id=model_id, kv_bits=kv_bits,
+                                        prefill_chunk=prefill_chunk, thinking=thinking,
+                                        exact_sampling=exact_sampling)
+    engine.start()
     log.warning("serving %s as %r on http://%s:%d/v1 with %s tokens of context",
-                path, config.model_id, host, port, f"{max_context:,}")
+                model_path, config.model_id, host, port, f"{config.max_context:,}")
     try:
-        uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.stop()
 
 
-__all__ = ["serve"]
+__all__ = ["create_server", "serve"]
