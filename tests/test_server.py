@@ -840,3 +840,18 @@ def test_thinking_mode_samples_as_deepseek_does_unless_told_exact(scripted, toke
         assert (kw["temperature"], kw["top_p"], kw["frequency_penalty"]) == (0.0, 0.5, 0.5)
     finally:
         exact.close()
+
+
+def test_seen_finds_a_marker_split_at_every_boundary():
+    from mlx_dsv4.serve.protocol import Seen
+
+    text = "reasoning about </think> and then the answer"
+    for cut in range(len(text) + 1):
+        for cut2 in range(cut, len(text) + 1):
+            seen = Seen("</think>")
+            hits = [seen.feed(part) for part in (text[:cut], text[cut:cut2], text[cut2:])]
+            assert hits[-1] and hits == sorted(hits)  # found, and once found stays found
+            first = next(i for i, h in enumerate(hits) if h)
+            assert "</think>" in "".join((text[:cut], text[cut:cut2], text[cut2:])[: first + 1])
+            assert "</think>" not in "".join((text[:cut], text[cut:cut2], text[cut2:])[:first])
+    assert not Seen("</think>").feed("no marker </thin")

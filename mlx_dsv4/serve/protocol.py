@@ -304,11 +304,11 @@ class ForcedCall(Job):
         ids, forced, first, done = list(self.ids), self.force, None, 0
         if self.thinking:
             stops = [*sampling.get("stop_token_ids", ()), self.think_end]
-            text, tokens = "", []
+            dsml, tokens = Seen(chat_format.DSML), []
             for chunk in backend.generate(ids, **dict(sampling, stop_token_ids=stops)):
-                first, text = first or chunk, text + chunk.text
+                first = first or chunk
                 tokens += [chunk.token] if chunk.token is not None else []
-                if chunk.finish_reason != "stop" or chat_format.DSML in text:
+                if dsml.feed(chunk.text) or chunk.finish_reason != "stop":
                     yield chunk  # a length cut, or the model called a tool on its own
                     if chunk.finish_reason:
                         return
@@ -442,17 +442,20 @@ class ChatReply:
         self.cj, self.tok = cj, tokenizer
         self.parser = chat_format.ReplyParser(thinking=cj.thinking, tools_enabled=cj.tools)
         self.stops = StopMatcher(cj.stop)
-        self.raw, self.calls, self.reasoning_tokens = "", 0, 0
+        self.think_closed, self.dsml = Seen(chat_format.THINK_CLOSE), Seen(chat_format.DSML)
+        self.calls, self.reasoning_tokens = 0, 0
         self.lps: list[dict] = []
         self.finish_reason: str | None = None
         self.done = False  # we ended the reply (stop string, single tool call)
         self.last: Chunk | None = None
 
     def feed(self, chunk: Chunk) -> list[Delta]:
-        before, self.raw, self.last = self.raw, self.raw + chunk.text, chunk
-        if self.cj.thinking and "</think>" not in self.raw:
+        self.last = chunk
+        closed_before = self.think_closed.hit
+        closed, dsml = self.think_closed.feed(chunk.text), self.dsml.feed(chunk.text)
+        if self.cj.thinking and not closed:
             self.reasoning_tokens += 1
-        content = not (self.cj.thinking and "</think>" not in before) and "｜DSML｜" not in self.raw
+        content = not (self.cj.thinking and not closed_before) and not dsml
         if self.cj.logprobs is not None and chunk.logprob is not None and content and chunk.text:
             self.lps.append(self._logprob(chunk))
         events = self.parser.feed(chunk.text)
@@ -509,6 +512,21 @@ class ChatReply:
 
         top = [item(t, lp) for t, lp in chunk.top_logprobs[: self.cj.logprobs]]
         return {**item(chunk.token, chunk.logprob), "top_logprobs": top}
+
+
+class Seen:
+    """Whether `marker` has appeared in the text fed so far, across chunk boundaries, keeping
+    only a marker-sized tail: the reply is never re-joined or re-scanned per token."""
+
+    def __init__(self, marker: str):
+        self.marker, self.tail, self.hit = marker, "", False
+
+    def feed(self, text: str) -> bool:
+        if not self.hit:
+            window = self.tail + text
+            self.hit = self.marker in window
+            self.tail = window[-(len(self.marker) - 1):]
+        return self.hit
 
 
 def token_bytes(tok, token: int, text: str) -> bytes:
