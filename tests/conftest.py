@@ -50,3 +50,14 @@ def tiny_model(tiny_args, tiny_official) -> Model:
 @pytest.fixture(scope="session")
 def token_ids(tiny_args) -> np.ndarray:
     return np.random.default_rng(1).integers(0, tiny_args.vocab_size, (1, 640))
+
+
+@pytest.fixture(scope="session")
+def selftest_model(tmp_path_factory):
+    """The selftest's tiny converted model (official format -> q4, byte tokenizer, encoder)."""
+    from mlx_dsv4.selftest import MODEL_DIR, run_selftest
+
+    work = tmp_path_factory.mktemp("selftest")
+    report = run_selftest(work, log=lambda line: None)
+    assert report.ok, report.summary()
+    return work / MODEL_DIR

@@ -5,18 +5,10 @@ from typer.testing import CliRunner
 
 from mlx_dsv4.bench import run_bench
 from mlx_dsv4.cli import app
-from mlx_dsv4.selftest import MODEL_DIR, run_selftest
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    work = tmp_path_factory.mktemp("selftest")
-    assert run_selftest(work, log=lambda line: None).ok
-    return work / MODEL_DIR
-
-
-def test_bench_decodes_the_asked_tokens_and_reports_memory(tiny_model):
-    r = run_bench(tiny_model, prompt_tokens=300, gen_tokens=12, prefill_chunk=128)
+def test_bench_decodes_the_asked_tokens_and_reports_memory(selftest_model):
+    r = run_bench(selftest_model, prompt_tokens=300, gen_tokens=12, prefill_chunk=128)
     assert (r.prompt_tokens, r.generated, r.prefill_chunk) == (300, 12, 128)
     assert r.prompt_tps > 0 and r.decode_tps > 0 and r.ms_per_token > 0
     assert r.plan.context == 312  # planned for exactly what it runs
@@ -24,13 +16,13 @@ def test_bench_decodes_the_asked_tokens_and_reports_memory(tiny_model):
     assert r.peak_bytes >= r.plan.weight_bytes
 
 
-def test_bench_refuses_nonsense_counts(tiny_model):
+def test_bench_refuses_nonsense_counts(selftest_model):
     with pytest.raises(ValueError, match="at least 1 prompt token and 2 generated"):
-        run_bench(tiny_model, prompt_tokens=10, gen_tokens=1)
+        run_bench(selftest_model, prompt_tokens=10, gen_tokens=1)
 
 
-def test_bench_command_prints_both_phases(tiny_model):
-    r = CliRunner().invoke(app, ["bench", str(tiny_model), "--prompt", "64", "--tokens", "4"])
+def test_bench_command_prints_both_phases(selftest_model):
+    r = CliRunner().invoke(app, ["bench", str(selftest_model), "--prompt", "64", "--tokens", "4"])
     assert r.exit_code == 0, r.output
     for text in ("prefill (64 tokens", "decode (4 tokens)", "tok/s", "peak memory (measured)",
                  "planned total"):

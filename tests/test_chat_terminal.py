@@ -12,17 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_dsv4.selftest import MODEL_DIR, run_selftest
-
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|[\r\x08]")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("selftest")
-    report = run_selftest(work, log=lambda line: None)
-    assert report.ok, report.summary()
-    return work / MODEL_DIR
 
 
 class Terminal:
@@ -61,8 +51,8 @@ class Terminal:
         os.close(self.master)
 
 
-def test_chat_streams_a_reply_resets_and_quits(tiny_model, tmp_path):
-    term = Terminal([sys.executable, "-m", "mlx_dsv4.cli", "chat", str(tiny_model),
+def test_chat_streams_a_reply_resets_and_quits(selftest_model, tmp_path):
+    term = Terminal([sys.executable, "-m", "mlx_dsv4.cli", "chat", str(selftest_model),
                      "--temperature", "0", "--max-tokens", "6"], tmp_path)
     try:
         banner = term.expect(r"›\s*$")
@@ -84,8 +74,8 @@ def test_chat_streams_a_reply_resets_and_quits(tiny_model, tmp_path):
         term.close()
 
 
-def test_ctrl_c_stops_a_reply_and_keeps_the_chat(tiny_model, tmp_path):
-    term = Terminal([sys.executable, "-m", "mlx_dsv4.cli", "chat", str(tiny_model),
+def test_ctrl_c_stops_a_reply_and_keeps_the_chat(selftest_model, tmp_path):
+    term = Terminal([sys.executable, "-m", "mlx_dsv4.cli", "chat", str(selftest_model),
                      "--temperature", "0", "--max-tokens", "100000"], tmp_path)
     try:
         term.expect(r"›\s*$")
