@@ -65,36 +65,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_dsv4.cache import make_cache
-from mlx_dsv4.config import ModelArgs
+from mlx_dsv4.config import ModelArgs, released_config
+from mlx_dsv4.convert.plan import Header, Source, make_plan
 from mlx_dsv4.generate import generate_step
 from mlx_dsv4.model import Model, keep_float32
+from mlx_dsv4.synthetic import official_headers
 from mlx_dsv4.weights import quantization_predicate
 
 HERE = Path(__file__).resolve().parent
 GB = 1e9
 GiB = 1 << 30
-
-# deepseek-ai/DeepSeek-V4-Flash config.json (spec §1.1); the fallback when the package does not
-# ship it (`mlx_dsv4.config.released_config("flash")`, mlx_dsv4/configs/flash.json).
-FLASH = {
-    "model_type": "deepseek_v4", "vocab_size": 129280, "hidden_size": 4096,
-    "num_hidden_layers": 43, "num_attention_heads": 64, "num_key_value_heads": 1,
-    "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 1024, "o_groups": 8,
-    "o_lora_rank": 1024, "n_routed_experts": 256, "n_shared_experts": 1,
-    "num_experts_per_tok": 6, "moe_intermediate_size": 2048, "scoring_func": "sqrtsoftplus",
-    "routed_scaling_factor": 1.5, "num_hash_layers": 3, "swiglu_limit": 10.0,
-    "sliding_window": 128, "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0],
-    "compress_rope_theta": 160000, "rope_theta": 10000,
-    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
-                     "beta_fast": 32, "beta_slow": 1},
-    "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512, "hc_mult": 4,
-    "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "rms_norm_eps": 1e-6,
-    "num_nextn_predict_layers": 1, "max_position_embeddings": 1048576, "hidden_act": "silu",
-    "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
-}
-
-_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
-
 
 def log(*a):
     print(*a, flush=True)
@@ -103,30 +83,13 @@ def log(*a):
 # ----- model ------------------------------------------------------------------------------------
 
 
-def flash_config() -> dict:
-    """Flash's released config.json as the package ships it, else the copy above."""
-    try:
-        from mlx_dsv4.config import released_config
-
-        cfg = released_config("flash")
-    except Exception:
-        cfg = None
-    if cfg is None:
-        log("WARNING: mlx_dsv4 ships no Flash config; using the embedded copy")
-        return dict(FLASH)
-    diff = [k for k in FLASH if cfg.get(k) != FLASH[k]]
-    if diff:
-        log(f"WARNING: the packaged Flash config differs from the embedded copy in {diff}")
-    return cfg
-
-
-def sliced_args(layers: int, start: int, experts: int | None) -> ModelArgs:
+def sliced_config(layers: int, start: int, experts: int | None) -> dict:
     """Flash with only trunk layers start … start+layers-1 of the real schedule (no MTP).
 
     Hash routing is `layer < num_hash_layers`, a prefix of the schedule, so the slice keeps the
     hash layers it covers by setting num_hash_layers to how many of them it starts with.
     """
-    cfg = flash_config()
+    cfg = released_config("flash")
     ratios = cfg["compress_ratios"][: cfg["num_hidden_layers"]]
     if start < 0 or start + layers > len(ratios):
         raise SystemExit(f"--start {start} --layers {layers} runs past Flash's {len(ratios)} layers")
@@ -136,32 +99,20 @@ def sliced_args(layers: int, start: int, experts: int | None) -> ModelArgs:
         num_hash_layers=max(0, min(cfg["num_hash_layers"] - start, layers)))
     if experts:
         cfg["n_routed_experts"] = experts
-    return ModelArgs.from_dict(cfg)
+    return cfg
 
 
-def q4_quantization(args: ModelArgs, expert_quant: str = "mxfp4") -> dict:
-    """The `"quantization"` block `dsv4 convert --recipe q4` writes for this config."""
-    try:
-        from mlx_dsv4.convert.plan import EXPERTS, RECIPES
-
-        recipe = RECIPES["q4"]
-        fp8, embed, experts = recipe.fp8.entry(), recipe.embed.entry(), EXPERTS.entry()
-    except Exception as e:  # the converter package is optional for this benchmark
-        log(f"WARNING: mlx_dsv4.convert.plan unavailable ({e}); using the q4 recipe as of writing")
-        fp8 = {"group_size": 64, "bits": 4, "mode": "affine"}
-        embed = {"group_size": 64, "bits": 8, "mode": "affine"}
-        experts = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+def q4_quantization(config: dict, expert_quant: str = "mxfp4") -> dict:
+    """The `"quantization"` block `dsv4 convert --recipe q4` writes for this config, from the
+    converter's own plan over the release's headers; `affine` swaps the experts' entry."""
+    args = ModelArgs.from_dict(config)
+    headers = {n: Header("model.safetensors", dtype, shape)
+               for n, (dtype, shape, _) in official_headers(args).items()}
+    quant = make_plan(Source(config, headers), "q4").quantization
     if expert_quant == "affine":
-        experts = {"group_size": 64, "bits": 4, "mode": "affine"}
-    quant = dict(fp8)
-    for name, _, role in args.tensors(include_mtp=False):
-        if role == "expert":
-            m = _EXPERT.match(name)
-            quant[f"{m.group(1)}.{m.group(3)}"] = experts
-        elif role == "fp8":
-            quant[name[: -len(".weight")]] = fp8
-        elif role in ("embed", "head") and embed:
-            quant[name[: -len(".weight")]] = embed
+        affine = {"group_size": 64, "bits": 4, "mode": "affine"}
+        quant = {k: affine if isinstance(v, dict) and v.get("mode") == "mxfp4" else v
+                 for k, v in quant.items()}
     return quant
 
 
@@ -230,10 +181,11 @@ def fill_random(module: nn.Module, prefix: str, key, vocab: int, experts: int, s
     mx.eval(module.parameters())
 
 
-def build(args: ModelArgs, expert_quant: str = "mxfp4", seed: int = 0,
+def build(config: dict, expert_quant: str = "mxfp4", seed: int = 0,
           scale_dtype=mx.bfloat16) -> tuple[Model, dict]:
+    args = ModelArgs.from_dict(config)
     model = Model(args)
-    quant = q4_quantization(args, expert_quant)
+    quant = q4_quantization(config, expert_quant)
     nn.quantize(model, class_predicate=quantization_predicate(quant, {}))
     key = mx.random.key(seed)
     V, E = args.vocab_size, args.n_routed_experts
@@ -545,9 +497,10 @@ def main():
     res = {"argv": sys.argv[1:], "device": str(mx.default_device()), "mlx": mx.__version__,
            "mlx_lm": mlx_lm.__version__, "device_info": info, "args": vars(a)}
 
-    args = sliced_args(a.layers, a.start, a.experts)
+    config = sliced_config(a.layers, a.start, a.experts)
+    args = ModelArgs.from_dict(config)
     t = time.perf_counter()
-    model, quant = build(args, a.expert_quant, a.seed, getattr(mx, a.scale_dtype))
+    model, quant = build(config, a.expert_quant, a.seed, getattr(mx, a.scale_dtype))
     check_layout(model, quant)
     build_s = time.perf_counter() - t
     try:
@@ -562,7 +515,7 @@ def main():
         mx.clear_cache()
         a.expert_quant = "affine"
         t = time.perf_counter()
-        model, quant = build(args, a.expert_quant, a.seed, getattr(mx, a.scale_dtype))
+        model, quant = build(config, a.expert_quant, a.seed, getattr(mx, a.scale_dtype))
         check_layout(model, quant)
         build_s = time.perf_counter() - t
         smoke(model, args)
