@@ -194,14 +194,14 @@ def chat(
     console = Console()
     try:
         with console.status("loading the model…"):
-            session, notes = Chat.open(model, max_context=max_context, kv_bits=kv_bits,
-                                       prefill_chunk=prefill_chunk, thinking=not no_think)
+            conversation, notes = Chat.open(model, max_context=max_context, kv_bits=kv_bits,
+                                            prefill_chunk=prefill_chunk, thinking=not no_think)
     except (LoadError, PlanError, ConfigError) as e:
         raise _fail(e)
-    session.system = system
-    session.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-                        "seed": seed}
-    run(session, console=console, banner="\n".join(f"[dim]{n}[/dim]" for n in notes))
+    conversation.system = system
+    conversation.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+                             "seed": seed}
+    run(conversation, console=console, banner="\n".join(f"[dim]{n}[/dim]" for n in notes))
 
 
 @app.command()

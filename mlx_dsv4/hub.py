@@ -17,8 +17,6 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-# What a model directory needs (Hugging Face matches these with fnmatch, so `*` spans folders).
-MODEL_FILES = ("*.safetensors", "*.json", "tokenizer*", "*.jinja", "encoding/*")
 _REPO_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 
 
@@ -64,10 +62,11 @@ def remote_headers(repo_id: str, revision: str, *, api=None):
     return config, tensors
 
 
-def resolve(source: str | Path, revision: str | None = None,
-            allow_patterns: tuple[str, ...] = MODEL_FILES, *, output_dir: Path | None = None,
+def resolve(source: str | Path, revision: str | None, allow_patterns: tuple[str, ...], *,
+            output_dir: Path | None = None,
             output_bytes: int = 0, api=None) -> Path:
-    """A local directory as is; a repo id downloaded (resuming) once the disk space is checked."""
+    """A local directory as is; a repo id downloaded (resuming) once the disk space is checked.
+    `allow_patterns` are fnmatch patterns (`*` spans folders), e.g. convert's SOURCE_FILES."""
     if is_local(source):
         if not Path(source).is_dir():
             raise HubError(f"{source} is a file; give the checkpoint's directory.")
