@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .cache import LayerCache, make_cache
+from .sampling import make_logits_processors, make_sampler
 
 CLEAR_EVERY = 256  # decode steps between MLX buffer-cache clears
 
@@ -34,6 +34,17 @@ class ContextError(ValueError):
         super().__init__(
             f"The prompt ({prompt_tokens:,} tokens) plus max_tokens ({max_tokens:,}) needs "
             f"{prompt_tokens + max_tokens:,} tokens, more than the planned context of {limit:,}{fits}.")
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int):
+    """Refuse ids the embedding cannot look up: an out-of-range gather reads past the table
+    (garbage, or a crash on some backends), so no id reaches the model unchecked."""
+    if ids and 0 <= min(ids) and max(ids) < vocab_size:
+        return
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"Token id {t} at position {i} is outside the vocabulary "
+                             f"[0, {vocab_size}).")
 
 
 @dataclass
@@ -62,6 +73,7 @@ def prefill(model, ids: Sequence[int], cache: list[LayerCache], chunk: int = 512
     `on_prefilled` runs when the cache holds all but the last token: a snapshot taken there
     lets the same prompt be continued again by feeding just that token.
     """
+    check_token_ids(ids, model.args.vocab_size)
     head = list(ids[:-1])
     for start in range(0, len(head), chunk):
         model(mx.array(head[start : start + chunk])[None], cache, last_only=True)
@@ -169,6 +181,7 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     `finish_reason`. `cache` may already hold `history` (prefix reuse); `max_context` refuses,
     before any work, a prompt plus `max_tokens` that does not fit."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    check_token_ids(ids, model.args.vocab_size)
     total_prompt = len(history) + len(ids)
     if max_context is not None and total_prompt + max_tokens > max_context:
         raise ContextError(total_prompt, max_tokens, max_context, largest_context)

@@ -65,3 +65,37 @@ class QuantizedGroupedLinear(nn.Module):
             per_group(self.get("biases")), rhs_indices=mx.arange(g), transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode)
         return y[..., 0, :]
+
+
+class ExpertLinear(nn.Module):
+    """The same linear for `E` experts, weight `[E, out, in]`; rows pick their expert by index.
+
+    `x [..., 1, in]` with `idx [...]` gives `[..., 1, out]` through one `gather_mm`.
+    """
+
+    def __init__(self, in_dims: int, out_dims: int, experts: int):
+        super().__init__()
+        self.weight = mx.zeros((experts, out_dims, in_dims))
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx,
+                            sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
+                     mode: str = "affine", **_):
+        q = QuantizedExpertLinear(group_size, bits, mode)
+        q.weight, q.scales, *biases = mx.quantize(self.weight, group_size, bits, mode=mode)
+        q.biases = biases[0] if biases else None
+        return q
+
+
+class QuantizedExpertLinear(nn.Module):
+    def __init__(self, group_size: int | None, bits: int | None, mode: str):
+        super().__init__()
+        default_group, default_bits = QUANT_DEFAULTS[mode]
+        self.group_size, self.bits, self.mode = group_size or default_group, bits or default_bits, mode
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=idx,
+                             transpose=True, group_size=self.group_size, bits=self.bits,
+                             mode=self.mode, sorted_indices=sorted_indices)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear
 
 from . import mhc
 from .attention import Attention
 from .cache import LayerCache, make_cache
 from .config import KEEP_FLOAT32, ModelArgs, keep_float32  # noqa: F401 (re-exported)
-from .layers import RMSNorm
+from .layers import ExpertLinear, RMSNorm
 
 
 def _f32(a: mx.array) -> mx.array:
@@ -61,9 +60,9 @@ class Experts(nn.Module):
         super().__init__()
         D, I, E = args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
         self.limit = args.swiglu_limit
-        self.w1 = SwitchLinear(D, I, E, bias=False)
-        self.w2 = SwitchLinear(I, D, E, bias=False)
-        self.w3 = SwitchLinear(D, I, E, bias=False)
+        self.w1 = ExpertLinear(D, I, E)
+        self.w2 = ExpertLinear(I, D, E)
+        self.w3 = ExpertLinear(D, I, E)
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         """Sum over the k picks of weight * expert(x), in fp32: `[B, S, D]`."""

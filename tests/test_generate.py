@@ -114,7 +114,7 @@ def test_greedy_matches_argmax_of_the_model(tiny_model, token_ids):
 
 
 def test_repetition_penalty_is_applied(tiny_model):
-    from mlx_lm.sample_utils import make_logits_processors
+    from mlx_dsv4.sampling import make_logits_processors
 
     (penalty,) = make_logits_processors(repetition_penalty=3.0)
     rng = np.random.default_rng(0)

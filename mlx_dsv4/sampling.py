@@ -1,0 +1,120 @@
+"""Sampling: turn a step's log-probabilities into a token, and the logits processors before it.
+
+`make_sampler(temperature, top_p, min_p, top_k)` returns `fn(logprobs [B, V]) -> ids [B]`;
+`make_logits_processors(...)` returns `fn(recent_tokens, logits) -> logits` callables (bias,
+repetition, presence and frequency penalties over the last `context` tokens). The semantics are
+mlx-lm's (tests compare against it); they live here so that starting a chat or server does not
+import mlx-lm, whose package import pulls in transformers (and torch) for ~1.5-4 s.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+PENALTY_CONTEXT = 20  # tokens the penalties look back over
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def _top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keep the most likely tokens whose mass reaches `p` (always at least the best one)."""
+    ordered = mx.sort(logprobs, axis=-1)
+    probs = mx.exp(ordered.astype(mx.float32))
+    above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)
+    total = above[..., :1] + probs[..., :1]
+    dropped = (above >= p * total).sum(axis=-1, keepdims=True)
+    cutoff = mx.take_along_axis(ordered, dropped, axis=-1)
+    return mx.where(logprobs < cutoff, -mx.inf, logprobs)
+
+
+def _min_p(logprobs: mx.array, p: float) -> mx.array:
+    """Drop tokens less likely than `p` times the most likely one."""
+    floor = logprobs.max(axis=-1, keepdims=True) + math.log(p)
+    return mx.where(logprobs < floor, -mx.inf, logprobs)
+
+
+def _top_k(logprobs: mx.array, k: int) -> mx.array:
+    drop = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logprobs, drop, mx.array(-mx.inf, logprobs.dtype), axis=-1)
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
+                 top_k: int = 0) -> Sampler:
+    """Greedy at temperature 0; otherwise categorical over the filtered, tempered distribution.
+
+    `top_p` outside (0, 1), `min_p` 0 and `top_k` 0 (or not below the vocabulary) filter nothing.
+    """
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}.")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}.")
+    if temperature == 0:
+        return greedy
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1:
+        filters.append(lambda lp: _top_p(lp, top_p))
+    if min_p > 0:
+        filters.append(lambda lp: _min_p(lp, min_p))
+    if top_k > 0:
+        filters.append(lambda lp: _top_k(lp, top_k) if top_k < lp.shape[-1] else lp)
+    inverse = 1.0 / temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.random.categorical(logprobs * inverse)
+
+    return sample
+
+
+def make_logits_processors(logit_bias: dict[int, float] | None = None,
+                           repetition_penalty: float | None = None,
+                           presence_penalty: float | None = None,
+                           frequency_penalty: float | None = None,
+                           context: int = PENALTY_CONTEXT) -> list[LogitsProcessor]:
+    """Processors for the given options, in that order; `None` or 0 leaves an option out."""
+    out: list[LogitsProcessor] = []
+    if logit_bias:
+        ids, values = mx.array(list(logit_bias)), mx.array(list(logit_bias.values()))
+        out.append(lambda _, logits: logits.at[:, ids].add(values))
+    if repetition_penalty:
+        if repetition_penalty < 0:
+            raise ValueError(f"repetition_penalty must be >= 0, got {repetition_penalty}.")
+
+        def repetition(tokens, logits):
+            if len(tokens) == 0:
+                return logits
+            tokens = tokens[-context:]
+            seen = logits[:, tokens]
+            logits[:, tokens] = mx.where(seen < 0, seen * repetition_penalty,
+                                         seen / repetition_penalty)
+            return logits
+
+        out.append(repetition)
+    if presence_penalty:
+        def presence(tokens, logits):
+            if len(tokens) == 0:
+                return logits
+            logits[:, tokens[-context:]] -= presence_penalty
+            return logits
+
+        out.append(presence)
+    if frequency_penalty:
+        def frequency(tokens, logits):
+            if len(tokens) == 0:
+                return logits
+            # Repeated ids accumulate: each occurrence subtracts once more.
+            return logits.at[:, tokens[-context:]].subtract(frequency_penalty)
+
+        out.append(frequency)
+    return out
