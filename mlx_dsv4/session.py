@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from .cache import LayerCache, Snapshot, make_cache
-from .generate import Chunk, ContextError, prefill, stream_generate
+from .generate import Chunk, ContextError, check_token_ids, prefill, stream_generate
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -68,6 +68,8 @@ class Session:
             self.snapshots = self.snapshots[-self.max_snapshots :]
 
     def _check(self, ids: Sequence[int], max_tokens: int):
+        # Before the cache is touched: a refused request leaves the session as it was.
+        check_token_ids(ids, self.model.args.vocab_size)
         if self.max_context is not None and len(ids) + max_tokens > self.max_context:
             raise ContextError(len(ids), max_tokens, self.max_context, self.largest_context)
 

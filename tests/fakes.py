@@ -41,6 +41,7 @@ class _ByteStream:
 
 class _Args:
     eos_token_ids = [1]
+    vocab_size = 256
 
 
 class _Cache:

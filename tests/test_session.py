@@ -91,3 +91,24 @@ def test_abandoned_stream_keeps_consistent_history(session, token_ids):
     stream.close()
     assert session.tokens == (a + got)[: len(session.tokens)]
     assert session.tokens[: len(a)] == a and len(session.tokens) == session.cache[0].offset
+
+
+@pytest.mark.parametrize("bad", [-1, 273, 2**40])
+def test_out_of_vocabulary_ids_are_refused_before_any_work(session, tiny_model, token_ids, bad):
+    """An id past the embedding table would read outside it (a segfault on some backends)."""
+    a = token_ids[0, :40].tolist()
+    turn(session, a)
+    held, offset = list(session.tokens), session.cache[0].offset
+    vocab = tiny_model.args.vocab_size
+    bad = vocab if bad == 273 else bad
+    prompt = a + [5, bad, 6, -7]
+    with pytest.raises(ValueError, match=rf"Token id {bad} at position {len(a) + 1} .*\[0, {vocab}\)"):
+        list(session.generate(prompt, max_tokens=2))
+    with pytest.raises(ValueError, match=f"Token id {bad}"):
+        session.prefill(prompt)
+    assert session.tokens == held and session.cache[0].offset == offset
+    from mlx_dsv4.generate import generate_step, stream_generate
+    with pytest.raises(ValueError, match=f"Token id {bad}"):
+        list(stream_generate(tiny_model, ByteTokenizer(), [bad], max_tokens=1))
+    with pytest.raises(ValueError, match=f"Token id {bad}"):
+        next(generate_step(tiny_model, [bad], make_cache(tiny_model)))
