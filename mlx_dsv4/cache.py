@@ -111,16 +111,19 @@ class EntryPool:
     def capacity(self) -> int:
         return self.arrays["data"].shape[1]
 
+    def reserve(self, k: int):
+        """Make room for `k` more entries; growth copies once per step, never per token."""
+        if self.n + k > self.capacity:
+            grow = max(GROW_ENTRIES, self.capacity // 2, self.n + k - self.capacity)
+            self.arrays = {name: mx.concatenate(
+                [a, mx.zeros((a.shape[0], grow, a.shape[2]), a.dtype)], axis=1)
+                for name, a in self.arrays.items()}
+
     def append(self, entries: mx.array):
         k = entries.shape[1]
         if k == 0:
             return
-        if self.n + k > self.capacity:
-            grow = max(GROW_ENTRIES, self.capacity // 2, self.n + k - self.capacity)
-            # Growth copies once per step, never per token.
-            self.arrays = {name: mx.concatenate(
-                [a, mx.zeros((a.shape[0], grow, a.shape[2]), a.dtype)], axis=1)
-                for name, a in self.arrays.items()}
+        self.reserve(k)
         if self.bits is None:
             parts = {"data": entries.astype(self.dtype)}
         else:

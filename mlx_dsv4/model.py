@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import mhc
+from . import decode, mhc
 from .attention import Attention
 from .cache import LayerCache, make_cache
 from .config import KEEP_FLOAT32, ModelArgs, keep_float32  # noqa: F401 (re-exported)
@@ -184,6 +184,9 @@ class Model(nn.Module):
         _init_head(self, args)
         L = args.num_hidden_layers
         self.mtp = [MTPBlock(args, L + k) for k in range(args.num_nextn_predict_layers)]
+        # One-token steps replay a compiled graph (decode.py); False runs them eagerly.
+        self.compiled_decode = True
+        self._decode_step = None
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -199,6 +202,11 @@ class Model(nn.Module):
         """
         if cache is None:
             cache = make_cache(self, batch=ids.shape[0])
+        if self.compiled_decode and decode.supported(self, cache, ids):
+            if self._decode_step is None:
+                self._decode_step = decode.DecodeStep(self)
+            logits, streams = self._decode_step(ids, cache)
+            return (logits, streams) if return_streams else logits
         h = self.embed(ids)
         X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
         for layer, c in zip(self.layers, cache):

@@ -1,0 +1,140 @@
+"""What one decode step costs per layer: graph nodes, kernels, host time and step time.
+
+The yardstick of the fast-decode work. For one CSA layer (Flash layer 4) and one HCA layer
+(Flash layer 5) at Flash's shapes, in the q4 layout (`flash_layers.build`, fewer routed experts
+with `--experts`), at each `--contexts` length (pools filled directly, as decode_context.py does),
+the eager step and the compiled step (`decode.py`) are measured side by side, alternating, in
+one run:
+
+  nodes    primitives in the step's graph (`mx.export_to_dot` of the logits and every state
+           array the step writes), the embedding/head part (a 0-layer pass) subtracted
+  kernels  the nodes that launch work: all but views (Reshape, Broadcast, Slice, Transpose,
+           Squeeze, ExpandDims, AsStrided, StopGradient, Depends); a compiled graph's fused
+           elementwise chains are one `Compiled...` node, so this counts them once
+  host ms  Python time to build (eager) or replay (compiled) the step, before evaluation
+  step ms  build + evaluate, median of `--steps` after `--warmup`
+
+A step that closes a compressor window has a few more nodes; the counts are from a step that
+does not (p % 4 != 3), the times are medians over all steps.
+
+    python benchmarks/decode_ops.py --experts 16 --contexts 1024 8192 65536 --scale-dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from decode_context import fill  # noqa: E402
+from flash_layers import build, sliced_config  # noqa: E402
+
+from mlx_dsv4.cache import make_cache  # noqa: E402
+from mlx_dsv4.config import ModelArgs  # noqa: E402
+
+VIEWS = {"Reshape", "Broadcast", "Slice", "Transpose", "Squeeze", "ExpandDims", "AsStrided",
+         "StopGradient", "Depends", "Unflatten", "Flatten"}
+
+
+def count(outputs) -> tuple[int, int]:
+    """(nodes, kernels) of the graph that computes `outputs`."""
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        labels = re.findall(r'label ="([^"]+)"', f.read())
+    return len(labels), sum(1 for x in labels if x not in VIEWS)
+
+
+def step_outputs(model, cache, tok):
+    logits = model(tok, cache, last_only=True)
+    return [logits] + [a for c in cache for a in c.state]
+
+
+def measure(model, args, T: int, steps: int, warmup: int) -> dict:
+    caches = {}
+    for mode in ("eager", "compiled"):
+        caches[mode] = make_cache(model, max_tokens=T + 4 * (steps + warmup) + 8)
+        fill(caches[mode], args, T)
+    tok = mx.array([[7]])
+    out = {m: {"host": [], "step": []} for m in caches}
+    for i in range(warmup + steps):
+        for mode, cache in caches.items():  # alternate: both see the same machine load
+            model.compiled_decode = mode == "compiled"
+            if i == warmup - 1:
+                # Counted on a step that closes no window (p % 4 != 3 here, see the docstring).
+                while cache[0].offset % 4 == 3:
+                    mx.eval(step_outputs(model, cache, tok))
+                out[mode]["nodes"], out[mode]["kernels"] = count(step_outputs(model, cache, tok))
+            t0 = time.perf_counter()
+            o = step_outputs(model, cache, tok)
+            t1 = time.perf_counter()
+            mx.eval(o)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                out[mode]["host"].append(t1 - t0)
+                out[mode]["step"].append(t2 - t0)
+    res = {}
+    for mode, r in out.items():
+        res[mode] = {"nodes": r["nodes"], "kernels": r["kernels"],
+                     "host_ms": 1e3 * statistics.median(r["host"]),
+                     "step_ms": 1e3 * statistics.median(r["step"])}
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experts", type=int, default=16, help="routed experts (Flash: 256)")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 65536])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=9)
+    ap.add_argument("--scale-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="float32 on a CPU, whose bf16 kernels are ~7x slower")
+    ap.add_argument("--out", default=os.path.join(os.environ["OUT"], "decode_ops.json")
+                    if os.environ.get("OUT") else None)
+    a = ap.parse_args()
+    dt = getattr(mx, a.scale_dtype)
+    print(f"device {mx.default_device()}  mlx {mx.__version__}  experts {a.experts}  "
+          f"scales {a.scale_dtype}", flush=True)
+    results = []
+    head = {}
+    print(f"{'layer':>5} {'context':>8} {'mode':>9} {'nodes':>6} {'kernels':>8} {'host ms':>8} "
+          f"{'step ms':>8}", flush=True)
+    for kind, start in (("csa", 4), ("hca", 5)):
+        cfg = sliced_config(1, start, a.experts)
+        model, _ = build(cfg, scale_dtype=dt)
+        args = ModelArgs.from_dict(cfg)
+        assert args.layer_kinds[0] == kind, args.layer_kinds
+        if not head:  # embedding, HyperHead and LM head: the same for both layer kinds
+            layers, model.layers = model.layers, []
+            head["eager"] = head["compiled"] = count([model(mx.array([[7]]), [], last_only=True)])
+            model.layers = layers
+        for T in a.contexts:
+            r = measure(model, args, T, a.steps, a.warmup)
+            for mode, m in r.items():
+                m["nodes"] -= head[mode][0]
+                m["kernels"] -= head[mode][1]
+                print(f"{kind:>5} {T:>8,} {mode:>9} {m['nodes']:>6} {m['kernels']:>8} "
+                      f"{m['host_ms']:>8.3f} {m['step_ms']:>8.2f}", flush=True)
+            ratio = r["compiled"]["step_ms"] / r["eager"]["step_ms"]
+            print(f"{'':>5} {'':>8} {'ratio':>9} {'':>6} {'':>8} "
+                  f"{r['compiled']['host_ms'] / r['eager']['host_ms']:>8.3f} {ratio:>8.3f}",
+                  flush=True)
+            results.append({"layer": kind, "context": T, **r})
+            mx.clear_cache()
+        del model
+    if a.out:
+        Path(a.out).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

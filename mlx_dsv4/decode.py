@@ -1,0 +1,227 @@
+"""The compiled single-token decode step: the whole trunk and head as one `mx.compile` graph.
+
+Eager decode rebuilds ~600 graph nodes per layer per token in Python. Here the step is traced
+once per *variant* and replayed: every shape is fixed between pool growth steps, the position
+is an array, and what depends on the position in Python is only the variant key. For a token at
+position p and a compressor of ratio m, the key holds whether p closes a window
+((p + 1) % m == 0), how the layer reads its pool (none yet, dense, or through the indexer's
+top-k) and a power-of-two *bucket* of pool rows it reads; rows past the live count are masked,
+not sliced away, so a bucket serves many tokens. All layers share p, so the key is per model.
+
+The maths is the eager path's (`attention.py`, `model.py`) for one token; state arrays go in
+and come back updated by `slice_update`, which MLX performs in place once the cache drops the
+old reference. Window keys are attended in ring order: the softmax does not care about order.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import mhc
+from .attention import _attend, project_f32, rope
+from .cache import CompressorState, LayerCache
+from .config import CSA, HCA
+
+F32 = mx.float32
+MIN_BUCKET = 64  # pool rows read at the least; a bucket doubles as the pool fills
+
+
+def supported(model, cache: list[LayerCache], ids: mx.array) -> bool:
+    """The compiled step covers one new token per sequence, all layers at one offset, bf16/fp32
+    pools (8-bit pools decode eagerly)."""
+    if ids.ndim != 2 or ids.shape[1] != 1 or not cache or len(cache) != len(model.layers):
+        return False
+    offset = cache[0].offset
+    # The step derives each pool's count from the offset; a cache where they disagree (filled
+    # by hand, say) decodes eagerly rather than wrongly.
+    return all(c.offset == offset and (c.kv_pool is None or (
+        c.kv_pool.bits is None and c.kv_pool.n == offset // c.ratio)) for c in cache)
+
+
+def _bucket(n: int, capacity: int) -> int:
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, capacity)
+
+
+def _plan(model, cache: list[LayerCache], p: int) -> tuple:
+    """Per layer (ratio, close, mode, bucket) for the token at position p; grows pools first."""
+    topk = model.args.index_topk
+    key = []
+    for c in cache:
+        m = c.ratio
+        if not m:
+            key.append((0, False, None, 0))
+            continue
+        n = (p + 1) // m  # entries after this token: pools hold floor(offset / m) rows
+        close = (p + 1) % m == 0
+        if close:
+            c.kv_pool.reserve(1)
+            if c.index_pool is not None:
+                c.index_pool.reserve(1)
+        mode = None if n == 0 else ("dense" if c.kind == HCA or n <= topk else "sparse")
+        key.append((m, close, mode, _bucket(n, c.kv_pool.capacity) if n else 0))
+    return tuple(key)
+
+
+def _compressor_arrays(state: CompressorState) -> list[mx.array]:
+    return list(state.arrays().values())
+
+
+def state_arrays(c: LayerCache) -> list[mx.array]:
+    """The arrays one layer's step reads and rewrites, in a fixed order."""
+    out = [c.window.keys]
+    if c.ratio:
+        out += _compressor_arrays(c.compressor) + [c.kv_pool.arrays["data"]]
+    if c.kind == CSA:
+        out += _compressor_arrays(c.indexer) + [c.index_pool.arrays["data"]]
+    return out
+
+
+def _set_state(c: LayerCache, arrays: list[mx.array], close: bool):
+    it = iter(arrays)
+    c.window.keys = next(it)
+    parts = [(c.compressor, c.kv_pool)] if c.ratio else []
+    if c.kind == CSA:
+        parts.append((c.indexer, c.index_pool))
+    for comp, pool in parts:
+        for name in comp.arrays():
+            setattr(comp, name, next(it))
+        pool.arrays["data"] = next(it)
+        pool.n += int(close)
+    c.offset += 1
+
+
+def _compress(comp, x, st: list[mx.array], p, close: bool, periods, dtype):
+    """One token into a compressor's rows; with `close`, also the window's entry `[B, 1, w]`."""
+    m, c = comp.ratio, comp.width
+    r = p % m
+    kv = project_f32(comp.wkv, x)
+    gate = project_f32(comp.wgate, x) + comp.ape.astype(F32)[r]
+    st = list(st)
+    st[0] = mx.slice_update(st[0], kv, r.reshape(1), axes=(1,))
+    st[1] = mx.slice_update(st[1], gate, r.reshape(1), axes=(1,))
+    if not close:
+        return None, st
+    kv, gate = st[0][:, None], st[1][:, None]  # the m rows of the window that closes: [B,1,m,k*w]
+    if comp.overlap:
+        # The entry pools the carry half of the previous window with this window's own half.
+        kv = mx.concatenate([st[2][:, None], kv[..., c:]], axis=2)
+        gate = mx.concatenate([st[3][:, None], gate[..., c:]], axis=2)
+        st[2], st[3] = st[0][..., :c], st[1][..., :c]
+    w = mx.softmax(gate, axis=2, precise=True)
+    entry = comp.norm((w * kv).sum(axis=2).astype(dtype))
+    return rope(entry, periods, p // m, scale=m), st
+
+
+def _append(pool: mx.array, entry, n_before: mx.array):
+    if entry is None:
+        return pool
+    return mx.slice_update(pool, entry.astype(pool.dtype), n_before.reshape(1), axes=(1,))
+
+
+def _attention(att, x, st: list[mx.array], p, spec):
+    m, close, mode, bucket = spec
+    B = x.shape[0]
+    H, c, W, dtype = att.n_heads, att.head_dim, att.window, x.dtype
+    q_lat = att.q_norm(att.wq_a(x))
+    q = att.wq_b(q_lat).reshape(B, 1, H, c)
+    q = rope(mx.fast.rms_norm(q, None, att.eps).transpose(0, 2, 1, 3), att._periods, p)
+    kv = rope(att.kv_norm(att.wkv(x)), att._periods, p)
+    ring = mx.slice_update(st[0], kv, (p % W).reshape(1), axes=(1,))
+    out = [ring]
+    parts = [(ring.astype(F32), (mx.arange(W) <= p)[None], False)]
+    if m:
+        n_before = (p + 1) // m - int(close)
+        entry, comp = _compress(att.compressor, x, st[1:-1] if att.kind == HCA else st[1:5], p,
+                                close, att._periods, dtype)
+        pool = _append(st[5] if att.kind == CSA else st[-1], entry, n_before)
+        out += comp + [pool]
+        n = n_before + int(close)
+        if att.kind == CSA:
+            ientry, icomp = _compress(att.indexer.compressor, x, st[6:10], p, close,
+                                      att._index_periods, dtype)
+            ipool = _append(st[10], ientry, n_before)
+            out += icomp + [ipool]
+        if mode == "dense":
+            parts.append((pool[:, :bucket].astype(F32), (mx.arange(bucket) < n)[None], False))
+        elif mode == "sparse":
+            idx = _select(att.indexer, x, q_lat, ipool[:, :bucket], n, p, att._index_periods)
+            rows = mx.take_along_axis(pool[:, None], idx[..., None], axis=2)
+            parts.append((rows.astype(F32), None, True))
+    o = _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink)
+    o = rope(o.astype(dtype), att._periods, p, inverse=True)
+    o = o.transpose(0, 2, 1, 3).reshape(B, 1, att.groups, -1)
+    return att.wo_b(att.wo_a(o).reshape(B, 1, -1)), out
+
+
+def _select(ix, x, q_lat, keys, n, p, periods):
+    """The indexer's top-k over the first `bucket` index keys, of which `n` are live."""
+    B, rows = x.shape[0], keys.shape[1]
+    q = ix.wq_b(q_lat).reshape(B, 1, ix.n_heads, ix.head_dim).transpose(0, 2, 1, 3)
+    q = rope(q, periods, p)  # [B, H_I, 1, c_I]
+    w = ix.weights_proj(x).astype(F32) * (ix.head_dim * ix.n_heads) ** -0.5  # [B, 1, H_I]
+    z = q[:, :, 0] @ keys.astype(q.dtype).swapaxes(1, 2)  # [B, H_I, rows]
+    z = mx.maximum(z.astype(F32), 0)
+    scores = (w[..., None] * z[:, None]).sum(axis=2)  # [B, 1, rows]
+    scores = mx.where(mx.arange(rows) < n, scores, -mx.inf)
+    return mx.argpartition(-scores, ix.topk - 1, axis=-1)[..., : ix.topk]
+
+
+def _block(block, X, ids, st, p, spec):
+    x, post, comb = block._mix(X, "attn")
+    y, st = _attention(block.attn, block.attn_norm(x), st, p, spec)
+    X = mhc.expand(y, X, post, comb)
+    x, post, comb = block._mix(X, "ffn")
+    return mhc.expand(block.ffn(block.ffn_norm(x), ids), X, post, comb), st
+
+
+class DecodeStep:
+    """Compiled steps of one model, one per variant key, built on first use.
+
+    The model's weights are captured when a variant is traced; reloading weights into the same
+    model object needs a new `DecodeStep`.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.steps: dict[tuple, object] = {}
+
+    def _build(self, key: tuple, sizes: tuple[int, ...]):
+        model = self.model
+        N = model.args.hc_mult
+
+        def step(ids, p, *flat):
+            h = model.embed(ids)
+            X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], N, h.shape[-1]))
+            new, i = [], 0
+            for layer, size, spec in zip(model.layers, sizes, key):
+                X, st = _block(layer, X, ids, list(flat[i : i + size]), p, spec)
+                new += st
+                i += size
+            X1 = mhc.head(X, model.hc_head_fn, model.hc_head_base, model.hc_head_scale,
+                          *model._head_eps)
+            return (model.head(model.norm(X1)).astype(F32), X, *new)
+
+        return mx.compile(step)
+
+    def __call__(self, ids: mx.array, cache: list[LayerCache]):
+        """Logits `[B, 1, V]` (fp32) and the final streams for one token per sequence."""
+        p = cache[0].offset
+        key = _plan(self.model, cache, p)
+        layouts = [state_arrays(c) for c in cache]
+        sizes = tuple(len(a) for a in layouts)
+        if key not in self.steps:
+            self.steps[key] = self._build(key, sizes)
+        flat = [a for arrays in layouts for a in arrays]
+        del layouts
+        out = self.steps[key](ids, mx.array(p, mx.int32), *flat)
+        # Only the graph may hold the old state now, so its slice updates run in place.
+        del flat
+        logits, X, new = out[0], out[1], out[2:]
+        i = 0
+        for c, size, spec in zip(cache, sizes, key):
+            _set_state(c, new[i : i + size], spec[1])
+            i += size
+        return logits, X

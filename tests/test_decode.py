@@ -1,0 +1,73 @@
+"""The compiled one-token step (decode.py) against the eager path it replaces.
+
+Across 4- and 128-token window closes, the indexer switching from dense to top-k, a pool growth
+step, hash-routed layers and a batch of two, the logits and every state array must agree.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_dsv4.cache import make_cache
+
+
+def decode(model, ids, compiled: bool, prompt: int, max_tokens: int | None):
+    model.compiled_decode, model._decode_step = compiled, None
+    cache = make_cache(model, batch=ids.shape[0], max_tokens=max_tokens)
+    outs = [np.array(model(mx.array(ids[:, :prompt]), cache)[:, -1])]
+    for t in range(prompt, ids.shape[1]):
+        outs.append(np.array(model(mx.array(ids[:, t : t + 1]), cache)[:, -1]))
+    model.compiled_decode = True
+    return np.stack(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("batch,prompt,max_tokens", [(1, 1, 40), (2, 121, None)])
+def test_compiled_step_equals_the_eager_step(tiny_model, token_ids, batch, prompt, max_tokens):
+    ids = np.concatenate([token_ids[:, :300], token_ids[:, 300:600]])[:batch]
+    eager, ce = decode(tiny_model, ids, False, prompt, max_tokens)
+    compiled, cc = decode(tiny_model, ids, True, prompt, max_tokens)
+    keys = tiny_model._decode_step.steps
+    assert {spec[1] for key in keys for spec in key if spec[0] == 128} == {True, False}
+    modes = {spec[2] for key in keys for spec in key if spec[0] == 4}
+    assert modes == ({None, "dense", "sparse"} if prompt == 1 else {"sparse"})
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=2e-5)
+    for a, b in zip(ce, cc):
+        assert (a.offset, a.kv_pool and a.kv_pool.n) == (b.offset, b.kv_pool and b.kv_pool.n)
+        for x, y in zip(live_state(a), live_state(b)):
+            np.testing.assert_allclose(y, x, rtol=0, atol=2e-5)
+
+
+def live_state(c):
+    """The state a later step can read: the ring, pooled entries, carries and the rows of the
+    current partial window (rows of a closed window are stale in either path)."""
+    out = [c.window.keys]
+    for comp, pool in ((c.compressor, c.kv_pool), (c.indexer, c.index_pool)):
+        if comp is None:
+            continue
+        r = c.offset % comp.ratio
+        out += [comp.kv[:, :r], comp.gate[:, :r], pool.arrays["data"][:, : pool.n]]
+        if comp.overlap:
+            out += [comp.carry_kv, comp.carry_gate]
+    return [np.array(a.astype(mx.float32)) for a in out]
+
+
+def test_pool_growth_happens_inside_the_compiled_run(tiny_model, token_ids):
+    ids = token_ids[:, :200]
+    _, cache = decode(tiny_model, ids, True, 2, 40)
+    csa = next(c for c in cache if c.index_pool is not None)
+    assert csa.kv_pool.capacity > 10 and csa.kv_pool.n == 50  # grew past its 10 reserved rows
+
+
+def test_eight_bit_pools_and_uneven_offsets_fall_back_to_eager(tiny_model, token_ids):
+    from mlx_dsv4 import decode as dec
+
+    cache = make_cache(tiny_model, kv_bits=8)
+    tiny_model(mx.array(token_ids[:, :9]), cache)
+    assert not dec.supported(tiny_model, cache, mx.array([[3]]))
+    cache = make_cache(tiny_model)
+    tiny_model(mx.array(token_ids[:, :9]), cache)
+    assert dec.supported(tiny_model, cache, mx.array([[3]]))
+    cache[1].offset += 1
+    assert not dec.supported(tiny_model, cache, mx.array([[3]]))
