@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import mhc
+from . import kernels, mhc
 from .attention import _attend, project_f32, rope
 from .cache import CompressorState, LayerCache
 from .config import CSA, HCA
@@ -187,6 +187,8 @@ class DecodeStep:
     def __init__(self, model):
         self.model = model
         self.steps: dict[tuple, object] = {}
+        a = model.args
+        kernels.prepare(a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)  # its check cannot run in a trace
 
     def _build(self, key: tuple, sizes: tuple[int, ...]):
         model = self.model

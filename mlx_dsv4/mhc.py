@@ -6,9 +6,9 @@ Sinkhorn). All of it is fp32, as in the reference. The functions are compiled sh
 every chunk length shares one graph (and compiled code cannot slice: fn and base arrive split).
 
 Cost note: the 20 Sinkhorn iterations are ~80 tiny kernels per site in any pure-MLX form
-(MLX fuses elementwise chains but not reductions, and caps a fused kernel's depth); a fused
-kernel would remove them. Writing the 4x4 maths per scalar does not help: MLX's fusion limits
-(depth 11, 24 arrays) split it into even more kernels.
+(MLX fuses elementwise chains but not reductions, and caps a fused kernel's depth), so on a GPU
+they run as one custom kernel (`kernels.sinkhorn`). Writing the 4x4 maths per scalar does not
+help: MLX's fusion limits (depth 11, 24 arrays) split it into even more kernels.
 """
 
 from __future__ import annotations
@@ -17,25 +17,21 @@ from functools import lru_cache, partial
 
 import mlx.core as mx
 
+from . import kernels
+
 F32 = mx.float32
 
 
 @lru_cache(maxsize=None)
-def _mix_fn(n: int, iters: int, hc_eps: float, norm_eps: float):
+def _mix_fn(n: int, hc_eps: float, norm_eps: float):
     def mix(X, fn_pre, fn_post, fn_comb, base_pre, base_post, base_comb, scale):
         v = mx.flatten(X, -2, -1).astype(F32)
         v = v * mx.rsqrt(mx.mean(v * v, axis=-1, keepdims=True) + norm_eps)
         pre = mx.sigmoid((v @ fn_pre.T) * scale[0] + base_pre) + hc_eps
         post = 2 * mx.sigmoid((v @ fn_post.T) * scale[1] + base_post)
-        comb = mx.unflatten((v @ fn_comb.T) * scale[2] + base_comb, -1, (n, n))
-        # Sinkhorn in the reference's order: row softmax, +eps, column first, end on columns.
-        comb = mx.softmax(comb, axis=-1, precise=True) + hc_eps
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + hc_eps)
-        for _ in range(iters - 1):
-            comb = comb / (comb.sum(axis=-1, keepdims=True) + hc_eps)
-            comb = comb / (comb.sum(axis=-2, keepdims=True) + hc_eps)
+        logits = mx.unflatten((v @ fn_comb.T) * scale[2] + base_comb, -1, (n, n))
         x = (pre[..., None] * X.astype(F32)).sum(axis=-2)
-        return x.astype(X.dtype), post, comb
+        return x.astype(X.dtype), post, logits
 
     return mx.compile(mix, shapeless=True)
 
@@ -64,8 +60,9 @@ def mix(X: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, 
     """One site: (sublayer input `[B, S, D]`, post `[B, S, N]`, comb `[B, S, N, N]`)."""
     n = X.shape[-2]
     cuts = [n, 2 * n]
-    return _mix_fn(n, iters, hc_eps, norm_eps)(
+    x, post, logits = _mix_fn(n, hc_eps, norm_eps)(
         X, *mx.split(fn.astype(F32), cuts), *mx.split(base.astype(F32), cuts), scale.astype(F32))
+    return x, post, kernels.sinkhorn(logits, iters, hc_eps)
 
 
 def expand(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
