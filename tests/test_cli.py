@@ -60,10 +60,30 @@ def test_serve_on_an_original_fp8_checkpoint_prints_the_convert_command(tmp_path
     assert f"dsv4 convert {src} {src}-mlx-q4" in r.output
 
 
-def test_help_does_not_import_mlx():
+# Everything heavy is imported inside the commands: mlx_lm pulls transformers and torch (seconds),
+# the server its web stack. `dsv4 --help` and the first line of every command must not wait.
+HEAVY = ("mlx", "mlx_lm", "transformers", "torch", "fastapi", "uvicorn", "starlette",
+         "sse_starlette", "prompt_toolkit", "numpy", "safetensors", "huggingface_hub", "tokenizers")
+
+
+def test_importing_the_cli_and_its_help_import_nothing_heavy():
     code = ("import sys; from typer.testing import CliRunner; from mlx_dsv4.cli import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "assert 'selftest' in r.output; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'torch')))")
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args,usage", [
+    ([], "[OPTIONS] COMMAND [ARGS]..."), (["convert"], "[OPTIONS] SOURCE OUTPUT_DIR"),
+    (["chat"], "[OPTIONS] MODEL"), (["serve"], "[OPTIONS] MODEL"), (["plan"], "[OPTIONS] MODEL"),
+    (["bench"], "[OPTIONS] MODEL"), (["selftest"], "[OPTIONS]"),
+])
+def test_help_reads_cleanly(args, usage):
+    r = runner.invoke(app, [*args, "--help"])
+    assert r.exit_code == 0
+    first = next(line for line in r.output.splitlines() if "Usage:" in line)
+    assert first.rstrip().endswith(f" {usage}")
+    assert "{" not in r.output and "<bool>" not in r.output
+    assert "Show this message and exit." in " ".join(r.output.replace("│", " ").split())
