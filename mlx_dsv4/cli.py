@@ -366,9 +366,10 @@ def bench(
         from .plan import format_bytes as mem
         from .weights import resolve_model
 
-    r = run_bench(resolve_model(model), prompt_tokens=prompt, gen_tokens=tokens,
-                  prefill_chunk=prefill_chunk, kv_bits=kv_bits,
-                  log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
+    with _PrefillBar(console) as report:
+        r = run_bench(resolve_model(model), prompt_tokens=prompt, gen_tokens=tokens,
+                      prefill_chunk=prefill_chunk, kv_bits=kv_bits, progress=report,
+                      log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
 
     table = Table(title=f"{r.model} on {mx.default_device()}", show_header=False)
     table.add_column()
@@ -381,6 +382,55 @@ def bench(
     table.add_row("planned total", mem(r.plan.total_bytes))
     table.add_row("of which weights", mem(r.plan.weight_bytes))
     console.print(table)
+
+
+class _PrefillBar:
+    """A bar over prompt tokens while bench prefills, gone once decoding starts; off a terminal,
+    silent. The clock starts at the (0, total) call that opens the prefill."""
+
+    def __init__(self, console):
+        self.console, self.bar, self.t0 = console, None, 0.0
+
+    def __enter__(self):
+        return self.update if self.console.is_terminal else None
+
+    def update(self, done: int, total: int) -> None:
+        import time
+
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self.t0 = time.perf_counter()
+            self.bar = Progress(TextColumn("prefill"), BarColumn(), TextColumn("{task.description}"),
+                                console=self.console, transient=True)
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done,
+                        description=prefill_line(done, total, time.perf_counter() - self.t0))
+        if done >= total:  # decoding starts: the bench's own lines follow
+            self.bar.stop()
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+
+def prefill_line(done: int, total: int, seconds: float) -> str:
+    """`1,024/2,048 tokens · 512 tok/s · 2 s left`: the rate and time left once both are known."""
+    line = f"{done:,}/{total:,} tokens"
+    if done and seconds > 0:
+        rate = done / seconds
+        line += f" · {rate:,.0f} tok/s · {_duration((total - done) / rate)} left"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 @command()

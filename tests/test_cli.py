@@ -87,3 +87,41 @@ def test_help_reads_cleanly(args, usage):
     assert first.rstrip().endswith(f" {usage}")
     assert "{" not in r.output and "<bool>" not in r.output
     assert "Show this message and exit." in " ".join(r.output.replace("│", " ").split())
+
+
+# ----- bench's prefill progress --------------------------------------------------------------------
+
+def test_prefill_line_says_tokens_rate_and_time_left():
+    from mlx_dsv4.cli import prefill_line
+
+    assert prefill_line(0, 2048, 0.0) == "0/2,048 tokens"
+    assert prefill_line(1024, 2048, 2.0) == "1,024/2,048 tokens · 512 tok/s · 2 s left"
+    assert prefill_line(10_000, 1_000_000, 100.0).endswith("100 tok/s · 2 h 45 min left")
+    assert prefill_line(30_000, 100_000, 100.0).endswith("300 tok/s · 3 min 53 s left")
+
+
+def test_bench_reports_prefill_progress(selftest_model):
+    from mlx_dsv4.bench import run_bench
+
+    calls = []
+    run_bench(selftest_model, prompt_tokens=300, gen_tokens=2, prefill_chunk=128,
+              progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 300), (128, 300), (256, 300), (299, 300), (300, 300)]
+
+
+def test_the_prefill_bar_draws_on_a_terminal_only():
+    import io
+
+    from rich.console import Console
+
+    from mlx_dsv4.cli import _PrefillBar
+
+    out = io.StringIO()
+    with _PrefillBar(Console(file=out, force_terminal=False)) as report:
+        assert report is None  # piped: nothing to draw
+    out = io.StringIO()
+    with _PrefillBar(Console(file=out, force_terminal=True, width=100)) as report:
+        report(0, 2048)
+        report(1024, 2048)
+        report(2048, 2048)
+    assert "prefill" in out.getvalue() and "/2,048 tokens" in out.getvalue()
