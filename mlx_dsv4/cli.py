@@ -243,7 +243,8 @@ def chat(
     prefill_chunk: PrefillChunk = 512,
     no_think: Annotated[bool, typer.Option("--no-think", help="Answer without reasoning.")] = False,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    temperature: Annotated[float, typer.Option(min=0, metavar="FLOAT", help="0 is greedy; DeepSeek suggests 1.0.")] = 1.0,
+    temperature: Annotated[float, typer.Option(min=0, metavar="FLOAT",
+                                               help="0 is greedy; DeepSeek suggests 1.0.")] = 1.0,
     top_p: Annotated[float, typer.Option(min=0, max=1, metavar="FLOAT", help="Nucleus sampling mass.")] = 1.0,
     max_tokens: Annotated[int | None, typer.Option(min=1, metavar="TOKENS",
                                                    help="Longest reply; default: what the "
@@ -359,7 +360,7 @@ def bench(
     from rich.table import Table
 
     console = Console()
-    with console.status("loading the model…"):
+    with console.status("starting MLX…"):
         import mlx.core as mx
 
         from .bench import run_bench

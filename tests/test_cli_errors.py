@@ -49,7 +49,8 @@ def corrupt_model(tmp_path) -> Path:
 def test_convert_into_a_path_under_a_file(source, tmp_path):
     (tmp_path / "file").write_text("x")
     line = one_line_error(["convert", str(source), str(tmp_path / "file" / "sub")])
-    assert line == f"Error: Cannot create the output directory {tmp_path}/file/sub: {tmp_path}/file is a file."
+    assert line == (f"Error: Cannot create the output directory {tmp_path}/file/sub: "
+                    f"{tmp_path}/file is a file.")
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
