@@ -50,7 +50,10 @@ class BenchResult:
 
 def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: int = 128,
               prefill_chunk: int = 512, kv_bits: int | None = None, seed: int = 0,
-              log: Callable[[str], None] | None = None) -> BenchResult:
+              log: Callable[[str], None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> BenchResult:
+    """`progress(done, total)` hears of prompt tokens prefilled: (0, total) as the prefill
+    starts, after each chunk, and (total, total) with the first token."""
     if prompt_tokens < 1 or gen_tokens < 2:
         raise ValueError("bench needs at least 1 prompt token and 2 generated tokens.")
     path = Path(model_dir)
@@ -70,7 +73,10 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
     cache = make_cache(model, max_tokens=context, kv_bits=kv_bits)
     mx.clear_cache()
     mx.reset_peak_memory()
-    steps = generate_step(model, prompt, cache, max_tokens=gen_tokens, prefill_chunk=chunk)
+    steps = generate_step(model, prompt, cache, max_tokens=gen_tokens, prefill_chunk=chunk,
+                          progress=progress)
+    if progress:
+        progress(0, prompt_tokens)
     t = time.perf_counter()
     next(steps)  # prefill and the first token
     prefill_s = time.perf_counter() - t

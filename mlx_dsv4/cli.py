@@ -1,23 +1,92 @@
 """The `dsv4` command line: one typer app, one function per command.
 
 Commands parse their options, call one library function and render the result; nothing else.
-Library imports happen inside each command so `dsv4 --help` does not load MLX. Errors the
-library explains (bad checkpoint, full disk, unsupported config) print as one line, exit code 1.
-To add a command, add a decorated function here that calls the library.
+Only typer and rich are imported here at module level: library imports (MLX, the server,
+prompt_toolkit) happen inside each command, so `dsv4 --help` and each command's first output
+come fast. Every command is registered with `@command()`: a failure the library explains (a bad
+checkpoint, a full disk, an unreadable config: its ValueErrors and OSErrors) prints as one
+`Error:` line and exits 1; anything else is a bug and prints one line too, with a pointer to
+DSV4_DEBUG=1 for the traceback; Ctrl-C exits 130 with one line. To add a command, decorate a
+function with `@command()` and call the library from it.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(name="dsv4", help="Run DeepSeek-V4 (Flash and Pro) locally with MLX.",
+
+class _Usage:
+    """Help that reads like a man page: `dsv4 chat [OPTIONS] MODEL`, flags without a type.
+
+    (typer 0.2x prints required arguments as `{model}` and every flag as `<bool>`.)
+    """
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name == "argument":
+                name = (p.metavar or p.name).upper()
+                pieces.append(name if p.required else f"[{name}]")
+        return pieces + ([self.subcommand_metavar] if isinstance(self, TyperGroup) else [])
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and not getattr(p, "count", False):
+                p.metavar = ""
+        return params
+
+
+class _Command(_Usage, TyperCommand):
+    pass
+
+
+class _Group(_Usage, TyperGroup):
+    pass
+
+
+app = typer.Typer(name="dsv4", help="Run DeepSeek-V4 (Flash and Pro) locally with MLX.", cls=_Group,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 # The names of convert.plan.RECIPES, spelled out so `--help` needs no import (a test checks them).
 Recipe = Literal["q4", "native", "q8"]
+
+
+def command(interrupted: str = "Interrupted."):
+    """`app.command()` whose failures print one line (see the module docstring)."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, typer.BadParameter):
+                raise  # typer's own exits and usage errors (exit 2) keep their format
+            except KeyboardInterrupt:
+                raise _fail(interrupted, code=130, prefix="") from None
+            except Exception as e:
+                if os.environ.get("DSV4_DEBUG"):
+                    raise
+                raise _fail(_message(e)) from None
+
+        return app.command(cls=_Command)(run)
+
+    return register
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:  # "path: reason", without Python's "[Errno n]"
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, (OSError, ValueError)):  # the library's own errors are ValueErrors
+        return str(e)
+    # A bug, not bad input: say what it was, and how to see where.
+    return f"{type(e).__name__}: {e} (unexpected; rerun with DSV4_DEBUG=1 for the traceback)"
 
 
 def parse_size(text: str) -> int:
@@ -34,19 +103,22 @@ def _size_option(text: str, decimal: bool) -> int:
     from .plan import parse_size as parse  # plan.py imports no MLX at module level
 
     try:
-        return parse(text, decimal=decimal)
+        size = parse(text, decimal=decimal)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    if size < 1:
+        raise typer.BadParameter(f"{text!r} is not a positive size.")
+    return size
 
 
-def _fail(message) -> typer.Exit:
+def _fail(message, code: int = 1, prefix: str = "Error: ") -> typer.Exit:
     from rich.console import Console
     from rich.markup import escape
 
     # soft_wrap: paths and commands in the message must stay copyable on one line
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(message))}",
+    Console(stderr=True, soft_wrap=True).print(f"[red]{prefix}[/red]{escape(str(message))}",
                                                highlight=False)
-    return typer.Exit(1)
+    return typer.Exit(code)
 
 
 @app.callback()
@@ -54,7 +126,7 @@ def main() -> None:
     """Run DeepSeek-V4 (Flash and Pro) locally with MLX."""
 
 
-@app.command()
+@command(interrupted="Interrupted: rerun the same command to resume.")
 def convert(
     source: Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face repo id, "
                                                "e.g. deepseek-ai/DeepSeek-V4-Flash.")],
@@ -69,18 +141,12 @@ def convert(
     """Convert an official FP8/FP4 checkpoint to MLX shards; rerun the same command to resume."""
     from rich.console import Console
 
-    from .config import ConfigError
-    from .convert import ConvertError
     from .convert import convert as run
-    from .hub import HubError
 
     console = Console()
-    try:
-        with _progress_bar(console, not dry_run) as report:
-            result = run(source, output_dir, recipe=recipe, revision=revision, dry_run=dry_run,
-                         shard_size=shard_size, progress=report)
-    except (ConvertError, HubError, ConfigError) as e:
-        raise _fail(e)
+    with _progress_bar(console, not dry_run) as report:
+        result = run(source, output_dir, recipe=recipe, revision=revision, dry_run=dry_run,
+                     shard_size=shard_size, progress=report)
     if dry_run:
         console.print(_plan_table(source, result))
     elif not result.written:
@@ -154,7 +220,9 @@ def _size(n: int) -> str:
 
 Model = Annotated[str, typer.Argument(help="Converted model directory, or the Hugging Face id "
                                            "it was converted from (looked up in $DSV4_MODELS).")]
-Context = Annotated[int | None, typer.Option("--max-context", metavar="TOKENS",
+PrefillChunk = Annotated[int, typer.Option(min=1, metavar="TOKENS",
+                                          help="Prompt tokens per prefill step.")]
+Context = Annotated[int | None, typer.Option("--max-context", metavar="TOKENS", min=1,
                                              help="Context to plan for; default: the largest "
                                                   "that fits this machine.")]
 KvBits = Annotated[int | None, typer.Option("--kv-bits", help="8 stores the compressed KV and "
@@ -167,17 +235,19 @@ def _check_kv_bits(kv_bits: int | None) -> None:
                                  param_hint="--kv-bits")
 
 
-@app.command()
+@command()
 def chat(
     model: Model,
     max_context: Context = None,
     kv_bits: KvBits = None,
-    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    prefill_chunk: PrefillChunk = 512,
     no_think: Annotated[bool, typer.Option("--no-think", help="Answer without reasoning.")] = False,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy; DeepSeek suggests 1.0.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    max_tokens: Annotated[int | None, typer.Option(help="Longest reply; default: what the "
+    temperature: Annotated[float, typer.Option(min=0, metavar="FLOAT",
+                                               help="0 is greedy; DeepSeek suggests 1.0.")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0, max=1, metavar="FLOAT", help="Nucleus sampling mass.")] = 1.0,
+    max_tokens: Annotated[int | None, typer.Option(min=1, metavar="TOKENS",
+                                                   help="Longest reply; default: what the "
                                                         "context leaves, at most 8192.")] = None,
     seed: Annotated[int | None, typer.Option(help="Same seed, same replies.")] = None,
 ) -> None:
@@ -185,58 +255,52 @@ def chat(
     _check_kv_bits(kv_bits)
     from rich.console import Console
 
-    from .chat import Chat
-    from .config import ConfigError
-    from .plan import PlanError
-    from .repl import run
-    from .weights import LoadError
-
     console = Console()
-    try:
-        with console.status("loading the model…"):
-            conversation, notes = Chat.open(model, max_context=max_context, kv_bits=kv_bits,
-                                            prefill_chunk=prefill_chunk, thinking=not no_think)
-    except (LoadError, PlanError, ConfigError) as e:
-        raise _fail(e)
+    # The status shows before the MLX imports: the user sees at once that something happens.
+    with console.status("loading the model…"):
+        from .chat import Chat
+        from .repl import run
+
+        conversation, notes = Chat.open(model, max_context=max_context, kv_bits=kv_bits,
+                                        prefill_chunk=prefill_chunk, thinking=not no_think)
     conversation.system = system
     conversation.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
                              "seed": seed}
     run(conversation, console=console, banner="\n".join(f"[dim]{n}[/dim]" for n in notes))
 
 
-@app.command()
+@command()
 def serve(
     model: Model,
     host: Annotated[str, typer.Option(help="Interface to listen on; keep 127.0.0.1 unless you "
                                            "set --api-key.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="DSV4_API_KEY",
                                                 help="Require this bearer token.")] = None,
     max_context: Context = None,
     kv_bits: KvBits = None,
     model_id: Annotated[str | None, typer.Option(help="Model name clients see in /v1/models; "
                                                       "default: the directory name.")] = None,
-    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    prefill_chunk: PrefillChunk = 512,
     exact_sampling: Annotated[bool, typer.Option(
         "--exact-sampling", help="Honour temperature, top_p and penalties in thinking mode too "
                                  "(by default, as DeepSeek's API: T=1, top_p>=0.95, no penalties).")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     _check_kv_bits(kv_bits)
-    from .config import ConfigError
-    from .plan import PlanError
+    from rich.console import Console
+
+    # Said before the web stack and MLX are imported: the first line comes at once.
+    Console().print(f"[dim]loading {model}…[/dim]", highlight=False)
     from .serve import serve as run
-    from .weights import LoadError, resolve_model
+    from .weights import resolve_model
 
-    try:
-        run(resolve_model(model), host=host, port=port, api_key=api_key, max_context=max_context,
-            model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-            exact_sampling=exact_sampling)
-    except (LoadError, PlanError, ConfigError) as e:
-        raise _fail(e)
+    run(resolve_model(model), host=host, port=port, api_key=api_key, max_context=max_context,
+        model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
+        exact_sampling=exact_sampling)
 
 
-@app.command()
+@command()
 def plan(
     model: Annotated[str, typer.Argument(help="Converted model directory, a config.json, or a "
                                               "release: flash, pro, deepseek-ai/DeepSeek-V4-Flash.")],
@@ -245,7 +309,7 @@ def plan(
     recipe: Annotated[str | None, typer.Option(help="official, native, q8 or q4 (for a config "
                                                     "or a release; default q4).")] = None,
     kv_bits: KvBits = None,
-    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    prefill_chunk: PrefillChunk = 512,
     memory: Annotated[int | None, typer.Option(parser=parse_memory, metavar="SIZE",
                                                help="Plan for a machine of this size, e.g. 256GB "
                                                     "(default: this machine).")] = None,
@@ -254,16 +318,13 @@ def plan(
     _check_kv_bits(kv_bits)
     from rich.console import Console
 
-    from .config import ConfigError
-    from .plan import PlanError, plan_memory
-    from .plan import format_bytes as gib
-
-    try:
-        p = plan_memory(model, context=context, recipe=recipe, kv_bits=kv_bits,
-                        prefill_chunk=prefill_chunk, memory=memory)
-    except (PlanError, ConfigError, ValueError) as e:
-        raise _fail(e)
     from rich.table import Table
+
+    from .plan import format_bytes as gib
+    from .plan import plan_memory
+
+    p = plan_memory(model, context=context, recipe=recipe, kv_bits=kv_bits,
+                    prefill_chunk=prefill_chunk, memory=memory)
 
     pools = "8-bit" if kv_bits == 8 else "bf16"
     table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens", show_header=False)
@@ -283,12 +344,14 @@ def plan(
         raise typer.Exit(2)
 
 
-@app.command()
+@command()
 def bench(
     model: Model,
-    prompt: Annotated[int, typer.Option(help="Prompt tokens to prefill (seeded random ids).")] = 2048,
-    tokens: Annotated[int, typer.Option(help="Tokens to decode (greedy; EOS does not stop).")] = 128,
-    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill step.")] = 512,
+    prompt: Annotated[int, typer.Option(min=1, metavar="TOKENS",
+                                        help="Prompt tokens to prefill (seeded random ids).")] = 2048,
+    tokens: Annotated[int, typer.Option(min=2, metavar="TOKENS",
+                                        help="Tokens to decode (greedy; EOS does not stop).")] = 128,
+    prefill_chunk: PrefillChunk = 512,
     kv_bits: KvBits = None,
 ) -> None:
     """Measure prefill and decode speed and peak memory against the planner's prediction."""
@@ -296,20 +359,18 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from .bench import run_bench
-    from .config import ConfigError
-    from .plan import PlanError
-    from .plan import format_bytes as mem
-    from .weights import LoadError, resolve_model
-
     console = Console()
-    try:
+    with console.status("starting MLX…"):
+        import mlx.core as mx
+
+        from .bench import run_bench
+        from .plan import format_bytes as mem
+        from .weights import resolve_model
+
+    with _PrefillBar(console) as report:
         r = run_bench(resolve_model(model), prompt_tokens=prompt, gen_tokens=tokens,
-                      prefill_chunk=prefill_chunk, kv_bits=kv_bits,
+                      prefill_chunk=prefill_chunk, kv_bits=kv_bits, progress=report,
                       log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
-    except (LoadError, PlanError, ConfigError, ValueError) as e:
-        raise _fail(e)
-    import mlx.core as mx
 
     table = Table(title=f"{r.model} on {mx.default_device()}", show_header=False)
     table.add_column()
@@ -324,7 +385,56 @@ def bench(
     console.print(table)
 
 
-@app.command()
+class _PrefillBar:
+    """A bar over prompt tokens while bench prefills, gone once decoding starts; off a terminal,
+    silent. The clock starts at the (0, total) call that opens the prefill."""
+
+    def __init__(self, console):
+        self.console, self.bar, self.t0 = console, None, 0.0
+
+    def __enter__(self):
+        return self.update if self.console.is_terminal else None
+
+    def update(self, done: int, total: int) -> None:
+        import time
+
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self.t0 = time.perf_counter()
+            self.bar = Progress(TextColumn("prefill"), BarColumn(), TextColumn("{task.description}"),
+                                console=self.console, transient=True)
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done,
+                        description=prefill_line(done, total, time.perf_counter() - self.t0))
+        if done >= total:  # decoding starts: the bench's own lines follow
+            self.bar.stop()
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+
+def prefill_line(done: int, total: int, seconds: float) -> str:
+    """`1,024/2,048 tokens · 512 tok/s · 2 s left`: the rate and time left once both are known."""
+    line = f"{done:,}/{total:,} tokens"
+    if done and seconds > 0:
+        rate = done / seconds
+        line += f" · {rate:,.0f} tok/s · {_duration((total - done) / rate)} left"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+@command()
 def selftest(
     keep: Annotated[Path | None, typer.Option(help="Keep the tiny checkpoint and its conversion "
                                                    "in this directory.")] = None,

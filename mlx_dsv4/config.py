@@ -23,6 +23,20 @@ class ConfigError(ValueError):
     """A config.json this runtime cannot run, with a sentence saying why."""
 
 
+def load_json(path: str | Path, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """The JSON object in `path`; `error` naming the file when it holds something else."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not a text file ({e.reason} at byte {e.start}).") from e
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object.")
+    return data
+
+
 # Parameters the reference keeps in fp32; the converter stores them so (every recipe) and the
 # model reads them as fp32 whatever their stored dtype. Plain Python: the converter's plan and
 # the memory planner use the rule without importing the model.
@@ -102,7 +116,10 @@ class ModelArgs:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in config.items() if k in names}
         extra = {k: v for k, v in config.items() if k not in names}
-        return cls(**known, extra=extra)
+        try:
+            return cls(**known, extra=extra)
+        except (TypeError, AttributeError) as e:  # e.g. "num_hidden_layers": "43"
+            raise ConfigError(f"a config value has the wrong type ({e}).") from e
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelArgs":
@@ -111,7 +128,11 @@ class ModelArgs:
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path} does not exist: a model directory needs its config.json.")
-        return cls.from_dict(json.loads(path.read_text()))
+        config = load_json(path)  # its errors name the file already
+        try:
+            return cls.from_dict(config)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
     def __post_init__(self):
         if self.compress_ratios is None:
@@ -302,4 +323,5 @@ def _refuse_unsupported(config: dict[str, Any]) -> None:
             "CSA2 shared compressors, two-level indexer) that mlx-dsv4 does not support."
         )
     if mt != "deepseek_v4":
-        raise ConfigError(f"model_type {mt!r} is not supported: mlx-dsv4 runs model_type 'deepseek_v4'.")
+        raise ConfigError(f"model_type {mt!r} is not supported: mlx-dsv4 runs DeepSeek-V4 checkpoints "
+                          "(model_type 'deepseek_v4').")

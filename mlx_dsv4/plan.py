@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CSA, HCA, ModelArgs, keep_float32, released_config
+from .config import CSA, HCA, ModelArgs, keep_float32, load_json, released_config
 
 GiB = 1 << 30
 RECIPES = ("official", "native", "q8", "q4")
@@ -121,10 +121,16 @@ def weight_bytes_from_dir(path: Path) -> int:
     total = 0
     for f in sorted(path.glob("*.safetensors")):
         with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0]
-                     for k, v in header.items() if k != "__metadata__")
+            try:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > f.stat().st_size:
+                    raise ValueError(f"a {n:,}-byte header in a {f.stat().st_size:,}-byte file")
+                header = json.loads(fh.read(n))
+                sizes = [v["data_offsets"][1] - v["data_offsets"][0]
+                         for k, v in header.items() if k != "__metadata__"]
+            except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise PlanError(f"{f} is truncated or not a safetensors file ({e}).") from e
+        total += sum(sizes)
     return total
 
 
@@ -194,7 +200,7 @@ _PREFIX = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 def parse_size(text: str, *, decimal: bool = False) -> int:
     """'256GB', '192G', '4GiB', '500MB', '5e9' -> bytes. KiB/MiB/GiB/TiB are binary; KB/MB/GB/TB
     (and K/M/G/T) are binary too unless `decimal`: a '256GB' Mac has 256 GiB, a '5GB' file 5e9."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:E[0-9]+)?)\s*([KMGT]?)(I?)(B?)\s*", str(text).upper())
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:E[0-9]+)?)\s*([KMGT]?)(I?)(B?)\s*", str(text).upper())
     if not m or (m.group(3) and not (m.group(2) and m.group(4))):
         raise ValueError(f"{text!r} is not a size like 256GB, 500MB or 4GiB.")
     base = 1000 if decimal and not m.group(3) else 1024
@@ -210,6 +216,9 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
     reserve a Mac would. Without it, this machine's budget is used.
     """
     args, wbytes, recipe, name = _weights(model, recipe)
+    if not 1 <= context <= args.max_position_embeddings:
+        raise PlanError(f"A context of {context:,} tokens is outside what {name} supports "
+                        f"(1 to {args.max_position_embeddings:,}).")
     if memory is not None:
         budget, source = _with_reserve(memory), f"{memory / GiB:.0f} GiB machine less an OS reserve"
     else:
@@ -304,8 +313,8 @@ def _weights(model, recipe):
     if not config_path.exists():
         raise PlanError(f"{model}: no config.json there; give a converted model directory, a "
                         f"config.json, or a release (flash, pro, deepseek-ai/DeepSeek-V4-Flash).")
-    config = json.loads(config_path.read_text())
-    args = ModelArgs.from_dict(config)
+    config = load_json(config_path)
+    args = ModelArgs.from_file(config_path)
     converted = path.is_dir() and any(path.glob("*.safetensors"))
     if converted and recipe is None:
         meta = config.get("mlx_dsv4", {})

@@ -8,7 +8,7 @@ tensor is an error that names it. Only this module knows the MLX directory forma
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,10 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs, list_names
+from .config import ConfigError, ModelArgs, list_names, load_json
 from .model import Model
 
 INDEX = "model.safetensors.index.json"
+log = logging.getLogger(__name__)
 
 
 class LoadError(ValueError):
@@ -30,7 +31,7 @@ class LoadError(ValueError):
 def shard_files(path: Path) -> list[Path]:
     index = path / INDEX
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(load_json(index, LoadError).get("weight_map", {}).values()))
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise LoadError(f"{path}: shard(s) named in {INDEX} are missing: {', '.join(missing)}.")
@@ -106,15 +107,19 @@ def resolve_model(name: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         config = path / "config.json"
-        cfg = json.loads(config.read_text()) if config.exists() else {}
+        cfg = load_json(config) if config.exists() else {}
         if "mlx_dsv4" not in cfg and cfg.get("quantization_config", {}).get("quant_method") == "fp8":
             raise LoadError(f"{path} is an original FP8/FP4 checkpoint, not a converted one. "
                             f"Convert it once with:\n  dsv4 convert {path} {path}-mlx-q4")
         return path
     for root in model_dirs():
         for d in sorted(root.glob("*/config.json")) if root.is_dir() else []:
-            meta = json.loads(d.read_text()).get("mlx_dsv4", {})
-            if meta.get("source") == str(name):
+            try:
+                meta = load_json(d).get("mlx_dsv4") or {}
+            except (OSError, ConfigError) as e:  # one broken directory must not hide the others
+                log.warning("Warning: skipping %s: %s", d.parent, e)
+                continue
+            if isinstance(meta, dict) and meta.get("source") == str(name):
                 return d.parent
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)):
         slug = str(name).split("/")[-1].lower()

@@ -60,10 +60,68 @@ def test_serve_on_an_original_fp8_checkpoint_prints_the_convert_command(tmp_path
     assert f"dsv4 convert {src} {src}-mlx-q4" in r.output
 
 
-def test_help_does_not_import_mlx():
+# Everything heavy is imported inside the commands: mlx_lm pulls transformers and torch (seconds),
+# the server its web stack. `dsv4 --help` and the first line of every command must not wait.
+HEAVY = ("mlx", "mlx_lm", "transformers", "torch", "fastapi", "uvicorn", "starlette",
+         "sse_starlette", "prompt_toolkit", "numpy", "safetensors", "huggingface_hub", "tokenizers")
+
+
+def test_importing_the_cli_and_its_help_import_nothing_heavy():
     code = ("import sys; from typer.testing import CliRunner; from mlx_dsv4.cli import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "assert 'selftest' in r.output; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'torch')))")
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args,usage", [
+    ([], "[OPTIONS] COMMAND [ARGS]..."), (["convert"], "[OPTIONS] SOURCE OUTPUT_DIR"),
+    (["chat"], "[OPTIONS] MODEL"), (["serve"], "[OPTIONS] MODEL"), (["plan"], "[OPTIONS] MODEL"),
+    (["bench"], "[OPTIONS] MODEL"), (["selftest"], "[OPTIONS]"),
+])
+def test_help_reads_cleanly(args, usage):
+    r = runner.invoke(app, [*args, "--help"])
+    assert r.exit_code == 0
+    first = next(line for line in r.output.splitlines() if "Usage:" in line)
+    assert first.rstrip().endswith(f" {usage}")
+    assert "{" not in r.output and "<bool>" not in r.output
+    assert "Show this message and exit." in " ".join(r.output.replace("│", " ").split())
+
+
+# ----- bench's prefill progress --------------------------------------------------------------------
+
+def test_prefill_line_says_tokens_rate_and_time_left():
+    from mlx_dsv4.cli import prefill_line
+
+    assert prefill_line(0, 2048, 0.0) == "0/2,048 tokens"
+    assert prefill_line(1024, 2048, 2.0) == "1,024/2,048 tokens · 512 tok/s · 2 s left"
+    assert prefill_line(10_000, 1_000_000, 100.0).endswith("100 tok/s · 2 h 45 min left")
+    assert prefill_line(30_000, 100_000, 100.0).endswith("300 tok/s · 3 min 53 s left")
+
+
+def test_bench_reports_prefill_progress(selftest_model):
+    from mlx_dsv4.bench import run_bench
+
+    calls = []
+    run_bench(selftest_model, prompt_tokens=300, gen_tokens=2, prefill_chunk=128,
+              progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 300), (128, 300), (256, 300), (299, 300), (300, 300)]
+
+
+def test_the_prefill_bar_draws_on_a_terminal_only():
+    import io
+
+    from rich.console import Console
+
+    from mlx_dsv4.cli import _PrefillBar
+
+    out = io.StringIO()
+    with _PrefillBar(Console(file=out, force_terminal=False)) as report:
+        assert report is None  # piped: nothing to draw
+    out = io.StringIO()
+    with _PrefillBar(Console(file=out, force_terminal=True, width=100)) as report:
+        report(0, 2048)
+        report(1024, 2048)
+        report(2048, 2048)
+    assert "prefill" in out.getvalue() and "/2,048 tokens" in out.getvalue()

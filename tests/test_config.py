@@ -66,3 +66,29 @@ def test_refusals_name_what_is_missing(change, message):
         del cfg["compress_ratios"]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         ModelArgs.from_dict(cfg)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"model_type": ', r"config.json is not valid JSON \(Expecting value at line 1, column 16\)"),
+    ("[1, 2]", r"config.json holds a JSON list, not an object"),
+])
+def test_an_unreadable_config_file_is_named(tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/" + message):
+        ModelArgs.from_file(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/config.json is not a text file"):
+        ModelArgs.from_file(tmp_path)
+
+
+def test_a_refused_config_file_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/config.json: model_type 'llama' is not "):
+        ModelArgs.from_file(tmp_path / "config.json")
+
+
+def test_a_value_of_the_wrong_type_is_a_config_error():
+    cfg = released("flash")
+    cfg["num_hidden_layers"] = "43"
+    with pytest.raises(ConfigError, match="a config value has the wrong type"):
+        ModelArgs.from_dict(cfg)

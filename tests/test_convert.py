@@ -567,7 +567,7 @@ def test_cli_dry_run_prints_the_plan(official, tmp_path):
         assert word in run.output
     assert not (tmp_path / "out").exists()
     run = CliRunner().invoke(app, ["convert", str(tmp_path / "nowhere"), str(tmp_path / "out")])
-    assert run.exit_code == 1 and "error:" in run.output
+    assert run.exit_code == 1 and "Error:" in run.output and "nowhere" in run.output
 
 
 def test_a_dspark_refresh_converts_its_trunk_and_names_what_it_drops(official, converted, tmp_path, ids):

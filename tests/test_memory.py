@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx_dsv4.cache import make_cache
 from mlx_dsv4.config import ModelArgs, released_config
 from mlx_dsv4.model import Model, keep_float32
-from mlx_dsv4.plan import GiB, parse_size, plan_memory, weight_bytes
+from mlx_dsv4.plan import GiB, PlanError, parse_size, plan_memory, weight_bytes, weight_bytes_from_dir
 from mlx_dsv4.synthetic import random_weights, to_model_weights
 
 MiB = 1 << 20
@@ -105,3 +105,25 @@ def test_8bit_pools_drift_is_small_next_to_bf16_rounding(tiny_args, tiny_officia
     full = make_cache(bf16, max_tokens=600)
     pools = lambda c: sum(p.nbytes for l in c for p in (l.kv_pool, l.index_pool) if p is not None)  # noqa: E731
     assert pools(cache) / pools(full) == pytest.approx(544 / 1024, rel=0.02)
+
+
+@pytest.mark.parametrize("context", [0, -5, (1 << 20) + 1])
+def test_a_context_the_model_cannot_hold_is_refused(context):
+    with pytest.raises(PlanError, match=f"A context of {context:,} tokens is outside what config "
+                                        r"supports \(1 to 1,048,576\)"):
+        plan_memory(released("flash"), context=context, memory=parse_size("256GB"))
+
+
+@pytest.mark.parametrize("text", ["", "GB", "1.2.3GB", "5 XB", "4iB", "-1GB"])
+def test_sizes_that_are_not_sizes(text):
+    with pytest.raises(ValueError, match="is not a size like 256GB"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("data", [b"\x01\x02", (1 << 40).to_bytes(8, "little") + b"{}",
+                                  (4).to_bytes(8, "little") + b"nope"])
+def test_a_corrupt_shard_header_is_named(tmp_path, data):
+    (tmp_path / "model-00001-of-00001.safetensors").write_bytes(data)
+    with pytest.raises(PlanError, match="model-00001-of-00001.safetensors is truncated or not a "
+                                        "safetensors file"):
+        weight_bytes_from_dir(tmp_path)

@@ -22,9 +22,11 @@ from typing import Callable
 import mlx.core as mx
 
 from .. import __version__, hub
+from ..config import ConfigError, load_json
 from . import quant
 from .plan import INDEX, RECIPES, ConvertError, Header, Plan, Source, make_plan, read_source
-from .shards import EXTRA_FILES, PROGRESS, ShardWriter, progress_record, recorded_bytes
+from .shards import (EXTRA_FILES, PROGRESS, PROGRESS_TMP, ShardWriter, progress_record,
+                     recorded_bytes)
 
 __all__ = ["ConvertError", "Progress", "Result", "RECIPES", "convert"]
 
@@ -95,6 +97,7 @@ def convert(source: str | Path, output_dir: str | Path, *, recipe: str = "q4",
         return Result(plan, out, True, download_bytes=plan.bytes_in if remote else 0)
     if _check_output(out, fingerprint, None if remote else Path(source)) == "complete":
         return Result(plan, out, False, reused=[s.name for s in plan.shards])
+    _make_output(out)
     if remote:
         path = hub.resolve(str(source), pinned, SOURCE_FILES, output_dir=out,
                            output_bytes=plan.bytes_out - recorded_bytes(out, fingerprint), api=api)
@@ -108,12 +111,12 @@ def convert(source: str | Path, output_dir: str | Path, *, recipe: str = "q4",
                       what=f"write {out}")
     try:
         _stream(plan, path, writer, progress)
+        writer.finish(path, _config(plan, meta, fingerprint))
     except OSError as e:  # disk full, read errors: the index is never written, the run resumes
-        raise ConvertError(f"Conversion stopped: {e}. {out} is left incomplete (no index); rerun "
-                           "the same command to resume.") from e
+        raise ConvertError(f"Conversion stopped: {_os_message(e)}. {out} is left incomplete (no "
+                           "index); rerun the same command to resume.") from e
     finally:
         writer.close()
-    writer.finish(path, _config(plan, meta, fingerprint))
     written = [s.name for s in plan.shards if s.name not in writer.reused]
     return Result(plan, out, False, reused=writer.reused, written=written,
                   seconds=time.perf_counter() - t0)
@@ -178,24 +181,54 @@ class _Reader:
 
 
 def _check_output(out: Path, fingerprint: str, source: Path | None) -> str:
-    """`new`, `resume` or `complete`; anything else in the directory is refused."""
+    """`new`, `resume` or `complete`; anything else in the directory is refused.
+
+    Every state an interrupted run can leave is `new` or `resume`: the progress record is saved
+    before any shard exists, so a directory without it holds at most that record's temp file.
+    """
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out} is a file; the output must be a new or empty directory.")
     if source is not None and out.exists() and out.resolve() == source.resolve():
-        raise ConvertError("The output directory is the source directory; choose another one.")
-    if not out.exists() or not [p for p in out.iterdir() if p.name not in IGNORED]:
+        raise ConvertError(f"The output directory {out} is the source directory; choose another one.")
+    ours = IGNORED | {PROGRESS_TMP}  # the temp file: stopped before the first record's rename
+    held = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.exists() else []
+    if not held:
         return "new"
     if (out / PROGRESS).exists():
         return "resume"  # the writer checks that the run has the same settings
     if (out / INDEX).exists() and (out / "config.json").exists():
-        done = json.loads((out / "config.json").read_text()).get("mlx_dsv4", {})
+        try:
+            done = load_json(out / "config.json").get("mlx_dsv4") or {}
+        except ConfigError:
+            done = {}
+        if not done or not isinstance(done, dict):
+            raise ConvertError(f"{out} holds a model that mlx-dsv4 did not convert; remove it or "
+                               "choose another directory.")
         if done.get("fingerprint") == fingerprint:
             return "complete"
         at = f" at commit {done['commit']}" if done.get("commit") else ""
         raise ConvertError(f"{out} holds another converted model (recipe {done.get('recipe')!r} of "
                            f"{done.get('source')!r}{at}); remove it or choose another directory.")
-    names = ", ".join(sorted(p.name for p in out.iterdir() if p.name not in IGNORED)[:5])
-    raise ConvertError(f"{out} already holds other files ({names}); choose a new or empty directory.")
+    raise ConvertError(f"{out} already holds other files ({', '.join(held[:5])}); choose a new or "
+                       "empty directory.")
+
+
+def _make_output(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parent = out.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        why = f"{parent} is a file" if parent.exists() and not parent.is_dir() else e.strerror or e
+        raise ConvertError(f"Cannot create the output directory {out}: {why}.") from e
+
+
+def _os_message(e: OSError) -> str:
+    """`path: reason` without Python's `[Errno n]` prefix (the path is dropped when unknown)."""
+    if e.strerror is None:
+        return str(e)
+    return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
 
 
 def _metadata(source: str, revision, commit, recipe: str) -> dict:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ModelArgs, keep_float32
+from ..config import ModelArgs, keep_float32, load_json
 from ..config import list_names as _names
 
 INDEX = "model.safetensors.index.json"
@@ -162,12 +162,17 @@ def read_source(path: Path) -> Source:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConvertError(f"{path} is a file; give the checkpoint's directory.")
     if not (path / "config.json").exists():
         raise ConvertError(f"{path} has no config.json: is it a model checkpoint directory?")
-    config = json.loads((path / "config.json").read_text())
-    ModelArgs.from_dict(config)  # refuses unsupported models before any header is read
+    ModelArgs.from_file(path)  # refuses unsupported models, naming the file, before any header
+    config = load_json(path / "config.json")
     if (path / INDEX).exists():
-        shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        weight_map = load_json(path / INDEX, ConvertError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConvertError(f"{path / INDEX} has no weight_map.")
+        shards = sorted(set(map(str, weight_map.values())))
     else:
         shards = sorted(p.name for p in path.glob("*.safetensors"))
     missing = [s for s in shards if not (path / s).exists()]

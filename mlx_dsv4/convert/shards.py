@@ -22,6 +22,7 @@ from pathlib import Path
 from .plan import INDEX, ConvertError, Plan
 
 PROGRESS = ".dsv4-convert-progress.json"
+PROGRESS_TMP = PROGRESS + ".tmp"  # what `write_atomic` leaves when stopped before its rename
 # Files besides the weights that a converted directory carries (Hugging Face fnmatch patterns).
 EXTRA_FILES = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.jinja",
                "encoding/*")
@@ -123,9 +124,17 @@ class ShardWriter:
 
 
 def progress_record(out: Path) -> dict:
-    """The progress file of an unfinished conversion in `out`; {} when there is none."""
+    """The progress file of an unfinished conversion in `out`; {} when there is none.
+
+    An unreadable record (only a crash of the machine itself can leave one: it is replaced
+    atomically) counts as none, so the run restarts and rewrites every shard.
+    """
     path = Path(out) / PROGRESS
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def recorded_bytes(out: Path, fingerprint: str) -> int:
@@ -154,11 +163,15 @@ def copy_extras(src: Path, dst: Path, patterns=EXTRA_FILES) -> list[str]:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sha256(path: Path) -> str:
