@@ -203,6 +203,7 @@ def build(config: dict, expert_quant: str = "mxfp4", seed: int = 0,
     heads["hc_head_scale"] = mx.ones(model.hc_head_scale.shape)
     model.update(heads)
     mx.eval(model.parameters())
+    model.fuse()  # as weights.load_model does
     return model, quant
 
 

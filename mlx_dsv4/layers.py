@@ -99,3 +99,44 @@ class QuantizedExpertLinear(nn.Module):
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=idx,
                              transpose=True, group_size=self.group_size, bits=self.bits,
                              mode=self.mode, sorted_indices=sorted_indices)
+
+
+class FusedPair:
+    """Two linears with the same input (a SwiGLU's gate and up) as one matrix `[.., 2I, in]`.
+
+    One matmul (or one `gather_qmm` for experts) then reads both, one launch instead of two.
+    The two modules keep their checkpoint names: their arrays become views into the fused ones,
+    so memory is not doubled. A plain object, not a Module, so parameters are not listed twice.
+    """
+
+    def __init__(self, a: nn.Module, b: nn.Module, axis: int):
+        self.split = a["weight"].shape[axis]
+        self.arrays = {k: mx.concatenate([a[k], b[k]], axis=axis)
+                       for k in ("weight", "scales", "biases") if a.get(k) is not None}
+        mx.eval(self.arrays)
+        for k, fused in self.arrays.items():
+            a[k], b[k] = mx.split(fused, [self.split], axis=axis)
+        mx.eval([a.parameters(), b.parameters()])
+        self.quant = (a.group_size, a.bits, a.mode) if "scales" in self.arrays else None
+
+    def linear(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        w = self.arrays
+        if self.quant:
+            g, bits, mode = self.quant
+            y = mx.quantized_matmul(x, w["weight"], w["scales"], w.get("biases"), transpose=True,
+                                    group_size=g, bits=bits, mode=mode)
+        else:
+            y = x @ w["weight"].T.astype(x.dtype)
+        return y[..., : self.split], y[..., self.split :]
+
+    def experts(self, x: mx.array, idx: mx.array, sorted_indices: bool = False):
+        w = self.arrays
+        if self.quant:
+            g, bits, mode = self.quant
+            y = mx.gather_qmm(x, w["weight"], w["scales"], w.get("biases"), rhs_indices=idx,
+                              transpose=True, group_size=g, bits=bits, mode=mode,
+                              sorted_indices=sorted_indices)
+        else:
+            y = mx.gather_mm(x, w["weight"].swapaxes(-1, -2), rhs_indices=idx,
+                             sorted_indices=sorted_indices)
+        return y[..., : self.split], y[..., self.split :]

@@ -16,7 +16,7 @@ from . import decode, mhc
 from .attention import Attention
 from .cache import LayerCache, make_cache
 from .config import KEEP_FLOAT32, ModelArgs, keep_float32  # noqa: F401 (re-exported)
-from .layers import ExpertLinear, RMSNorm
+from .layers import ExpertLinear, FusedPair, RMSNorm
 
 
 def _f32(a: mx.array) -> mx.array:
@@ -63,6 +63,15 @@ class Experts(nn.Module):
         self.w1 = ExpertLinear(D, I, E)
         self.w2 = ExpertLinear(I, D, E)
         self.w3 = ExpertLinear(D, I, E)
+        self.w13: FusedPair | None = None  # set by fuse()
+
+    def fuse(self):
+        self.w13 = FusedPair(self.w1, self.w3, axis=1)
+
+    def _gate_up(self, xs, idx, sorted_indices=False):
+        if self.w13 is not None:
+            return self.w13.experts(xs, idx, sorted_indices)
+        return self.w1(xs, idx, sorted_indices), self.w3(xs, idx, sorted_indices)
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         """Sum over the k picks of weight * expert(x), in fp32: `[B, S, D]`."""
@@ -74,14 +83,13 @@ class Experts(nn.Module):
             order = mx.argsort(flat)
             ids = flat[order]
             xs = x.reshape(-1, 1, x.shape[-1])[order // k]
-            h = swiglu(self.w1(xs, ids, sorted_indices=True), self.w3(xs, ids, sorted_indices=True),
-                       self.limit)
+            h = swiglu(*self._gate_up(xs, ids, sorted_indices=True), self.limit)
             h = h * weights.reshape(-1)[order][:, None, None]
             y = self.w2(h.astype(dtype), ids, sorted_indices=True)
             y = y[mx.argsort(order)].reshape(B, S, k, -1)
         else:
             xs = x[..., None, None, :]
-            h = swiglu(self.w1(xs, idx), self.w3(xs, idx), self.limit) * weights[..., None, None]
+            h = swiglu(*self._gate_up(xs, idx), self.limit) * weights[..., None, None]
             y = self.w2(h.astype(dtype), idx)[..., 0, :]
         return _f32(y).sum(axis=-2)
 
@@ -94,9 +102,14 @@ class SharedExpert(nn.Module):
         self.w1 = nn.Linear(D, I, bias=False)
         self.w2 = nn.Linear(I, D, bias=False)
         self.w3 = nn.Linear(D, I, bias=False)
+        self.w13: FusedPair | None = None  # set by fuse()
+
+    def fuse(self):
+        self.w13 = FusedPair(self.w1, self.w3, axis=0)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
+        gate, up = self.w13.linear(x) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(swiglu(gate, up, self.limit).astype(x.dtype))
 
 
 class MoE(nn.Module):
@@ -187,6 +200,14 @@ class Model(nn.Module):
         # One-token steps replay a compiled graph (decode.py); False runs them eagerly.
         self.compiled_decode = True
         self._decode_step = None
+
+    def fuse(self):
+        """Gate and up projections of every MoE as one matrix (after loading; keeps memory)."""
+        for block in self.layers + self.mtp:
+            block.ffn.experts.fuse()
+            block.ffn.shared_experts.fuse()
+            mx.clear_cache()  # one layer's unfused copy at a time, returned as it goes
+        self._decode_step = None  # compiled steps captured the unfused weights
 
     @property
     def dtype(self) -> mx.Dtype:

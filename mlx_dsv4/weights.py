@@ -90,8 +90,10 @@ def load_model(path: str | Path, lazy: bool = False) -> Model:
         nn.quantize(model, class_predicate=quantization_predicate(args.quantization, weights))
     check_tensors(model, weights)
     model.load_weights(list(weights.items()), strict=False)
+    del weights  # the modules hold the only references now, so fuse() frees as it goes
     if not lazy:
         mx.eval(model.parameters())
+        model.fuse()
     return model
 
 

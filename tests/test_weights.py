@@ -103,3 +103,27 @@ def test_quantized_directory_round_trip(tmp_path, tiny_cfg, tiny_args, tiny_offi
     loaded = load_model(d)
     ids = mx.array(token_ids[:, :40])
     np.testing.assert_array_equal(np.array(loaded(ids)), np.array(model(ids)))
+
+
+def test_loading_fuses_gate_and_up_without_changing_names_bytes_or_logits(
+        tmp_path, tiny_cfg, tiny_args, tiny_official, token_ids):
+    from conftest import build_model
+    from mlx_dsv4.cache import make_cache
+
+    model = build_model(tiny_args, tiny_official)
+    quant = quantize_like_converter(model)
+    mx.eval(model.parameters())
+    d = write_dir(tmp_path / "q", tiny_cfg, params(model), quantization=quant)
+    loaded = load_model(d)
+    assert all(b.ffn.experts.w13 is not None and b.ffn.shared_experts.w13 is not None
+               for b in loaded.layers)
+    ours, theirs = params(loaded), params(model)
+    assert sorted(ours) == sorted(theirs)  # still a dictionary match on checkpoint names
+    assert sum(a.nbytes for a in ours.values()) == sum(a.nbytes for a in theirs.values())
+    for name in ("layers.1.ffn.experts.w3.weight", "layers.0.ffn.shared_experts.w1.scales"):
+        np.testing.assert_array_equal(np.array(ours[name]), np.array(theirs[name]))
+    # Prefill (sorted expert path) then one-token steps (unsorted path): bit for bit.
+    ca, cb = make_cache(loaded), make_cache(model)
+    for s0, s1 in ((0, 30), (30, 31), (31, 32)):
+        ids = mx.array(token_ids[:, s0:s1])
+        np.testing.assert_array_equal(np.array(loaded(ids, ca)), np.array(model(ids, cb)))
