@@ -12,7 +12,8 @@ one run:
            Squeeze, ExpandDims, AsStrided, StopGradient, Depends); a compiled graph's fused
            elementwise chains are one `Compiled...` node, so this counts them once
   host ms  Python time to build (eager) or replay (compiled) the step, before evaluation
-  step ms  build + evaluate, median of `--steps` after `--warmup`
+  step ms  build + evaluate, median of `--steps` after `--warmup`, less the same for a 0-layer
+           pass (embedding, HyperHead, LM head: on a CPU the 8-bit head's matmul dominates)
 
 A step that closes a compressor window has a few more nodes; the counts are from a step that
 does not (p % 4 != 3), the times are medians over all steps.
@@ -58,6 +59,19 @@ def count(outputs) -> tuple[int, int]:
 def step_outputs(model, cache, tok):
     logits = model(tok, cache, last_only=True)
     return [logits] + [a for c in cache for a in c.state]
+
+
+def time_step(build_outputs, steps: int, warmup: int) -> tuple[float, float]:
+    host, step = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        o = build_outputs()
+        t1 = time.perf_counter()
+        mx.eval(o)
+        if i >= warmup:
+            host.append(t1 - t0)
+            step.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(host), 1e3 * statistics.median(step)
 
 
 def measure(model, args, T: int, steps: int, warmup: int) -> dict:
@@ -116,13 +130,20 @@ def main():
         assert args.layer_kinds[0] == kind, args.layer_kinds
         if not head:  # embedding, HyperHead and LM head: the same for both layer kinds
             layers, model.layers = model.layers, []
-            head["eager"] = head["compiled"] = count([model(mx.array([[7]]), [], last_only=True)])
+            tok = mx.array([[7]])
+            head["nodes"] = count([model(tok, [], last_only=True)])
+            head["host"], head["step"] = time_step(lambda: [model(tok, [], last_only=True)],
+                                                   a.steps, a.warmup)
             model.layers = layers
+            print(f"{'head':>5} {'':>8} {'eager':>9} {head['nodes'][0]:>6} {head['nodes'][1]:>8} "
+                  f"{head['host']:>8.3f} {head['step']:>8.2f}   (subtracted below)", flush=True)
         for T in a.contexts:
             r = measure(model, args, T, a.steps, a.warmup)
             for mode, m in r.items():
-                m["nodes"] -= head[mode][0]
-                m["kernels"] -= head[mode][1]
+                m["nodes"] -= head["nodes"][0]
+                m["kernels"] -= head["nodes"][1]
+                m["host_ms"] -= head["host"]
+                m["step_ms"] -= head["step"]
                 print(f"{kind:>5} {T:>8,} {mode:>9} {m['nodes']:>6} {m['kernels']:>8} "
                       f"{m['host_ms']:>8.3f} {m['step_ms']:>8.2f}", flush=True)
             ratio = r["compiled"]["step_ms"] / r["eager"]["step_ms"]
@@ -133,7 +154,8 @@ def main():
             mx.clear_cache()
         del model
     if a.out:
-        Path(a.out).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
+        Path(a.out).write_text(json.dumps({"args": vars(a), "head": head, "results": results},
+                                          indent=1))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def _append(pool: mx.array, entry, n_before: mx.array):
     return mx.slice_update(pool, entry.astype(pool.dtype), n_before.reshape(1), axes=(1,))
 
 
-def _attention(att, x, st: list[mx.array], p, spec):
+def _attention(att, x, st: list[mx.array], p, spec, ar):
     m, close, mode, bucket = spec
     B = x.shape[0]
     H, c, W, dtype = att.n_heads, att.head_dim, att.window, x.dtype
@@ -131,7 +131,7 @@ def _attention(att, x, st: list[mx.array], p, spec):
     kv = rope(att.kv_norm(att.wkv(x)), att._periods, p)
     ring = mx.slice_update(st[0], kv, (p % W).reshape(1), axes=(1,))
     out = [ring]
-    parts = [(ring.astype(F32), (mx.arange(W) <= p)[None], False)]
+    parts = [(ring.astype(F32), (ar(W) <= p)[None], False)]
     if m:
         n_before = (p + 1) // m - int(close)
         entry, comp = _compress(att.compressor, x, st[1:-1] if att.kind == HCA else st[1:5], p,
@@ -145,9 +145,9 @@ def _attention(att, x, st: list[mx.array], p, spec):
             ipool = _append(st[10], ientry, n_before)
             out += icomp + [ipool]
         if mode == "dense":
-            parts.append((pool[:, :bucket].astype(F32), (mx.arange(bucket) < n)[None], False))
+            parts.append((pool[:, :bucket].astype(F32), (ar(bucket) < n)[None], False))
         elif mode == "sparse":
-            idx = _select(att.indexer, x, q_lat, ipool[:, :bucket], n, p, att._index_periods)
+            idx = _select(att.indexer, x, q_lat, ipool[:, :bucket], n, p, att._index_periods, ar)
             rows = mx.take_along_axis(pool[:, None], idx[..., None], axis=2)
             parts.append((rows.astype(F32), None, True))
     o = _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink)
@@ -156,7 +156,7 @@ def _attention(att, x, st: list[mx.array], p, spec):
     return att.wo_b(att.wo_a(o).reshape(B, 1, -1)), out
 
 
-def _select(ix, x, q_lat, keys, n, p, periods):
+def _select(ix, x, q_lat, keys, n, p, periods, ar):
     """The indexer's top-k over the first `bucket` index keys, of which `n` are live."""
     B, rows = x.shape[0], keys.shape[1]
     q = ix.wq_b(q_lat).reshape(B, 1, ix.n_heads, ix.head_dim).transpose(0, 2, 1, 3)
@@ -165,13 +165,13 @@ def _select(ix, x, q_lat, keys, n, p, periods):
     z = q[:, :, 0] @ keys.astype(q.dtype).swapaxes(1, 2)  # [B, H_I, rows]
     z = mx.maximum(z.astype(F32), 0)
     scores = (w[..., None] * z[:, None]).sum(axis=2)  # [B, 1, rows]
-    scores = mx.where(mx.arange(rows) < n, scores, -mx.inf)
+    scores = mx.where(ar(rows) < n, scores, -mx.inf)
     return mx.argpartition(-scores, ix.topk - 1, axis=-1)[..., : ix.topk]
 
 
-def _block(block, X, ids, st, p, spec):
+def _block(block, X, ids, st, p, spec, ar):
     x, post, comb = block._mix(X, "attn")
-    y, st = _attention(block.attn, block.attn_norm(x), st, p, spec)
+    y, st = _attention(block.attn, block.attn_norm(x), st, p, spec, ar)
     X = mhc.expand(y, X, post, comb)
     x, post, comb = block._mix(X, "ffn")
     return mhc.expand(block.ffn(block.ffn_norm(x), ids), X, post, comb), st
@@ -187,19 +187,30 @@ class DecodeStep:
     def __init__(self, model):
         self.model = model
         self.steps: dict[tuple, object] = {}
+        self._aranges: dict[int, mx.array] = {}
         a = model.args
         kernels.prepare(a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)  # its check cannot run in a trace
+
+    def _arange(self, n: int) -> mx.array:
+        # Evaluated before tracing, so the graph captures it as a constant, not an Arange kernel.
+        if n not in self._aranges:
+            self._aranges[n] = mx.arange(n)
+            mx.eval(self._aranges[n])
+        return self._aranges[n]
 
     def _build(self, key: tuple, sizes: tuple[int, ...]):
         model = self.model
         N = model.args.hc_mult
+        for n in {model.args.sliding_window} | {spec[3] for spec in key if spec[3]}:
+            self._arange(n)
+        ar = self._aranges.__getitem__
 
         def step(ids, p, *flat):
             h = model.embed(ids)
             X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], N, h.shape[-1]))
             new, i = [], 0
             for layer, size, spec in zip(model.layers, sizes, key):
-                X, st = _block(layer, X, ids, list(flat[i : i + size]), p, spec)
+                X, st = _block(layer, X, ids, list(flat[i : i + size]), p, spec, ar)
                 new += st
                 i += size
             X1 = mhc.head(X, model.hc_head_fn, model.hc_head_base, model.hc_head_scale,
