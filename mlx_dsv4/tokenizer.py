@@ -51,6 +51,10 @@ def _token_content(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or cannot be parsed; the message names it."""
+
+
 class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, *, bos_token: str = DEFAULT_BOS,
                  eos_token: str = DEFAULT_EOS, extra_eos_ids: Iterable[int] = ()):
@@ -67,7 +71,14 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> Tokenizer:
-        return cls(tokenizers.Tokenizer.from_file(str(path)), **kwargs)
+        if not Path(path).is_file():
+            raise TokenizerError(f"{path}: no tokenizer file (the model directory needs "
+                                 "tokenizer.json).")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser raises a bare Exception
+            raise TokenizerError(f"{path} is not a readable tokenizer: {e}") from e
+        return cls(tok, **kwargs)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:

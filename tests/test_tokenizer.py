@@ -141,3 +141,13 @@ def test_token_stream_through_detokenizer_and_parser(tok):
     calls = [(e.name, json.loads(e.arguments)) for e in events if isinstance(e, cf.ToolCallEvent)]
     assert (reasoning, content) == ("Plan: call it.", "Checking the weather.")
     assert calls == [("get_weather", {"city": "Zürich 🌧", "days": 2})] and parser.done
+
+
+def test_corrupt_or_missing_tokenizer_file_is_a_named_value_error(tmp_path):
+    from mlx_dsv4.tokenizer import Tokenizer, TokenizerError
+
+    with pytest.raises(TokenizerError, match="no tokenizer file"):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.json'} is not a readable tokenizer"):
+        Tokenizer.from_dir(tmp_path)
