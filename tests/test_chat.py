@@ -1,13 +1,16 @@
 """`dsv4 chat` without a terminal: the conversation, its turns and the slash commands."""
 
+import contextlib
+import dataclasses
 import json
 import os
 
 import pytest
 
 from conftest import build_model
-from mlx_dsv4.chat import Chat, Done, apply_command, parse_command
-from mlx_dsv4.chat_format import ContentDelta, ReasoningDelta
+from mlx_dsv4.chat import (Chat, Done, Trimmed, TurnError, apply_command, clean_text, message_text,
+                           parse_command)
+from mlx_dsv4.chat_format import BUILTIN, ContentDelta, ReasoningDelta
 from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.session import Session
 from mlx_dsv4.synthetic import random_weights, tiny_config
@@ -119,3 +122,179 @@ def test_stop_request_ends_the_turn_cleanly(chat):
     # The session stays usable and consistent after the stop.
     assert len(chat.session.tokens) == chat.session.cache[0].offset
     assert isinstance(turn(chat, "again")[-1], Done)
+
+
+@pytest.fixture
+def small_chat(model, tokenizer):
+    """A 256-token context: a few turns outgrow it."""
+    return Chat(Session(model, tokenizer, max_context=256), tokenizer,
+                sampling={"temperature": 0.0, "max_tokens": 8}, thinking=False)
+
+
+def test_undecodable_input_is_sent_as_replacement_characters(chat):
+    # prompt-toolkit hands over a 0xFF byte as the surrogate escape U+DCFF, which the tokenizer
+    # refuses; the chat sends U+FFFD instead and goes on.
+    chat.sampling["max_tokens"] = 2
+    assert clean_text("a\udcffb") == "a\ufffdb" and clean_text("\udce2\udc82\udcac") == "€"
+    assert clean_text("\ud800") == "?"  # a lone surrogate outside the escape range
+    assert isinstance(turn(chat, "\udcff")[-1], Done)
+    assert chat.messages[0]["content"] == "\ufffd"
+    assert isinstance(turn(chat, "and now?")[-1], Done)
+
+
+def test_outgrowing_the_context_leaves_out_the_oldest_turns(small_chat, tmp_path):
+    chat, said = small_chat, "a few words about the weather today " * 3
+    events = []
+    for i in range(12):
+        events = turn(chat, f"{i} {said}")
+        if isinstance(events[0], Trimmed):
+            break
+    else:
+        pytest.fail("the conversation never outgrew 256 tokens")
+    trimmed, done = events[0], events[-1]
+    assert trimmed.turns >= 1 and trimmed.context == 256 and trimmed.first == chat.first > 0
+    # The model reads the latest turns only, whole turns, and the prompt left room to reuse.
+    assert chat.conversation()[0] == {"role": "user", "content": f"{trimmed.turns} {said}"}
+    assert trimmed.prompt_tokens == done.chunk.prompt_tokens <= 128
+    assert done.finish_reason == "length" and done.chunk.generation_tokens == 8
+    # Everything stays for /save.
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == [f"{n} {said}" for n in range(i + 1)]
+    f = tmp_path / "all.json"
+    apply_command(chat, parse_command(f"/save {f}"), {})
+    assert len(json.loads(f.read_text())["messages"]) == 2 * (i + 1)
+    # The next turn reuses the trimmed prompt's cache instead of trimming again.
+    events = turn(chat, "next")
+    assert not isinstance(events[0], Trimmed) and events[-1].chunk.reused_tokens > 0
+    # /reset forgets the trim too.
+    apply_command(chat, parse_command("/reset"), {})
+    assert chat.first == 0 and chat.conversation() == []
+
+
+def test_a_message_that_cannot_fit_is_refused_and_the_chat_goes_on(small_chat):
+    chat = small_chat
+    turn(chat, "hello")
+    before = [dict(m) for m in chat.messages]
+    with pytest.raises(TurnError, match=r"This message needs [\d,]+ tokens, and the 256-token context "
+                                        r"must also keep 8 for the reply"):
+        turn(chat, "long text " * 200)
+    assert chat.messages == before and chat.first == 0
+    chat.system = "Be brief. " * 200
+    with pytest.raises(TurnError, match="The system prompt and this message need .*/system"):
+        turn(chat, "hi")
+    chat.system = None
+    events = turn(chat, "short again")
+    assert events[-1].chunk.reused_tokens > 0  # the refused turns touched neither history nor cache
+
+
+def test_a_failing_turn_keeps_the_conversation(chat, monkeypatch):
+    chat.sampling["max_tokens"] = 3
+    turn(chat, "hello")
+    before = [dict(m) for m in chat.messages]
+    real = chat.session.generate
+
+    def broken(ids, **kwargs):
+        with contextlib.closing(real(ids, **kwargs)) as stream:
+            yield next(stream)
+            raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(chat.session, "generate", broken)
+    with pytest.raises(RuntimeError, match="went away"):
+        turn(chat, "and this?")
+    assert chat.messages == before
+    assert chat.session.tokens == []  # half-written pools are not trusted again
+    monkeypatch.undo()
+    assert isinstance(turn(chat, "and this?")[-1], Done)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 2
+
+
+def test_a_reader_that_stops_early_leaves_the_conversation_as_it_was(chat):
+    chat.sampling["max_tokens"] = 20
+    stream = chat.send("hello")
+    next(stream)
+    stream.close()
+    assert chat.messages == []
+    assert isinstance(turn(chat, "hello")[-1], Done)
+
+
+def test_effort_lists_only_the_checkpoints_levels(chat):
+    chat.encoding = dataclasses.replace(BUILTIN, version="preview",
+                                        efforts={None: "", "high": "", "max": "Think hard."})
+    msg = apply_command(chat, parse_command("/effort bogus"), {})
+    assert msg == "Unknown effort 'bogus'; this checkpoint accepts high, max (or default)."
+    assert chat.effort is None
+    assert apply_command(chat, parse_command("/effort MAX"), {}) == "Reasoning effort: max."
+    assert apply_command(chat, parse_command("/effort default"), {}).endswith("default.")
+    assert chat.effort is None
+
+
+def test_a_double_slash_sends_one_slash():
+    assert parse_command("//etc/hosts is a file") is None
+    assert message_text("//etc/hosts is a file") == "/etc/hosts is a file"
+    assert message_text("  //x") == "/x" and message_text("a // b") == "a // b"
+    assert message_text("/// three") == "// three"
+    # Arguments follow any whitespace, a newline from Alt-Enter included.
+    assert parse_command("/system\nBe brief.\nAlways.") == parse_command("/system Be brief.\nAlways.")
+    assert parse_command("/") == parse_command("/   ")
+
+
+def test_double_slash_message_reaches_the_model_with_one_slash(chat):
+    chat.sampling["max_tokens"] = 1
+    turn(chat, message_text("//help me"))
+    assert chat.messages[0]["content"] == "/help me"
+
+
+def test_bad_command_arguments_get_one_line_and_change_nothing(chat, tmp_path):
+    chat.system, chat.messages = "Keep me.", [{"role": "user", "content": "kept"}]
+    state = (chat.system, [dict(m) for m in chat.messages], chat.thinking, chat.effort)
+    (tmp_path / "broken.json").write_text('{"messages": [')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "role.json").write_text('{"messages": [{"role": "wizard", "content": "x"}]}')
+    (tmp_path / "shape.json").write_text('{"messages": ["hi"]}')
+    (tmp_path / "types.json").write_text('{"messages": [], "thinking": "yes"}')
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00junk")
+    (tmp_path / "file").write_text("")
+    cases = {
+        f"/load {tmp_path}/missing.json": "No such file or directory",
+        f"/load {tmp_path}": "Is a directory",
+        f"/load {tmp_path}/broken.json": "not JSON",
+        f"/load {tmp_path}/list.json": "not a saved conversation",
+        f"/load {tmp_path}/role.json": "cannot render it: message 0 has role 'wizard'",
+        f"/load {tmp_path}/shape.json": "message 1 is not an object",
+        f"/load {tmp_path}/types.json": '"thinking" true or false',
+        f"/load {tmp_path}/binary.json": "not a text file",
+        f"/save {tmp_path}/file/under/a/file.json": "Could not save",
+        f"/save {tmp_path}": "Could not save",
+        "/load": "Usage: /load FILE",
+        "/save": "Usage: /save FILE",
+        "/think maybe": "Usage: /think on|off",
+        "/reasoning loud": "Usage: /reasoning show|hide",
+        "/": "/help lists them",
+    }
+    for line, expected in cases.items():
+        msg = apply_command(chat, parse_command(line), {})
+        assert expected in msg and "\n" not in msg, (line, msg)
+        assert (chat.system, chat.messages, chat.thinking, chat.effort) == state, line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left
+    chat.sampling["max_tokens"] = 2
+    assert isinstance(turn(chat, "still answering?")[-1], Done)
+
+
+def test_system_prompt_edge_cases(chat):
+    view = {}
+    assert apply_command(chat, parse_command("/system    "), view) == "System prompt cleared."
+    assert chat.system is None
+    apply_command(chat, parse_command("/system \udcffhi\nthere  "), view)
+    assert chat.system == "\ufffdhi\nthere"
+    assert apply_command(chat, parse_command("/SYSTEM"), view) == "System prompt cleared."
+    assert chat.system is None
+
+
+def test_save_keeps_the_raw_text_and_load_cleans_escapes(chat, tmp_path):
+    chat.messages = [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "\x1b[31mred\x1b[0m", "reasoning_content": "\x07"}]
+    f = tmp_path / "c.json"
+    apply_command(chat, parse_command(f"/save {f}"), {})
+    assert json.loads(f.read_text(encoding="utf-8"))["messages"][1]["content"] == "\x1b[31mred\x1b[0m"
+    f.write_text('{"messages": [{"role": "user", "content": "\\udcff"}]}')
+    assert apply_command(chat, parse_command(f"/load {f}"), {}).startswith("Loaded")
+    assert chat.messages == [{"role": "user", "content": "\ufffd"}]
