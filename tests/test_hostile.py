@@ -40,10 +40,10 @@ class Live:
         return self.proc.poll() is None
 
 
-def start_server(model: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str | None]:
+def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str | None]:
     """`dsv4 serve` in a subprocess; (process, base URL once uvicorn says it runs, else None)."""
     cmd = [sys.executable, "-m", "mlx_dsv4.cli", "serve", str(model), "--port", "0",
-           "--max-context", str(CONTEXT), "--model-id", MODEL_ID, "--api-key", KEY, *extra]
+           "--max-context", str(CONTEXT), "--model-id", MODEL_ID, "--api-key", KEY]
     with log.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 90
