@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ import uvicorn
 from conftest import build_model
 from mlx_dsv4 import chat_format
 from mlx_dsv4.config import ModelArgs
-from mlx_dsv4.generate import stream_generate
+from mlx_dsv4.generate import Chunk, ContextError, stream_generate
 from mlx_dsv4.serve.app import create_app
 from mlx_dsv4.serve.engine import Engine
 from mlx_dsv4.serve.protocol import ServerConfig
@@ -125,6 +126,10 @@ class ScriptedBackend:
     def generate(self, ids, **kw):
         prompt = self.tok.decode(ids).removeprefix("<｜begin▁of▁sentence｜>")
         self.calls.append(SimpleNamespace(prompt=prompt, ids=list(ids), kw=kw))
+        if "refuse" in prompt:  # as the generator and the session refuse, before any work
+            raise ContextError(len(ids), kw["max_tokens"], self.max_context, 8192)
+        if "bad id" in prompt:
+            raise ValueError("token id 999999 at position 3 is outside the vocabulary (129,280 ids)")
         tokens = self.tok.encode(script(prompt), allow_control=True) + [EOS]
         model = ScriptModel(tokens, len(ids), delay=0.01 if "slow" in prompt else 0.0)
         cache = [SimpleNamespace(offset=0, state=[])]
@@ -180,7 +185,8 @@ def start(load, tokenizer, encoding, max_context, **kw):
 @pytest.fixture(scope="module")
 def scripted(tokenizer, encoding):
     backend = ScriptedBackend(tokenizer, max_context=4096)
-    engine, config, server = start(lambda: backend, tokenizer, encoding, 4096, ping=0.2)
+    engine, config, server = start(lambda: backend, tokenizer, encoding, 4096, ping=0.2,
+                                   largest_context=8192)
     server.backend, server.engine = backend, engine
     yield server
     server.close()
@@ -337,7 +343,8 @@ def test_c12_c13_unknown_fields_and_model(client):
                  verbosity="low", user="me", safety_identifier="x")
     r = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Say hi"}],
                                        extra_body=extra)
-    assert r.model == "gpt-4o" and r.choices[0].message.content
+    # Any name is served by the loaded model, and the reply says which model that was.
+    assert r.model == M and r.choices[0].message.content
 
 
 # ----- budgets, stop, sampling ------------------------------------------------------------------
@@ -578,6 +585,20 @@ def test_c38_tool_choice(client, scripted):
                 assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == PARIS
 
 
+def test_legacy_functions_and_allowed_tools(client, scripted):
+    fn = WEATHER["function"]
+    r = client.chat.completions.create(model=M, extra_body=OFF, functions=[fn],
+                                       function_call={"name": "get_weather"},
+                                       messages=[{"role": "user", "content": "Say hi"}])
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert last_call(scripted).prompt.endswith('invoke name="get_weather">\n')
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_weather"}}]}}
+    r = weather(client, "Say hi", tools=[NOTE, WEATHER], tool_choice=allowed, extra_body=OFF)
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert "write_note" not in last_call(scripted).prompt
+
+
 def test_c39_c40_argument_round_trip(client):
     r = weather(client, "Write a note", tools=[NOTE])
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"text": NOTE_TEXT}
@@ -655,9 +676,15 @@ def test_c46_context_overflow(client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, "word " * 5000)
     assert e.value.code == "context_length_exceeded" and "maximum context length" in e.value.message
+    assert e.value.param == "messages" and "your messages resulted in" in e.value.message
+    assert e.value.message.endswith("The largest context that fits this machine is 8,192 tokens; start "
+                                    "the server with --max-context 8192 to use it.")
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, "word " * 5000, stream=True)
     assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=M, prompt="word " * 5000)
+    assert e.value.param == "prompt" and "your prompt resulted in" in e.value.message
 
 
 def test_c47_image_part(client):
@@ -855,3 +882,79 @@ def test_seen_finds_a_marker_split_at_every_boundary():
             assert "</think>" in "".join((text[:cut], text[cut:cut2], text[cut2:])[: first + 1])
             assert "</think>" not in "".join((text[:cut], text[cut:cut2], text[cut2:])[:first])
     assert not Seen("</think>").feed("no marker </thin")
+
+
+# ----- hardening (issue 9) ----------------------------------------------------------------------
+
+def test_a_backend_refusal_is_a_400_not_a_500(client):
+    """The generator and the session raise ValueError for a request they cannot run (a token id
+    outside the vocabulary, a context that does not fit): the client's fault, said as such."""
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "bad id")
+    assert e.value.type == "invalid_request_error" and "999999 at position 3" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "refuse")
+    assert e.value.code == "context_length_exceeded"
+    assert "the largest context that fits this machine is 8,192 tokens" in e.value.message
+    with pytest.raises(openai.APIError) as e:  # headers are sent: the error is the stream's last event
+        list(stream(client, "bad id"))
+    assert e.value.body["type"] == "invalid_request_error" and "999999" in e.value.message
+    assert chat(client).choices[0].message.content == "Hi!"
+
+
+class Gated:
+    """A backend that holds every reply until `gate` opens."""
+
+    max_context = 4096
+
+    def __init__(self):
+        self.gate, self.started = threading.Event(), threading.Event()
+
+    def generate(self, ids, **kw):
+        self.started.set()
+        assert self.gate.wait(30)
+        yield Chunk(text="ok", token=20, finish_reason="length", prompt_tokens=len(ids), generation_tokens=1)
+
+
+def test_the_queue_bound_is_exact_and_its_message_true(tokenizer, encoding):
+    backend = Gated()
+    engine = Engine(lambda: backend, max_queue=2).start()
+    server = Running(create_app(engine, ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096,
+                                                     encoding=encoding)))
+
+    def post():
+        return httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            running = pool.submit(post)
+            assert backend.started.wait(30)  # one is served; two may wait; four are turned away
+            rest = [pool.submit(post) for _ in range(6)]
+            deadline = time.monotonic() + 30
+            while sum(f.done() for f in rest) < 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused = [f for f in rest if f.done()]
+            assert len(refused) == 4 and all(f.result().status_code == 429 for f in refused)
+            for r in (f.result() for f in refused):
+                assert r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"]
+                assert r.json()["error"]["message"].startswith("2 requests are already waiting")
+            backend.gate.set()
+            served = [running.result()] + [f.result() for f in rest if f not in refused]
+        assert [r.status_code for r in served] == [200, 200, 200]
+    finally:
+        backend.gate.set()
+        server.close()
+        engine.stop()
+
+
+def test_long_prefills_log_their_progress(caplog):
+    from mlx_dsv4.serve.engine import PrefillLog
+
+    now = [0.0]
+    report = PrefillLog(every=2.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="mlx_dsv4.serve"):
+        for now[0], done in ((0.5, 512), (1.9, 1024), (2.0, 1536), (3.0, 2048), (4.1, 4096), (9.0, 20000)):
+            report(done, 20000)
+    assert [r.getMessage() for r in caplog.records] == ["prefill 1536/20000 tokens, 768 tok/s, ~24 s left",
+                                                        "prefill 4096/20000 tokens, 999 tok/s, ~16 s left"]

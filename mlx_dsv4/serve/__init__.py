@@ -23,6 +23,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     maximum; a given value that does not fit is refused with the planner's verdict.
     """
     from ..chat_format import load_encoding
+    from ..config import ModelArgs
     from ..plan import apply_wired_limit, plan_context
     from ..session import Session
     from ..tokenizer import Tokenizer
@@ -37,9 +38,11 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     if wired:
         log.warning("%s", wired)
     tokenizer = Tokenizer.from_dir(path)
+    args = ModelArgs.from_file(path)
     config = ServerConfig(model_id=model_id or path.name, tokenizer=tokenizer, max_context=max_context,
                           encoding=load_encoding(path), api_key=api_key, thinking=thinking,
-                          exact_sampling=exact_sampling)
+                          exact_sampling=exact_sampling, vocab_size=args.vocab_size,
+                          largest_context=min(plan.largest_context, args.max_position_embeddings))
 
     def load():  # on the engine's thread: MLX streams are per thread
         return Session(load_model(path), tokenizer, max_context=max_context,
@@ -54,20 +57,42 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
           max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
           log_level: str = "info"):
-    """`create_server`, then run uvicorn until interrupted."""
+    """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
+    to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound."""
     import uvicorn
 
+    from ..config import ConfigError
+    from ..weights import LoadError
+
+    _log_to_stderr(log_level)
     engine, app, config = create_server(model_path, api_key=api_key, max_context=max_context,
                                         model_id=model_id, kv_bits=kv_bits,
                                         prefill_chunk=prefill_chunk, thinking=thinking,
                                         exact_sampling=exact_sampling)
+    log.info("loading %s", model_path)
     engine.start()
-    log.warning("serving %s as %r on http://%s:%d/v1 with %s tokens of context",
-                model_path, config.model_id, host, port, f"{config.max_context:,}")
     try:
+        engine.loaded.wait()
+        if (e := engine.error) is not None:
+            if isinstance(e, (LoadError, ConfigError)):
+                raise e
+            raise SystemExit(f"error: could not load {model_path}: {type(e).__name__}: {e}")
+        log.info("serving %s as %r on http://%s:%d/v1 with %s tokens of context",
+                 model_path, config.model_id, host, port, f"{config.max_context:,}")
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.stop()
+
+
+def _log_to_stderr(level: str):
+    """The server's own lines (loading, prefill progress, failures) beside uvicorn's."""
+    logger = logging.getLogger("mlx_dsv4")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
 
 
 __all__ = ["create_server", "serve"]

@@ -1,7 +1,9 @@
 """The FastAPI app: routes, errors in OpenAI's shape, CORS, auth, SSE (protocol.md B1-B8).
 
 Handlers parse, call one function of `protocol`, render. Every route also answers without the
-`/v1` prefix, with a trailing slash or doubled slashes, and ignores the query string.
+`/v1` prefix, with a trailing slash or doubled slashes, and ignores the query string. A body
+larger than the context could need is refused before it is parsed; a stream cut by the server's
+shutdown ends with an error event.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import asyncio
 import json
 import logging
 import re
+import secrets
+import time
 
-from fastapi import Depends, FastAPI, Request
+import anyio
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -19,26 +24,20 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..generate import ContextError
 from . import protocol
-from .engine import Busy, Engine
-from .protocol import APIError, ChatRequest, CompletionRequest, ServerConfig
+from .engine import Busy, Engine, Job, Refused, Stopped
+from .protocol import ServerConfig
+from .schema import APIError, ChatRequest, CompletionRequest, invalid
 
 log = logging.getLogger("mlx_dsv4.serve")
 OPEN = ("/health", "/healthz")  # answered without an API key
+SHUTDOWN_GRACE = 2.0  # seconds a stream has to send its last event when the server stops
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    async def check_key(request: Request):
-        if config.api_key and request.url.path not in OPEN:
-            h = request.headers
-            scheme, _, bearer = h.get("authorization", "").strip().partition(" ")
-            bearer = bearer.strip() if scheme.lower() == "bearer" else ""  # schemes ignore case
-            if config.api_key not in (h.get("x-api-key"), h.get("api-key"), bearer):
-                raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-    app = FastAPI(title="mlx-dsv4", docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(check_key)])
-    app.add_middleware(_Edge)
+    app = FastAPI(title="mlx-dsv4", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Edge, max_body=config.max_body, api_key=config.api_key)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["*"], allow_private_network=True)
     _errors(app)
@@ -66,22 +65,22 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         cj = await run_in_threadpool(protocol.chat_job, req, config)
         reply = protocol.ChatReply(cj, config.tokenizer)
         deltas = protocol.chat_deltas(_submit(engine, cj.job), reply)
-        env = protocol.envelope("chat.completion.chunk", req.model or config.model_id)
+        env = protocol.envelope("chat.completion.chunk", config.model_id)
         headers = {"x-reasoning-effort": cj.effort} if cj.effort else {}
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(protocol.chat_chunks(deltas, env, usage), config, headers)
+            return _sse(protocol.chat_chunks(deltas, env, usage), cj.job, config, headers)
         return await _json(request, protocol.fold_chat(deltas, env, req.logprobs), headers)
 
     @app.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
         job = await run_in_threadpool(protocol.completion_job, req, config)
         reply = protocol.CompletionReply(job, req, config.tokenizer)
-        env = protocol.envelope("text_completion", req.model or config.model_id)
+        env = protocol.envelope("text_completion", config.model_id)
         chunks = _submit(engine, job)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(reply.chunks(chunks, env, usage), config)
+            return _sse(reply.chunks(chunks, env, usage), job, config)
         return await _json(request, reply.fold(chunks, env))
 
     return app
@@ -94,6 +93,17 @@ def _submit(engine: Engine, job):
         raise APIError(429, str(e), type="rate_limit_error", headers={"Retry-After": "5"}) from e
 
 
+def _client_error(e: Exception) -> APIError | None:
+    """What the client is told of an error from the engine or the reply's adapters; None for a
+    failure of the server's own (answered as a 500)."""
+    if isinstance(e, Refused):
+        code = "context_length_exceeded" if isinstance(e.error, ContextError) else None
+        return APIError(400, str(e), code=code)
+    if isinstance(e, Stopped):
+        return APIError(503, str(e), type="server_error")
+    return e if isinstance(e, APIError) else None
+
+
 async def _json(request: Request, fold, headers: dict | None = None) -> Response:
     """The non-streaming reply; if the client leaves first, its generation is cancelled."""
     task = asyncio.ensure_future(fold)
@@ -102,26 +112,38 @@ async def _json(request: Request, fold, headers: dict | None = None) -> Response
             await asyncio.wait({task}, timeout=0.5)
             if not task.done() and await request.is_disconnected():
                 return Response(status_code=499)  # nginx's "client closed request"
+        if (e := task.exception()) is not None:
+            raise _client_error(e) or e
         return JSONResponse(task.result(), headers=headers)
     finally:
         task.cancel()
 
 
-def _sse(objects, config: ServerConfig, headers: dict | None = None) -> EventSourceResponse:
+def _sse(objects, job: Job, config: ServerConfig, headers: dict | None = None) -> EventSourceResponse:
+    shutdown = anyio.Event()  # set by sse-starlette when uvicorn is told to exit
+
+    async def interrupt():
+        await shutdown.wait()
+        job.emit(Stopped("The server is shutting down; this reply was cut short."))
+
     async def events():
+        watch = asyncio.ensure_future(interrupt())
         try:
             async for obj in objects:
                 yield json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-        except APIError as e:
-            yield json.dumps(e.body())
         except Exception as e:  # headers are sent: the error goes in the stream (B2)
-            log.exception("stream failed")
-            yield json.dumps(APIError(500, str(e) or type(e).__name__, type="server_error").body())
+            if (error := _client_error(e)) is None:
+                log.exception("stream failed")
+                error = APIError(500, str(e) or type(e).__name__, type="server_error")
+            yield json.dumps(error.body())
         else:
             yield "[DONE]"
+        finally:
+            watch.cancel()
 
     return EventSourceResponse(events(), ping=config.ping, sep="\n",
-                               headers={"Cache-Control": "no-cache", **(headers or {})})
+                               headers={"Cache-Control": "no-cache", **(headers or {})},
+                               shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE)
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -134,27 +156,37 @@ def _errors(app: FastAPI):
         return _error(e)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-        return _error(APIError(400, f"{where}: {first.get('msg', 'invalid request body')}", param=where))
+    async def malformed(request, e: RequestValidationError):
+        errors = e.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            why = errors[0].get("ctx", {}).get("error", "")
+            return _error(APIError(400, f"The request body is not valid JSON: {why} at character "
+                                   f"{errors[0]['loc'][-1]}."))
+        return _error(invalid([dict(err, loc=err["loc"][1:]) for err in errors]))
 
     @app.exception_handler(HTTPException)
     async def http(request, e: HTTPException):
+        path = request.scope.get("original_path", request.url.path)
         if e.status_code == 404:
-            path = request.scope.get("original_path", request.url.path)
             return _error(APIError(404, f"Invalid URL ({request.method} {path})"))
+        if e.status_code == 405:
+            return _error(APIError(405, f"{request.method} is not allowed on {path}; allowed: "
+                                   f"{e.headers.get('Allow', 'none')}.", headers=e.headers))
+        if e.status_code == 400 and e.__cause__ is not None:  # FastAPI could not decode the body
+            why = "it is nested too deeply" if isinstance(e.__cause__, RecursionError) else e.__cause__
+            return _error(APIError(400, f"The request body is not valid JSON: {why}."))
         return _error(APIError(e.status_code, str(e.detail)))
 
 
 class _Edge:
     """Route on a normalised path (no `/v1` prefix, single slashes, no trailing slash), read
-    every POST body as JSON whatever its Content-Type says (B1), and answer an unexpected
-    failure with a 500 in the error shape. (A Starlette handler for `Exception` re-raises
-    after answering, and uvicorn then drops the kept-alive connection.)"""
+    every POST body as JSON whatever its Content-Type says (B1), refuse a body over `max_body`
+    bytes before parsing it, check the API key before anything looks at the body, and answer
+    an unexpected failure with a 500 in the error shape. (A Starlette handler for `Exception`
+    re-raises after answering, and uvicorn then drops the kept-alive connection.)"""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, max_body: int, api_key: str | None):
+        self.app, self.max_body, self.api_key = app, max_body, api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -163,9 +195,19 @@ class _Edge:
         if path == "/v1" or path.startswith("/v1/"):
             path = path[3:] or "/"
         headers = scope["headers"]
-        if scope["method"] == "POST" and b"json" not in dict(headers).get(b"content-type", b""):
+        if scope["method"] == "POST":
             headers = [h for h in headers if h[0] != b"content-type"]
             headers.append((b"content-type", b"application/json"))
+            body = await _read_body(receive, self.max_body, dict(headers).get(b"content-length"))
+            if body is None:
+                error = APIError(413, f"The request body is larger than the {self.max_body:,} bytes "
+                                 "this server accepts (an amount sized to its context).",
+                                 headers={"Connection": "close"})
+                return await _error(error)(scope, receive, send)
+            receive = _replay(body, receive)
+        if self.api_key and path not in OPEN and not _has_key(dict(headers), self.api_key):
+            error = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+            return await _error(error)(scope, receive, send)
         scope = dict(scope, path=path, raw_path=path.encode(), original_path=scope["path"], headers=headers)
         started = False
 
@@ -183,3 +225,45 @@ class _Edge:
             error = APIError(500, str(e) or type(e).__name__, type="server_error",
                              headers={"x-should-retry": "false"})
             await _error(error)(scope, receive, send)
+
+
+def _has_key(headers: dict[bytes, bytes], key: str) -> bool:
+    """The key as a bearer token (any case of "Bearer"), or in `x-api-key` or `api-key` (B1);
+    compared in constant time."""
+    scheme, _, bearer = headers.get(b"authorization", b"").strip().partition(b" ")
+    sent = [bearer.strip()] if scheme.lower() == b"bearer" else []
+    sent += [headers[h] for h in (b"x-api-key", b"api-key") if h in headers]
+    return any([secrets.compare_digest(s, key.encode()) for s in sent])
+
+
+async def _read_body(receive, limit: int, declared: bytes | None) -> bytes | None:
+    """The whole body, or None when it is over `limit` bytes: at once if its Content-Length says
+    so; else, once past the limit, nothing more is kept and what the client still sends is read
+    and dropped for up to a second, so that it gets to read the 413 before the connection closes."""
+    if declared is not None and int(declared) > limit:
+        return None
+    parts, size, more, deadline = [], 0, True, None
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client left; the app finds out when it next listens
+        chunk, more = message.get("body", b""), message.get("more_body", False)
+        size += len(chunk)
+        if size <= limit:
+            parts.append(chunk)
+            continue
+        parts, deadline = [], deadline or time.monotonic() + 1.0
+        if time.monotonic() > deadline:
+            break
+    return b"".join(parts) if size <= limit else None
+
+
+def _replay(body: bytes, receive):
+    """`receive` for an app that reads a body already read: the body once, then the live channel
+    (where the app hears of a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+
+    return replay

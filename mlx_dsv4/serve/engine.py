@@ -1,19 +1,22 @@
 """The engine: one thread that owns the model, the session and all MLX work.
 
 MLX streams are thread-local, so the generator never runs on the event loop or in a threadpool.
-Requests (`Job`s) are queued and served one at a time, in order; each carries the event loop and
-an `asyncio.Queue` that the thread fills with `loop.call_soon_threadsafe`. Cancellation is a
-per-job `threading.Event` (set when the consumer goes away), checked between tokens and between
-prefill chunks. The engine knows token ids and `Chunk`s, not HTTP or the chat format.
+Requests (`Job`s) are queued when submitted (at most `max_queue` waiting) and served one at a
+time, in order; each carries the event loop and an `asyncio.Queue` that the thread fills with
+`loop.call_soon_threadsafe`. Cancellation is a per-job `threading.Event` (set when the consumer
+goes away, or is dropped unread), checked between tokens and between prefill chunks. The engine
+knows token ids and `Chunk`s, not HTTP or the chat format.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-import queue
 import threading
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
@@ -40,6 +43,19 @@ class Busy(Exception):
     pass
 
 
+class Refused(Exception):
+    """The backend refused a job before generating anything: it raised `ValueError` (a token id
+    outside the vocabulary, a context that does not fit), so the request, not the server, is at fault."""
+
+    def __init__(self, error: ValueError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class Stopped(Exception):
+    pass
+
+
 @dataclass
 class Job:
     """A prompt and its sampling parameters; subclasses may run several generations."""
@@ -56,10 +72,29 @@ class Job:
 _END = object()
 
 
+class PrefillLog:
+    """Logs a long prefill's progress at INFO, at most every `every` seconds, from the first
+    `every` seconds on: "prefill 4096/20000 tokens, 210 tok/s, ~66 s left"."""
+
+    def __init__(self, every: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.every, self.clock = every, clock
+        self.start = self.last = clock()
+
+    def __call__(self, done: int, total: int):
+        now = self.clock()
+        if 0 < done < total and now - self.last >= self.every:
+            self.last = now
+            rate = done / (now - self.start)
+            log.info("prefill %d/%d tokens, %.0f tok/s, ~%.0f s left", done, total, rate,
+                     (total - done) / rate)
+
+
 class Engine:
     def __init__(self, load: Callable[[], Backend], max_queue: int = 64):
         self._load, self.max_queue = load, max_queue
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._changed = threading.Condition()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self.backend: Backend | None = None
         self.error: BaseException | None = None
@@ -71,24 +106,40 @@ class Engine:
 
     def start(self) -> "Engine":
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="dsv4-engine", daemon=True)
             self._thread.start()
         return self
 
     def stop(self, timeout: float = 10.0):
+        """Finish the job being served; jobs still waiting get an error."""
         if self._thread is not None:
-            self._jobs.put(None)
+            with self._changed:
+                self._stopping = True
+                self._changed.notify()
             self._thread.join(timeout)
             self._thread = None
+
+    def _next(self) -> Job | None:
+        with self._changed:
+            while not self._waiting and not self._stopping:
+                self._changed.wait()
+            if self._stopping:
+                for job in self._waiting:
+                    job.emit(Stopped("The server is shutting down."))
+                    job.emit(_END)
+                self._waiting.clear()
+                return None
+            return self._waiting.popleft()
 
     def _run(self):
         try:
             self.backend = self._load()
-        except BaseException as e:  # reported by /health and to every request
-            log.exception("loading the model failed")
+        except BaseException as e:  # reported by /health, to every request, and by `serve`
+            log.debug("loading the model failed", exc_info=e)
             self.error = e
         self.loaded.set()
-        while (job := self._jobs.get()) is not None:
+        while (job := self._next()) is not None:
             if self.error is not None:
                 job.emit(self.error)
             elif not job.cancel.is_set():
@@ -96,30 +147,37 @@ class Engine:
             job.emit(_END)
 
     def _serve(self, job: Job):
+        report = PrefillLog()
+
         def progress(done: int, total: int):
             if job.cancel.is_set():
                 raise Cancelled
+            report(done, total)
 
+        generated = False
         try:
             with contextlib.closing(iter(job.run(self.backend, progress=progress))) as chunks:
                 for chunk in chunks:
+                    generated = generated or chunk.token is not None
                     job.emit(chunk)
                     if job.cancel.is_set():
                         break
         except Cancelled:
             pass
+        except ValueError as e:
+            if generated:
+                log.exception("generation failed")
+            else:
+                log.info("refused: %s", e)
+            job.emit(e if generated else Refused(e))
         except Exception as e:
             log.exception("generation failed")
             job.emit(e)
 
     def submit(self, job: Job) -> AsyncIterator[Chunk]:
-        """Chunks of `job`, queued on first iteration; leaving the iterator early cancels it.
-        Raises `Busy` at once when the queue is full."""
-        if self._jobs.qsize() >= self.max_queue:
-            raise Busy(f"{self._jobs.qsize()} requests are waiting; try again shortly.")
-        return self._drain(job)
-
-    async def _drain(self, job: Job) -> AsyncIterator[Chunk]:
+        """Queue `job` and return its chunks; leaving the iterator early, or dropping it unread,
+        cancels the job. Raises `Busy` when `max_queue` jobs are already waiting. Call it on the
+        event loop that will read the chunks."""
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(item):
@@ -127,7 +185,19 @@ class Engine:
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
 
         job.emit = emit
-        self._jobs.put(job)
+        with self._changed:
+            live = [j for j in self._waiting if not j.cancel.is_set()]
+            self._waiting = collections.deque(live)  # abandoned jobs do not count
+            if len(live) >= self.max_queue:
+                raise Busy(f"{len(live)} requests are already waiting, as many as this server "
+                           "queues; try again shortly.")
+            self._waiting.append(job)
+            self._changed.notify()
+        chunks = self._drain(job, inbox)
+        weakref.finalize(chunks, job.cancel.set)
+        return chunks
+
+    async def _drain(self, job: Job, inbox: asyncio.Queue) -> AsyncIterator[Chunk]:
         try:
             while (item := await inbox.get()) is not _END:
                 if isinstance(item, BaseException):

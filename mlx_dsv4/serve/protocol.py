@@ -1,7 +1,7 @@
-"""OpenAI wire shapes and the adapters between them and the engine (protocol.md Part B).
+"""The adapters between OpenAI's wire shapes and the engine (protocol.md Part B).
 
-Requests: pydantic models (unknown fields allowed and ignored), message normalisation (B4.2),
-thinking/effort resolution (B4.3), tool choice (B4.4) -> an engine `Job`. Replies: `ChatReply`
+Requests (validated by `schema`): message normalisation (B4.2), thinking/effort resolution
+(B4.3), tool choice (B4.4), token ids and context checked -> an engine `Job`. Replies: `ChatReply`
 turns the engine's `Chunk`s into `Delta`s (reasoning, content, tool calls, finish, usage); the
 SSE stream renders each delta and the non-streaming reply is their fold.
 """
@@ -14,14 +14,12 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from .. import chat_format
-from ..generate import Chunk
-from ..generate import StopMatcher
+from ..generate import Chunk, StopMatcher
 from .engine import Job
+from .schema import APIError, ChatRequest, CompletionRequest, Part, ToolCall, check_ids
 
 log = logging.getLogger("mlx_dsv4.serve")
 
@@ -29,20 +27,8 @@ EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max", "ultra")
 TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
 BAN = -1e9  # logit bias that forbids a token
 MAX_EFFORT_CONTEXT = 393_216  # Think Max wants >= 384K of context (A6); below it, "high" is used
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape (B2)."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+# A token is ~4 bytes of text, up to ~12 as JSON \u escapes; 64 covers that and the structure.
+BODY_BYTES_PER_TOKEN, BODY_FLOOR = 64, 4 << 20
 
 
 @dataclass
@@ -57,106 +43,35 @@ class ServerConfig:
     ping: float = 15.0  # seconds between SSE keep-alive comments
     completion_max_tokens: int = 4096  # /v1/completions default budget (DeepSeek's FIM limit)
     exact_sampling: bool = False  # honour temperature/top_p/penalties in thinking mode too (B4.1)
+    vocab_size: int | None = None  # the model's (its embedding's rows); default: the tokenizer's
+    largest_context: int | None = None  # the largest context that fits this machine, if known
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_size or self.tokenizer.vocab_size
+
+    @property
+    def max_body(self) -> int:
+        """Bytes a request body may have: a full context of JSON-escaped text, with room to spare."""
+        return max(BODY_FLOOR, BODY_BYTES_PER_TOKEN * self.max_context)
 
     def card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "local",
                 "context_length": self.max_context, "max_model_len": self.max_context}
 
 
-class Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_absent(cls, data):
-        """`null` means "not given": OpenAI's schema makes optional fields nullable, and the
-        openai SDK sends `null` for a parameter passed as None."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class Message(Loose):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict] | None = None
-    tool_calls: list[dict] | None = None
-    tool_call_id: str | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None
-    thinking: str | None = None
-    prefix: bool = False
-
-
-class StreamOptions(Loose):
-    include_usage: bool = False
-
-
-class Sampling(Loose):
-    model: str = ""
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    logit_bias: dict[int, float] | None = None  # JSON keys are token-id strings
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
-
-    def sampling(self) -> dict:
-        if self.n > 1:
-            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per "
-                           "request.", code="unsupported_parameter", param="n")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        seed = None if self.seed is None else self.seed % 2**64  # any int64, as OpenAI takes it
-        return {"temperature": 1.0 if self.temperature is None else self.temperature,
-                "top_p": self.top_p or 0.0, "top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
-                "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty, "seed": seed, "stop": stop,
-                "logit_bias": dict(self.logit_bias or {})}
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool = True
-    reasoning_effort: str | None = None
-    thinking: dict | None = None
-    chat_template_kwargs: dict | None = None
-    reasoning: dict | None = None
-    functions: list[dict] | None = None
-    function_call: str | dict | None = None
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    suffix: str | None = None
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-
-
 # ----- requests -> jobs -------------------------------------------------------------------------
 
-def text_of(content, where: str) -> str:
+def text_of(content: str | list[Part] | None, where: str) -> str:
     """A message's content as one string; text parts joined with a blank line (B4.2)."""
     if content is None or isinstance(content, str):
         return content or ""
-    texts = []
-    for part in content:
-        kind = part.get("type", "text")
-        if kind not in TEXT_PARTS:
-            raise APIError(400, f"{where}: content parts of type {kind!r} are not supported; this "
-                           "model reads text only.", code="unsupported_content", param="messages")
-        texts.append(part.get("text") or part.get("refusal") or "")
-    return "\n\n".join(texts)
+    for j, part in enumerate(content):
+        if part.type not in TEXT_PARTS:
+            raise APIError(400, f"{where}.content[{j}]: content parts of type {part.type!r} are not "
+                           "supported; this model reads text only.", code="unsupported_content",
+                           param=f"{where}.content[{j}].type")
+    return "\n\n".join(part.text or part.refusal or "" for part in content)
 
 
 def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
@@ -202,13 +117,11 @@ def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
     return out
 
 
-def _call(c: dict) -> dict:
-    fn = c.get("function") or {}
-    args = fn.get("arguments")
+def _call(c: ToolCall) -> dict:
+    args = c.function.arguments
     if not isinstance(args, str):
         args = json.dumps(args if args is not None else {}, ensure_ascii=False)
-    return {"id": c.get("id") or "", "type": "function",
-            "function": {"name": fn.get("name", ""), "arguments": args}}
+    return {"id": c.id or "", "type": "function", "function": {"name": c.function.name, "arguments": args}}
 
 
 def resolve_thinking(req: ChatRequest, default: bool) -> tuple[bool, str | None]:
@@ -247,40 +160,55 @@ def encoder_effort(level: str, encoding) -> str | None:
     return level if getattr(encoding, "version", None) == "0731" or level == "max" else None
 
 
+def _named(ref) -> str | None:
+    """The tool a choice names: `{"function": {"name"}}`, or legacy and Responses-style `{"name"}`."""
+    fn = getattr(ref, "function", None)
+    return fn.name if fn else ref.name
+
+
 def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool]:
     """(tools to render, forced text or None, tools forbidden?) from tools and tool_choice (B4.4)."""
     tools = [t for t in req.tools or [] if t.get("type", "function") == "function" and "function" in t]
     tools += [{"type": "function", "function": f} for f in req.functions or []]
     choice = req.tool_choice if req.tool_choice is not None else req.function_call
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice.get("allowed_tools", {})
-        names = {(t.get("function") or t).get("name") for t in allowed.get("tools", [])}
-        tools = [t for t in tools if t["function"].get("name") in names]
-        choice = allowed.get("mode", "auto")
-    if not tools or choice in (None, "auto"):
+    if allowed := getattr(choice, "allowed_tools", None):
+        names = {_named(t) for t in allowed.tools}
+        tools = [t for t in tools if t["function"]["name"] in names]
+        choice = allowed.mode
+    if choice in (None, "auto"):
         return tools, None, False
     if choice == "none":
         return tools, None, True
+    name = choice if isinstance(choice, str) else _named(choice)
+    if not tools:
+        raise APIError(400, f"tool_choice asks for a tool call ({name!r}), but the request offers no "
+                       "tools.", param="tool_choice")
     opener = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\""
     if choice in ("required", "any"):
         return tools, opener, False
-    name = (choice.get("function") or choice).get("name") if isinstance(choice, dict) else None
-    if name not in {t["function"].get("name") for t in tools}:
+    if name not in {t["function"]["name"] for t in tools}:
         raise APIError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
     return tools, f'{opener}{name}">\n', False
 
 
-def context_error(prompt: int, limit: int) -> APIError:
-    return APIError(400, f"This model's maximum context length is {limit} tokens. However, your "
-                    f"messages resulted in {prompt} tokens. Please reduce the length of the messages.",
-                    code="context_length_exceeded", param="messages")
+def context_error(prompt: int, cfg: ServerConfig, what: str = "messages") -> APIError:
+    """OpenAI's wording, which agents match to compact their history (B2), then what would fit."""
+    limit, largest = cfg.max_context, cfg.largest_context
+    fits = ""
+    if largest:
+        fits = f" The largest context that fits this machine is {largest:,} tokens"
+        fits += f"; start the server with --max-context {largest} to use it." if largest > limit else "."
+    return APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
+                    f"resulted in {prompt} tokens. Please reduce the length of the {what}.{fits}",
+                    code="context_length_exceeded", param=what)
 
 
-def budget(prompt: int, asked: int | None, cfg: ServerConfig, default: int | None = None) -> int:
+def budget(prompt: int, asked: int | None, cfg: ServerConfig, default: int | None = None,
+           what: str = "messages") -> int:
     """Output budget: what was asked (or the default, or all that is left), clamped to the context."""
     room = cfg.max_context - prompt
     if room < 1:
-        raise context_error(prompt, cfg.max_context)
+        raise context_error(prompt, cfg, what)
     return min(asked or default or room, room)
 
 
@@ -361,7 +289,7 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
     except chat_format.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
     ids = tok.encode_segments(segments)
-    sampling = req.sampling()
+    sampling = req.sampling(cfg.vocab)
     if thinking and not cfg.exact_sampling:
         deepseek_compat(sampling)
     stop = sampling.pop("stop")
@@ -398,15 +326,16 @@ def completion_job(req: CompletionRequest, cfg: ServerConfig) -> Job:
         prompt = prompt[0]
     if isinstance(prompt, list):
         ids = list(prompt)
+        check_ids(ids, cfg.vocab, "prompt" if prompt is req.prompt else "prompt[0]")
     elif req.suffix:
         ids = tok.encode_segments(chat_format.fim_segments(prompt, req.suffix))
     else:  # raw text: FIM and chat token strings in it are tokens (B8)
         ids = tok.encode(prompt, allow_control=True)
     if not ids or ids[0] != tok.bos_token_id:
         ids = [tok.bos_token_id] + ids
-    sampling = req.sampling()
+    sampling = req.sampling(cfg.vocab)
     stops = token_ids(tok, chat_format.FIM_BEGIN, chat_format.FIM_HOLE, chat_format.FIM_END, "<|EOT|>")
-    sampling.update(max_tokens=budget(len(ids), req.max_tokens, cfg, cfg.completion_max_tokens),
+    sampling.update(max_tokens=budget(len(ids), req.max_tokens, cfg, cfg.completion_max_tokens, "prompt"),
                     logprobs=req.logprobs or 0, stop_token_ids=stops)
     return Job(ids, sampling)
 
@@ -445,6 +374,7 @@ class ChatReply:
         self.think_closed, self.dsml = Seen(chat_format.THINK_CLOSE), Seen(chat_format.DSML)
         self.calls, self.reasoning_tokens = 0, 0
         self.lps: list[dict] = []
+        self.ender = ending(cj.job, tokenizer)
         self.finish_reason: str | None = None
         self.done = False  # we ended the reply (stop string, single tool call)
         self.last: Chunk | None = None
@@ -456,7 +386,7 @@ class ChatReply:
         if self.cj.thinking and not closed:
             self.reasoning_tokens += 1
         content = not (self.cj.thinking and not closed_before) and not dsml
-        if self.cj.logprobs is not None and chunk.logprob is not None and content and chunk.text:
+        if self.cj.logprobs is not None and chunk.logprob is not None and content and not self.ender(chunk):
             self.lps.append(self._logprob(chunk))
         events = self.parser.feed(chunk.text)
         if chunk.finish_reason:
@@ -507,8 +437,8 @@ class ChatReply:
 
     def _logprob(self, chunk: Chunk) -> dict:
         def item(t, lp):
-            text = self.tok.decode([t])
-            return {"token": text, "logprob": lp, "bytes": list(token_bytes(self.tok, t, text))}
+            text, raw = token_text(self.tok, t)
+            return {"token": text, "logprob": lp, "bytes": list(raw)}
 
         top = [item(t, lp) for t, lp in chunk.top_logprobs[: self.cj.logprobs]]
         return {**item(chunk.token, chunk.logprob), "top_logprobs": top}
@@ -527,6 +457,23 @@ class Seen:
             self.hit = self.marker in window
             self.tail = window[-(len(self.marker) - 1):]
         return self.hit
+
+
+def ending(job: Job, tok) -> Callable[[Chunk], bool]:
+    """Whether a chunk is the token that ended the reply (EOS, a stop token): not reply text, so
+    it gets no logprobs entry; every other generated token gets one."""
+    enders = set(tok.eos_token_ids) | set(job.sampling.get("stop_token_ids", ()))
+    return lambda chunk: chunk.finish_reason == "stop" and chunk.token in enders
+
+
+def token_text(tok, token: int) -> tuple[str, bytes]:
+    """A token as logprobs show it: its text, or for a piece of a UTF-8 character its bytes
+    written as OpenAI does (`bytes:\\xe6\\x97`); and its exact bytes."""
+    text = tok.decode([token])
+    raw = token_bytes(tok, token, text)
+    if "\ufffd" in text and raw != text.encode():
+        text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text, raw
 
 
 def token_bytes(tok, token: int, text: str) -> bytes:
@@ -620,6 +567,7 @@ class CompletionReply:
 
     def __init__(self, job: Job, req: CompletionRequest, tokenizer):
         self.job, self.tok, self.n = job, tokenizer, req.logprobs
+        self.ender = ending(job, tokenizer)
         prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
         text = prompt if isinstance(prompt, str) else tokenizer.decode(job.ids[1:])
         self.echo = text if req.echo else ""  # the prompt as given, not its FIM form
@@ -627,9 +575,9 @@ class CompletionReply:
 
     def choice(self, chunk: Chunk, text: str) -> dict:
         lp = None
-        if self.n is not None and chunk.logprob is not None and chunk.text:
-            lp = {"tokens": [self.tok.decode([chunk.token])], "token_logprobs": [chunk.logprob],
-                  "top_logprobs": [{self.tok.decode([t]): v for t, v in chunk.top_logprobs[: self.n]}],
+        if self.n is not None and chunk.logprob is not None and not self.ender(chunk):
+            lp = {"tokens": [token_text(self.tok, chunk.token)[0]], "token_logprobs": [chunk.logprob],
+                  "top_logprobs": [{token_text(self.tok, t)[0]: v for t, v in chunk.top_logprobs[: self.n]}],
                   "text_offset": [self.offset]}
         self.offset += len(chunk.text)
         return {"index": 0, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
