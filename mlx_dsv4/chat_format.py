@@ -386,7 +386,7 @@ def _effort_text(enc: Encoding, effort: str | None) -> str:
         return enc.efforts[effort]
     if enc.version == "builtin":
         raise _missing(f"reasoning_effort={effort!r}", "the effort paragraphs")
-    accepted = ", ".join(repr(k) for k in enc.efforts)
+    accepted = ", ".join(repr(k) for k in enc.efforts if k is not None)
     raise ChatFormatError(f"reasoning_effort={effort!r} is not accepted by this checkpoint's "
                           f"{enc.version} encoder; use one of {accepted}")
 

@@ -96,7 +96,8 @@ class Session:
                     generated.append(chunk.token)
                 yield chunk
         finally:
-            self.tokens = (ids + generated)[: self.cache[0].offset]
+            if self.cache is not None:  # reset() while the stream was paused leaves nothing
+                self.tokens = (ids + generated)[: self.cache[0].offset]
 
     def prefill(self, ids: Sequence[int]) -> tuple[mx.array, int]:
         """Logits `[V]` after `ids` (reusing the cache) and how many tokens were reused."""

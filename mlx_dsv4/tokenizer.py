@@ -51,6 +51,9 @@ def _token_content(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class TokenizerError(ValueError):
     """A tokenizer file that is missing or cannot be parsed; the message names it."""
 
@@ -103,7 +106,10 @@ class Tokenizer:
 
     def encode(self, text: str, *, allow_control: bool = False) -> list[int]:
         """Ids of `text` without BOS. Added-token strings in it become their ids only with
-        `allow_control` (raw prompts, FIM); otherwise they are tokenized as plain text."""
+        `allow_control` (raw prompts, FIM); otherwise they are tokenized as plain text.
+        Lone surrogates (undecodable bytes as Python decodes them) become U+FFFD: the Rust
+        tokenizer refuses them with a TypeError."""
+        text = _SURROGATE.sub("\ufffd", text)
         if allow_control or not self._added_re.search(text):
             return self._tok.encode(text, add_special_tokens=False).ids
         # What `tokenizers` does between added tokens, applied to the whole text.

@@ -151,3 +151,8 @@ def test_corrupt_or_missing_tokenizer_file_is_a_named_value_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.json'} is not a readable tokenizer"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_lone_surrogates_are_encoded_as_replacement_characters(tok):
+    assert tok.encode("a\udcffb") == tok.encode("a\ufffdb")
+    assert tok.encode("\ud800") == tok.encode("\ufffd")
