@@ -106,7 +106,7 @@ def script(prompt: str) -> str:
 class ScriptModel:
     """Writes `script[i]` after the prompt and i generated tokens; EOS is its second choice."""
 
-    args = SimpleNamespace(eos_token_ids=[EOS])
+    args = SimpleNamespace(eos_token_ids=[EOS], vocab_size=VOCAB)
 
     def __init__(self, script: list[int], prompt_len: int, delay: float = 0.0):
         self.script, self.prompt_len, self.delay = script, prompt_len, delay
