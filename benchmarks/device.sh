@@ -3,9 +3,12 @@
 #
 # Run from the repository root, after the wheels are installed (../shared/tools/gpu-wheels.sh):
 #   call 2: carry [".gpu/b"]  command: bash .gpu/b/install.sh && bash benchmarks/device.sh
-# Steps, each under its own `timeout` (guards 30 + 220 + 100 = 350 s, +3 s kill grace each), so
-# the whole script ends within ~6 minutes and a step that overruns never eats the next one:
+# Steps, each under its own `timeout` (guards 30 + 60 + 150 + 180 + 60 = 480 s, +3 s kill grace
+# each), so the whole script ends within ~8 minutes and a step that overruns never eats the next:
 #   1. nvidia-smi, python / mlx / mlx-lm versions, mx.device_info(), and an import check
+#   1b. the CUDA Sinkhorn kernel against its pure-MLX twin (kernels.kernel_ok) and its time
+#   1c. benchmarks/decode_ops.py: nodes, kernels, host and step ms per CSA/HCA layer, eager vs
+#      compiled, 256 experts, contexts 1K/8K/64K
 #   2. benchmarks/flash_layers.py at full Flash shapes: 4 layers (4..7: CSA, HCA, CSA, HCA),
 #      256 experts (mxfp4), q4 layout, 50 decode steps, prefill chunks 512..4096, decode at
 #      contexts 1K..256K (writes its JSON after every phase, so a cut run keeps what it measured)
@@ -31,7 +34,7 @@ import time
 t = time.perf_counter()
 import mlx.core as mx
 import mlx_lm
-import mlx_dsv4.model, mlx_dsv4.generate  # pulls mlx_lm (and transformers through its __init__)
+import mlx_dsv4.model, mlx_dsv4.generate
 print("mlx", mx.__version__, "mlx-lm", mlx_lm.__version__, "device", mx.default_device(),
       f"imports {time.perf_counter() - t:.1f} s")
 try:
@@ -42,15 +45,36 @@ EOF
   echo "env rc=$?"
 } 2>&1 | tee "$OUT/env.log"
 
+echo "== sinkhorn kernel" | tee "$OUT/kernels.log"
+timeout -k 3 60 $PY - <<'EOF' 2>&1 | tee -a "$OUT/kernels.log"
+import time
+import mlx.core as mx
+from mlx_dsv4 import kernels
+backend = kernels._backend()
+print("backend", backend, "kernel agrees with twin:", kernels.kernel_ok(backend, 4, 20, 1e-6))
+x = mx.random.normal((4096, 4, 4)) * 4
+for name, f in (("twin", lambda: kernels.sinkhorn_twin(x, 20, 1e-6)),
+                ("kernel", lambda: kernels._run_kernel(backend, x, 20, 1e-6))):
+    mx.eval(f())
+    t = time.perf_counter()
+    for _ in range(50):
+        mx.eval(f())
+    print(f"{name}: {(time.perf_counter() - t) / 50 * 1e3:.3f} ms for 4096 tokens")
+EOF
+
+echo "== decode_ops" | tee "$OUT/decode_ops.log"
+timeout -k 3 150 $PY benchmarks/decode_ops.py --experts 256 --contexts 1024 8192 65536 \
+  --out "$OUT/decode_ops.json" 2>&1 | tee -a "$OUT/decode_ops.log"
+
 echo "== flash_layers $FLASH_ARGS" | tee "$OUT/flash_layers.log"
 # shellcheck disable=SC2086
-timeout -k 3 220 $PY benchmarks/flash_layers.py $FLASH_ARGS --out "$OUT/flash_layers.json" 2>&1 \
+timeout -k 3 180 $PY benchmarks/flash_layers.py $FLASH_ARGS --out "$OUT/flash_layers.json" 2>&1 \
   | tee -a "$OUT/flash_layers.log"
 rc1=${PIPESTATUS[0]}
 echo "flash_layers rc=$rc1 ($((SECONDS - t0)) s so far)" | tee -a "$OUT/flash_layers.log"
 
 echo "== decode_context" | tee "$OUT/decode_context.log"
-timeout -k 3 100 $PY benchmarks/decode_context.py --contexts 1024,8192,65536,262144 --steps 8 2>&1 \
+timeout -k 3 60 $PY benchmarks/decode_context.py --contexts 1024,8192,65536,262144 --steps 8 2>&1 \
   | tee -a "$OUT/decode_context.log"
 rc2=${PIPESTATUS[0]}
 echo "decode_context rc=$rc2" | tee -a "$OUT/decode_context.log"
