@@ -55,7 +55,7 @@ app = typer.Typer(name="dsv4", help="Run DeepSeek-V4 (Flash and Pro) locally wit
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 # The names of convert.plan.RECIPES, spelled out so `--help` needs no import (a test checks them).
-Recipe = Literal["q4", "native", "q8"]
+Recipe = Literal["mixed4", "q4", "native", "native-h8", "q8"]
 
 
 def command(interrupted: str = "Interrupted."):
