@@ -10,6 +10,7 @@ scales do not fit, wrong dtypes. The arithmetic lives in `quant.py`, the files i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -64,17 +65,13 @@ class Quant:
     def entry(self) -> dict:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
 
-    @property
-    def label(self) -> str:
-        return f"{self.mode} {self.bits}-bit g{self.group_size}"
-
 
 # Routed experts ship as FP4 with one E8M0 scale per 32: that is MLX mxfp4 bit for bit (spec §4.5).
 EXPERTS = Quant("mxfp4", 32, 4)
 # FP8 linears with their 128x128 block scales expanded to one per 32: MLX mxfp8, also exact.
 MXFP8 = Quant("mxfp8", 32, 8)
 A8, A4 = Quant("affine", 64, 8), Quant("affine", 64, 4)
-# The attention's three largest matrices: 80% of the FP8 bytes a Flash layer reads per token.
+# The attention's three largest matrices: about three quarters of the FP8 bytes of a Flash layer.
 BIG_ATTENTION = r"\.attn\.(wq_b|wo_a|wo_b)$"
 
 
@@ -105,21 +102,31 @@ class Recipe:
         return {"fp8": self.fp8, "expert": self.experts, "embed": self.embed, "head": self.head}[role]
 
 
-def _lowbit(name: str, experts: Quant, summary: str, **extra) -> Recipe:
-    return Recipe(name, summary, experts=experts, head=A8, rules=((BIG_ATTENTION, A4),), **extra)
+def _experts(name: str, bits: int, summary: str) -> Recipe:
+    """`attn4` with the routed experts requantised from FP4 to `bits`-bit affine groups of 128
+    (groups of 128 beat smaller groups at equal bytes: one more bit is worth far more than
+    finer scales), and the embedding 8-bit (memory, not bytes per token: 0.001 nats for 0.5 GiB).
+    The MTP block's experts go to 2 bits in both: the runtime does not run MTP."""
+    return Recipe(name, summary, experts=Quant("affine", 128, bits), embed=A8, head=A8,
+                  rules=((r"^mtp\.\d+\.ffn\.experts\.", Quant("affine", 128, 2)), (BIG_ATTENTION, A4)))
 
 
 RECIPES = {r.name: r for r in (
-    Recipe("mixed4", "FP8 attention wq_b/wo_a/wo_b affine 4-bit g64, other FP8 linears mxfp8 "
-           "(exact), experts mxfp4 as shipped, head 8-bit", head=A8, rules=((BIG_ATTENTION, A4),)),
+    # The default: 4 bits only where they save the most bytes per token for the least error
+    # (benchmarks/quant_fidelity.py: 2.5-3.3x less KL than q4 for 8.7% more bytes per token).
+    Recipe("attn4", "attention wq_b/wo_a/wo_b affine 4-bit g64, other FP8 linears mxfp8 (exact), "
+           "experts mxfp4 as shipped, head 8-bit", head=A8, rules=((BIG_ATTENTION, A4),)),
     Recipe("q4", "experts mxfp4 as shipped, FP8 linears affine 4-bit g64, embed/head 8-bit",
            fp8=A4, embed=A8, head=A8),
     Recipe("native", "lossless: experts mxfp4, FP8 linears mxfp8, the rest as shipped"),
     Recipe("native-h8", "native with the head affine 8-bit g64", head=A8),
-    Recipe("q8", "experts mxfp4 as shipped, FP8 linears affine 8-bit g64, embed/head 8-bit",
+    Recipe("q8", "experts mxfp4 as shipped, FP8 linears affine 8-bit g64, embed/head 8-bit "
+           "(larger than native and not exact: kept for existing conversions)",
            fp8=A8, embed=A8, head=A8),
+    _experts("experts3", 3, "attn4 with routed experts affine 3-bit g128, embedding 8-bit"),
+    _experts("experts2", 2, "attn4 with routed experts affine 2-bit g128, embedding 8-bit"),
 )}
-DEFAULT_RECIPE = "mixed4"
+DEFAULT_RECIPE = "attn4"
 
 
 @dataclass(frozen=True)
@@ -262,17 +269,41 @@ RELEASE_DTYPE = {"linear": "BF16", "embed": "BF16", "head": "BF16", "norm": "BF1
                  "index": "I64", "fp8": "F8_E4M3", "expert": "I8"}
 
 
-def recipe_bytes(config: dict, recipe: str | Recipe, include_mtp: bool = True) -> int:
+def recipe_bytes(config: dict | ModelArgs, recipe: str | Recipe, include_mtp: bool = True) -> int:
     """Tensor bytes a conversion of a release with this config writes: exactly what `make_plan`
     lays out for the release's headers (shard headers aside), computed from the config alone."""
+    return round(sum(n for _, n, _ in _bytes_by_tensor(config, recipe, include_mtp)))
+
+
+def decode_bytes(config: dict | ModelArgs, recipe: str | Recipe) -> int:
+    """Weight bytes one decoded token reads: the trunk (the runtime does not run MTP) with
+    `num_experts_per_tok` of the routed experts and one row of the embedding."""
+    args = _release_args(config)
+    share = {"expert": args.num_experts_per_tok / args.n_routed_experts, "embed": 1 / args.vocab_size}
+    return round(sum(n * share.get(role, 1) for _, n, role in _bytes_by_tensor(config, recipe, False)))
+
+
+def _bytes_by_tensor(config: dict | ModelArgs, recipe: str | Recipe, include_mtp: bool):
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    args = ModelArgs.from_dict(_trunk_config(config, {})[0])
-    total = 0
+    args = _release_args(config)
+    stacked = {}  # the E experts of one stacked module write equal shares: plan it once
     for name, shape, role in args.tensors(include_mtp):
-        _, made, _ = _plan_tensor(name, shape, role, RELEASE_DTYPE[role], recipe, args.n_routed_experts)
-        # Stacked experts: one tensor's targets per expert, each holding 1/E of the stack.
-        total += sum(t.nbytes // t.pieces for t in made)
-    return total
+        m = _EXPERT.match(name) if role == "expert" else None
+        key = (m.group(1), m.group(3)) if m else None
+        if key not in stacked:
+            _, made, _ = _plan_tensor(name, shape, role, RELEASE_DTYPE[role], recipe, args.n_routed_experts)
+            # A stacked expert target holds all E experts; this tensor (one expert) writes 1/E.
+            n = sum(t.nbytes / t.pieces for t in made)
+            if key:
+                stacked[key] = n
+        yield name, stacked[key] if key else n, role
+
+
+def _release_args(config: dict | ModelArgs) -> ModelArgs:
+    if isinstance(config, ModelArgs):
+        dspark = DSPARK_KEY in config.extra
+        return dataclasses.replace(config, num_nextn_predict_layers=0) if dspark else config
+    return ModelArgs.from_dict(_trunk_config(config, {})[0])
 
 
 def _trunk_config(config: dict, tensors) -> tuple[dict, list[str]]:
