@@ -104,8 +104,8 @@ class Recipe:
 
 def _experts(name: str, bits: int, summary: str) -> Recipe:
     """`attn4` with the routed experts requantised from FP4 to `bits`-bit affine groups of 128
-    (groups of 128 beat smaller groups at equal bytes: one more bit is worth far more than
-    finer scales), and the embedding 8-bit (memory, not bytes per token: 0.001 nats for 0.5 GiB).
+    (at about equal bytes, one more bit is worth far more than finer scales: 3-bit g128 beats
+    2-bit g32), and the embedding 8-bit (memory, not bytes per token: 0.001 nats for 0.5 GiB).
     The MTP block's experts go to 2 bits in both: the runtime does not run MTP."""
     return Recipe(name, summary, experts=Quant("affine", 128, bits), embed=A8, head=A8,
                   rules=((r"^mtp\.\d+\.ffn\.experts\.", Quant("affine", 128, 2)), (BIG_ATTENTION, A4)))
@@ -113,7 +113,7 @@ def _experts(name: str, bits: int, summary: str) -> Recipe:
 
 RECIPES = {r.name: r for r in (
     # The default: 4 bits only where they save the most bytes per token for the least error
-    # (benchmarks/quant_fidelity.py: 2.5-3.3x less KL than q4 for 8.7% more bytes per token).
+    # (benchmarks/quant_fidelity.py: 2.2-2.8x less KL than q4 for 8.7% more bytes per token).
     Recipe("attn4", "attention wq_b/wo_a/wo_b affine 4-bit g64, other FP8 linears mxfp8 (exact), "
            "experts mxfp4 as shipped, head 8-bit", head=A8, rules=((BIG_ATTENTION, A4),)),
     Recipe("q4", "experts mxfp4 as shipped, FP8 linears affine 4-bit g64, embed/head 8-bit",
