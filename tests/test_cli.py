@@ -57,7 +57,7 @@ def test_serve_on_an_original_fp8_checkpoint_prints_the_convert_command(tmp_path
                                     shards=1, extras=False)
     r = runner.invoke(app, ["serve", str(src)])
     assert r.exit_code == 1
-    assert f"dsv4 convert {src} {src}-mlx-q4" in r.output
+    assert f"dsv4 convert {src} {src}-mlx-attn4" in r.output
 
 
 # Everything heavy is imported inside the commands: mlx_lm pulls transformers and torch (seconds),
