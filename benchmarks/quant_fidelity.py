@@ -33,7 +33,7 @@ from mlx_dsv4.convert import RECIPES, convert
 from mlx_dsv4.convert.plan import A4, A8, BIG_ATTENTION, Quant, Recipe, decode_bytes, recipe_bytes
 from mlx_dsv4.model import Model
 from mlx_dsv4.synthetic import (decode_official, read_safetensors, tiny_config, to_model_weights,
-                                write_official_checkpoint)
+                                write_official_checkpoint, write_safetensors)
 from mlx_dsv4.weights import load_model
 
 # Wide enough for groups of 128 in every matrix (the experts' w2 reads 256), every layer kind.
@@ -103,7 +103,7 @@ def heavy_tailed(src: Path, dst: Path, seed: int) -> Path:
             elif role in ("linear", "embed", "head") and not name.endswith("gate.weight"):
                 std = 1.0 if role == "embed" else a.shape[-1] ** -0.5
                 out[name] = ("BF16", _bf16(_student(rng, a.shape, std)))
-        _write(f, out)
+        write_safetensors(f, out)
     return dst
 
 
@@ -123,19 +123,6 @@ def _fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _bf16(x: np.ndarray) -> np.ndarray:
     return np.array(mx.array(x).astype(mx.bfloat16).view(mx.uint16))
-
-
-def _write(path: Path, tensors: dict) -> None:
-    header, offset = {}, 0
-    for name, (dtype, a) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for _, a in tensors.values():
-            f.write(np.ascontiguousarray(a).tobytes())
 
 
 # ----- measuring -----------------------------------------------------------------------------------

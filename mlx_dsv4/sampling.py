@@ -84,6 +84,11 @@ def make_logits_processors(logit_bias: dict[int, float] | None = None,
                            context: int = PENALTY_CONTEXT) -> list[LogitsProcessor]:
     """Processors for the given options, in that order; `None` or 0 leaves an option out."""
     out: list[LogitsProcessor] = []
+
+    def recent(apply):
+        # Each penalty reads only the last `context` tokens, and none before any exist.
+        return lambda tokens, logits: apply(tokens[-context:], logits) if len(tokens) else logits
+
     if logit_bias:
         ids, values = mx.array(list(logit_bias)), mx.array(list(logit_bias.values()))
         out.append(lambda _, logits: logits.at[:, ids].add(values))
@@ -92,29 +97,19 @@ def make_logits_processors(logit_bias: dict[int, float] | None = None,
             raise ValueError(f"repetition_penalty must be >= 0, got {repetition_penalty}.")
 
         def repetition(tokens, logits):
-            if len(tokens) == 0:
-                return logits
-            tokens = tokens[-context:]
             seen = logits[:, tokens]
             logits[:, tokens] = mx.where(seen < 0, seen * repetition_penalty,
                                          seen / repetition_penalty)
             return logits
 
-        out.append(repetition)
+        out.append(recent(repetition))
     if presence_penalty:
         def presence(tokens, logits):
-            if len(tokens) == 0:
-                return logits
-            logits[:, tokens[-context:]] -= presence_penalty
+            logits[:, tokens] -= presence_penalty  # once per token, however often it appears
             return logits
 
-        out.append(presence)
+        out.append(recent(presence))
     if frequency_penalty:
-        def frequency(tokens, logits):
-            if len(tokens) == 0:
-                return logits
-            # Repeated ids accumulate: each occurrence subtracts once more.
-            return logits.at[:, tokens[-context:]].subtract(frequency_penalty)
-
-        out.append(frequency)
+        # Repeated ids accumulate: each occurrence subtracts once more.
+        out.append(recent(lambda tokens, logits: logits.at[:, tokens].subtract(frequency_penalty)))
     return out

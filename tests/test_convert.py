@@ -580,9 +580,9 @@ def test_a_dspark_refresh_converts_its_trunk_and_names_what_it_drops(official, c
     extra = {"mtp.0.main_proj.weight": ("BF16", np.zeros((CFG["hidden_size"], 3 * CFG["hidden_size"]),
                                                          np.uint16)),
              "mtp.2.markov_head.markov_w1.weight": ("BF16", np.zeros((CFG["vocab_size"], 8), np.uint16))}
-    from mlx_dsv4.synthetic import _write_safetensors
+    from mlx_dsv4.synthetic import write_safetensors
 
-    _write_safetensors(src / "model-extra.safetensors", extra)
+    write_safetensors(src / "model-extra.safetensors", extra)
     index = json.loads((src / "model.safetensors.index.json").read_text())
     index["weight_map"].update(dict.fromkeys(extra, "model-extra.safetensors"))
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -603,9 +603,9 @@ def test_a_dspark_refresh_converts_its_trunk_and_names_what_it_drops(official, c
 
 def test_tensors_outside_the_inventory_are_still_refused_without_dspark(tmp_path):
     src = write_official_checkpoint(tmp_path / "src", CFG, seed=0, shards=1, extras=False)
-    from mlx_dsv4.synthetic import _write_safetensors
+    from mlx_dsv4.synthetic import write_safetensors
 
-    _write_safetensors(src / "model-extra.safetensors",
+    write_safetensors(src / "model-extra.safetensors",
                        {"mtp.0.main_proj.weight": ("BF16", np.zeros((4, 4), np.uint16))})
     index = json.loads((src / "model.safetensors.index.json").read_text())
     index["weight_map"]["mtp.0.main_proj.weight"] = "model-extra.safetensors"
