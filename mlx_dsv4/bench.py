@@ -19,6 +19,8 @@ import mlx.core as mx
 from .cache import make_cache
 from .generate import generate_step
 from .plan import Plan, apply_wired_limit, plan_context
+from .sampling import make_distribution
+from .speculative import MTPDrafter, SpecStats, resolve_draft, speculative_step
 from .weights import load_model
 
 
@@ -33,6 +35,9 @@ class BenchResult:
     decode_s: float
     peak_bytes: int
     plan: Plan
+    draft: int = 0
+    acceptance: float | None = None  # share of MTP drafts kept (speculation only)
+    tokens_per_forward: float | None = None
 
     @property
     def prompt_tps(self) -> float:
@@ -51,7 +56,8 @@ class BenchResult:
 def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: int = 128,
               prefill_chunk: int = 512, kv_bits: int | None = None, seed: int = 0,
               log: Callable[[str], None] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> BenchResult:
+              progress: Callable[[int, int], None] | None = None,
+              draft: int | None = None) -> BenchResult:
     """`progress(done, total)` hears of prompt tokens prefilled: (0, total) as the prefill
     starts, after each chunk, and (total, total) with the first token."""
     if prompt_tokens < 1 or gen_tokens < 2:
@@ -73,8 +79,16 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
     cache = make_cache(model, max_tokens=context, kv_bits=kv_bits)
     mx.clear_cache()
     mx.reset_peak_memory()
-    steps = generate_step(model, prompt, cache, max_tokens=gen_tokens, prefill_chunk=chunk,
-                          progress=progress)
+    draft = resolve_draft(model, draft)
+    stats = SpecStats()
+    if draft:  # greedy: the same tokens as plain decoding, in fewer trunk forwards
+        steps = speculative_step(model, prompt, cache, MTPDrafter(model),
+                                 distribution=make_distribution(0.0), draft=draft,
+                                 max_tokens=gen_tokens, prefill_chunk=chunk, progress=progress,
+                                 stats=stats)
+    else:
+        steps = generate_step(model, prompt, cache, max_tokens=gen_tokens, prefill_chunk=chunk,
+                              progress=progress)
     if progress:
         progress(0, prompt_tokens)
     t = time.perf_counter()
@@ -83,5 +97,6 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
     t = time.perf_counter()
     generated = 1 + sum(1 for _ in steps)
     decode_s = time.perf_counter() - t
+    spec = (stats.acceptance, stats.tokens_per_forward) if draft else (None, None)
     return BenchResult(path.name, prompt_tokens, generated, chunk, load_s, prefill_s, decode_s,
-                       mx.get_peak_memory(), plan)
+                       mx.get_peak_memory(), plan, draft, *spec)

@@ -87,9 +87,12 @@ class Chat:
 
     @classmethod
     def open(cls, model: str | Path, *, max_context: int | None = None, kv_bits: int | None = None,
-             prefill_chunk: int = 512, thinking: bool = True) -> tuple["Chat", list[str]]:
+             prefill_chunk: int = 512, thinking: bool = True,
+             draft: int | None = None) -> tuple["Chat", list[str]]:
         """Plan, wire memory, load a converted model (path or the repo id it came from); returns
-        the chat and lines worth telling the user (context, wired limit)."""
+        the chat and lines worth telling the user (context, wired limit, speculation).
+        `draft`: MTP draft tokens per step (None: the default when the checkpoint has MTP)."""
+        from .speculative import resolve_draft
         from .chat_format import load_encoding
         from .plan import apply_wired_limit, plan_context
         from .weights import load, resolve_model
@@ -101,8 +104,12 @@ class Chat:
         if wired:
             notes.append(wired)
         lm, tokenizer = load(path)
+        draft = resolve_draft(lm, draft)
+        if draft:
+            notes.append(f"speculative decoding: the MTP block drafts {draft} token(s) per step "
+                         "(--no-mtp turns it off)")
         session = Session(lm, tokenizer, max_context=context, largest_context=plan.largest_context,
-                          kv_bits=kv_bits, prefill_chunk=plan.run_chunk)
+                          kv_bits=kv_bits, prefill_chunk=plan.run_chunk, draft=draft)
         encoding = load_encoding(path)
         if encoding is None:
             notes.append("this model ships no encoding/encoding_dsv4.py: tools and effort are off")

@@ -227,6 +227,11 @@ PrefillChunk = Annotated[int, typer.Option(min=1, metavar="TOKENS",
 Context = Annotated[int | None, typer.Option("--max-context", metavar="TOKENS", min=1,
                                              help="Context to plan for; default: the largest "
                                                   "that fits this machine.")]
+Draft = Annotated[int | None, typer.Option(
+    "--draft", min=0, max=8, metavar="N",
+    help="Tokens the checkpoint's MTP block drafts per step for speculative decoding (same "
+         "output, fewer forwards); 0 turns it off. Default: 1 when the checkpoint has MTP.")]
+NoMtp = Annotated[bool, typer.Option("--no-mtp", help="No speculative decoding (as --draft 0).")]
 KvBits = Annotated[int | None, typer.Option("--kv-bits", help="8 stores the compressed KV and "
                                                                "index pools in 8 bits (half the bytes).")]
 
@@ -252,6 +257,8 @@ def chat(
                                                    help="Longest reply; default: what the "
                                                         "context leaves, at most 8192.")] = None,
     seed: Annotated[int | None, typer.Option(help="Same seed, same replies.")] = None,
+    draft: Draft = None,
+    no_mtp: NoMtp = False,
 ) -> None:
     """Chat in the terminal; /help lists the commands."""
     _check_kv_bits(kv_bits)
@@ -264,7 +271,8 @@ def chat(
         from .repl import run
 
         conversation, notes = Chat.open(model, max_context=max_context, kv_bits=kv_bits,
-                                        prefill_chunk=prefill_chunk, thinking=not no_think)
+                                        prefill_chunk=prefill_chunk, thinking=not no_think,
+                                        draft=0 if no_mtp else draft)
     conversation.system = system
     conversation.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
                              "seed": seed}
@@ -399,6 +407,8 @@ def bench(
                                         help="Tokens to decode (greedy; EOS does not stop).")] = 128,
     prefill_chunk: PrefillChunk = 512,
     kv_bits: KvBits = None,
+    draft: Draft = None,
+    no_mtp: NoMtp = False,
 ) -> None:
     """Measure prefill and decode speed and peak memory against the planner's prediction."""
     _check_kv_bits(kv_bits)
@@ -416,7 +426,8 @@ def bench(
     with _PrefillBar(console) as report:
         r = run_bench(resolve_model(model), prompt_tokens=prompt, gen_tokens=tokens,
                       prefill_chunk=prefill_chunk, kv_bits=kv_bits, progress=report,
-                      log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False))
+                      log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False),
+                      draft=0 if no_mtp else draft)
 
     table = Table(title=f"{r.model} on {mx.default_device()}", show_header=False)
     table.add_column()
@@ -425,6 +436,9 @@ def bench(
                   f"{r.prompt_tps:,.1f} tok/s")
     table.add_row(f"decode ({r.generated:,} tokens)",
                   f"{r.decode_tps:,.2f} tok/s · {r.ms_per_token:,.1f} ms/token")
+    if r.draft:
+        table.add_row(f"MTP drafts ({r.draft} per step)",
+                      f"{r.acceptance:.0%} kept · {r.tokens_per_forward:.2f} tokens/forward")
     table.add_row("peak memory (measured)", mem(r.peak_bytes))
     table.add_row("planned total", mem(r.plan.total_bytes))
     table.add_row("of which weights", mem(r.plan.weight_bytes))

@@ -10,6 +10,7 @@ the cache has consumed it (`cache[0].offset` counts prompt + handed-out tokens).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -63,6 +64,8 @@ class Chunk:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     stop: str | None = None  # the stop string or token that ended generation, if any
+    acceptance: float | None = None  # share of drafted tokens kept so far (speculation only)
+    tokens_per_forward: float | None = None  # tokens committed per trunk forward (likewise)
 
 
 def prefill(model, ids: Sequence[int], cache: list[LayerCache], chunk: int = 512,
@@ -202,11 +205,11 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     eos = set(tokenizer.eos_token_ids) | set(getattr(model.args, "eos_token_ids", [])) | set(stop_token_ids)
     detok, matcher = tokenizer.detokenizer(), StopMatcher(stop)
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    prompt_time = None
-    if draft > 0 and (drafter is not None or getattr(model, "mtp", None)):
+    speculating = draft > 0 and (drafter is not None or bool(getattr(model, "mtp", None)))
+    if speculating:
         from . import speculative
 
+        spec_stats = spec_stats if spec_stats is not None else speculative.SpecStats()
         steps = speculative.speculative_step(
             model, ids, cache, drafter or speculative.MTPDrafter(model, position=len(history)),
             distribution=make_distribution(temperature, top_p=top_p, min_p=min_p, top_k=top_k),
@@ -217,15 +220,26 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
         steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=processors,
                               max_tokens=max_tokens, prefill_chunk=prefill_chunk, history=history,
                               progress=progress, on_prefilled=on_prefilled)
-    n = 0
+    with contextlib.closing(steps):  # closed on any exit, so a speculative round rolls back
+        yield from _chunks(steps, tokenizer, detok, matcher, eos, stop_token_ids, logprobs,
+                           max_tokens, len(ids), total_prompt, reused_tokens,
+                           spec_stats if speculating else None)
+
+
+def _chunks(steps, tokenizer, detok, matcher, eos, stop_token_ids, logprobs, max_tokens,
+            new_tokens, total_prompt, reused_tokens, spec_stats) -> Iterator[Chunk]:
+    start, prompt_time, n = time.perf_counter(), None, 0
     for n, (token, lp) in enumerate(steps, start=1):
         if prompt_time is None:
             prompt_time = time.perf_counter() - start
             start = time.perf_counter()
         chunk = Chunk(token=token, prompt_tokens=total_prompt, reused_tokens=reused_tokens,
-                      generation_tokens=n, prompt_tps=len(ids) / max(prompt_time, 1e-9),
+                      generation_tokens=n, prompt_tps=new_tokens / max(prompt_time, 1e-9),
                       generation_tps=n / max(time.perf_counter() - start, 1e-9),
                       peak_memory=mx.get_peak_memory() / 1e9)
+        if spec_stats is not None:
+            chunk.acceptance, chunk.tokens_per_forward = (spec_stats.acceptance,
+                                                          spec_stats.tokens_per_forward)
         if logprobs:
             chunk.logprob, chunk.top_logprobs = _top(lp, token, logprobs)
         if token in eos:

@@ -86,9 +86,10 @@ def _stats(done: Done) -> str:
     if c is None:
         return "[dim]stopped before the first token[/dim]"
     end = "stopped by you" if done.interrupted else (done.finish_reason or "")
+    mtp = "" if c.acceptance is None else f" · MTP {c.acceptance:.0%} kept"
     return (f"[dim]{c.prompt_tokens:,} prompt tokens ({c.reused_tokens:,} reused) at "
             f"{c.prompt_tps:,.1f} tok/s · {c.generation_tokens:,} tokens at "
-            f"{c.generation_tps:,.1f} tok/s · peak {c.peak_memory:,.2f} GB · {end}[/dim]")
+            f"{c.generation_tps:,.1f} tok/s{mtp} · peak {c.peak_memory:,.2f} GB · {end}[/dim]")
 
 
 def _trimmed(t: Trimmed) -> str:

@@ -28,8 +28,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Session:
     def __init__(self, model, tokenizer, *, max_context: int | None = None,
                  largest_context: int | None = None, kv_bits: int | None = None,
-                 prefill_chunk: int = 512, max_snapshots: int = 4):
+                 prefill_chunk: int = 512, max_snapshots: int = 4, draft: int = 0):
+        """`draft`: tokens the MTP block drafts per round (0: no speculation)."""
         self.model, self.tokenizer = model, tokenizer
+        self.draft = draft
         self.max_context, self.largest_context = max_context, largest_context
         self.kv_bits, self.prefill_chunk, self.max_snapshots = kv_bits, prefill_chunk, max_snapshots
         self.cache: list[LayerCache] | None = None
@@ -78,6 +80,7 @@ class Session:
         ids = list(ids)
         if not ids:
             raise ValueError("An empty prompt cannot be continued.")
+        kwargs.setdefault("draft", self.draft)
         self._check(ids, kwargs.get("max_tokens", 256))
         reused = self._prepare(ids)
         generated: list[int] = []

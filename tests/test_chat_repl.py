@@ -134,3 +134,15 @@ def test_command_output_is_not_read_as_markup(line, tmp_path, monkeypatch):
     arg = line.split(" ", 1)[-1] if " " in line else line[1:]
     if not line.startswith("/system"):
         assert arg in screen
+
+
+def test_the_stats_line_reports_mtp_drafts_only_when_speculating():
+    from mlx_dsv4.chat import Done
+    from mlx_dsv4.generate import Chunk
+    from mlx_dsv4.repl import _stats
+
+    plain = Chunk(token=5, prompt_tokens=10, generation_tokens=3, finish_reason="stop")
+    assert "MTP" not in _stats(Done(chunk=plain, finish_reason="stop"))
+    spec = Chunk(token=5, prompt_tokens=10, generation_tokens=3, finish_reason="stop",
+                 acceptance=0.8, tokens_per_forward=1.8)
+    assert "tok/s · MTP 80% kept · peak" in _stats(Done(chunk=spec, finish_reason="stop"))

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|[\r\x08]")
-STATS = r"tokens at [\d.,]+ tok/s · peak [^\n]* · (length|stop|stopped by you)\n"
+STATS = r"tokens at [\d.,]+ tok/s( · MTP \d+% kept)? · peak [^\n]* · (length|stop|stopped by you)\n"
 PROMPT = r"\s*›"
 
 

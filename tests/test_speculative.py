@@ -161,3 +161,23 @@ def test_verify_draft_turns_any_draft_distribution_into_the_target():
     sigma = np.sqrt(np.array(p) * (1 - np.array(p)) / n)
     assert counts[4] == 0  # p gives it nothing; only a wrong rule would emit it
     assert np.all(np.abs(freq - np.array(p)) < 4 * sigma + 1e-9), freq
+
+
+def test_a_speculative_session_matches_a_plain_one_turn_after_turn(tiny_model, token_ids):
+    """Prefix reuse, early stops (EOS, max_tokens) and snapshots hold with drafting on."""
+    from fakes import ByteTokenizer
+    from mlx_dsv4.session import Session
+
+    runs = []
+    for draft in (0, 2):
+        s = Session(tiny_model, ByteTokenizer(), prefill_chunk=64, draft=draft)
+        ids, out = token_ids[0, :90].tolist(), []
+        for turn in range(3):
+            chunks = list(s.generate(ids, max_tokens=7 + turn))
+            reply = [c.token for c in chunks]
+            out.append((reply, chunks[-1].reused_tokens, chunks[-1].acceptance is not None))
+            ids = ids + reply + token_ids[0, 300 + 10 * turn : 305 + 10 * turn].tolist()
+        assert s.cache[0].offset == len(s.tokens)
+        runs.append(out)
+    assert [(r, u) for r, u, _ in runs[0]] == [(r, u) for r, u, _ in runs[1]]
+    assert [a for *_, a in runs[1]] == [True] * 3 and [a for *_, a in runs[0]] == [False] * 3
