@@ -49,9 +49,9 @@ def lark(grammar: str) -> str:
     return llguidance.LLMatcher.grammar_from_lark(grammar)
 
 
-# Whitespace between JSON tokens: enough to indent, bounded so that a sampler cannot spend the
-# whole budget on spaces.
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,24}"
+# Whitespace between JSON tokens: a line break and an indent at most, so that pretty-printing
+# works but a sampler cannot spend the whole budget on blank space.
+JSON_WHITESPACE = r"(\x0D?\x0A)?[\x20\x09]{0,40}"
 
 
 def json_schema(schema: dict) -> str:

@@ -15,10 +15,10 @@ import json
 import secrets
 from typing import Any, AsyncIterator, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from .protocol import Delta
-from .schema import APIError, ChatRequest, Loose, check_text
+from .schema import APIError, ChatRequest, Loose, check_text, invalid
 
 # Thinking budget (tokens) -> V4 effort: small budgets think briefly, very large ones think most.
 LOW_BUDGET, MAX_BUDGET = 4096, 32768
@@ -192,7 +192,10 @@ def chat_request(req: MessagesRequest) -> ChatRequest:
                                "\"schema\": {...}}.", param="output_config.format")
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "output", "strict": True, "schema": o.format["schema"]}}
-    return ChatRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    try:
+        return ChatRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    except ValidationError as e:  # a value this API lets through and the chat route does not
+        raise invalid(e.errors()) from None
 
 
 def error_body(e: APIError) -> dict:

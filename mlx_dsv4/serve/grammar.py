@@ -89,7 +89,10 @@ def _arguments(w: _Writer, rule: str, params: dict | None, where: str, tok) -> s
                        "enforced; describe the arguments with properties.", code="unsupported_schema",
                        param=where)
     defs = params.get("$defs") or params.get("definitions") or {}
-    props, required = params.get("properties"), set(params.get("required") or [])
+    props, required = params.get("properties") or {}, set(params.get("required") or [])
+    if missing := sorted(required - set(props)):
+        raise APIError(400, f"{where}: required names {', '.join(missing)}, which properties does not "
+                       "declare.", code="unsupported_schema", param=where)
     if not props:  # no declared keys: any names, any values
         key = w.rule(f"{rule}_k", r'/[A-Za-z0-9_.\-]+/')
         free = w.rule(f"{rule}_s[lazy]", f"/(.|\\n)*{_regex_escape(PARAM_CLOSE)}/").split("[")[0]
@@ -97,9 +100,6 @@ def _arguments(w: _Writer, rule: str, params: dict | None, where: str, tok) -> s
         line = w.rule(f"{rule}_p", f'"<{D}parameter name=\\"" {key} "\\" string=" '
                       f'("\\"true\\">" {free} | "\\"false\\">" {anyjson} {_lit(PARAM_CLOSE)}) "\\n"')
         return w.rule(rule, f'"\\n" | {line}+')
-    if missing := sorted(required - set(props)):
-        raise APIError(400, f"{where}: required names {', '.join(missing)}, which properties does not "
-                       "declare.", code="unsupported_schema", param=where)
     items = []
     for j, (key, sub) in enumerate(props.items()):
         if '"' in key or not isinstance(sub, dict):
