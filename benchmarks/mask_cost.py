@@ -39,7 +39,8 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
                                            "tags": {"type": "array", "items": {"type": "string"}}},
           "required": ["name", "age"]}
 CALLS = [{"function": {"name": "edit", "arguments": json.dumps({
-    "path": "src/app.py", "old": "def main():\n    run()\n", "new": "def main() -> None:\n    run(fast=True)\n",
+    "path": "src/app.py", "old": "def main():\n    run()\n",
+    "new": "def main() -> None:\n    run(fast=True)\n",
     "lines": [10, 11]})}}, {"function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]
 REPLY = json.dumps({"name": "Ada Lovelace", "age": 36, "tags": ["mathematics", "engines", "notes"]}, indent=2)
 
@@ -71,8 +72,10 @@ def main():
     start = time.perf_counter()
     ll = constrain.grammar_tokenizer(tok, VOCAB)
     print(f"llguidance tokenizer for {VOCAB:,} tokens: {time.perf_counter() - start:.2f} s (once per server)")
-    cases = [("DSML tool block, 3 tools", grammar.tool_block(TOOLS, ll), "\n\n" + chat_format.render_tool_calls(CALLS)),
-             ("json_schema", grammar.json_reply({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, ll), REPLY),
+    schema = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
+    cases = [("DSML tool block, 3 tools", grammar.tool_block(TOOLS, ll),
+              "\n\n" + chat_format.render_tool_calls(CALLS)),
+             ("json_schema", grammar.json_reply(schema, ll), REPLY),
              ("json_object", grammar.json_reply({"type": "json_object"}, ll), REPLY)]
     print(f"{'grammar':28} {'tokens':>6} {'matcher p50':>12} {'p90':>8} {'mask p50':>10} {'p90':>8} "
           f"{'mean':>8} {'compile':>9}")
@@ -82,7 +85,8 @@ def main():
         mask, _ = walk(ll, tok, g, text, full=True)
         q = lambda xs, p: statistics.quantiles(xs, n=10)[p] * 1e6  # noqa: E731
         print(f"{name:28} {len(mask):6d} {statistics.median(matcher) * 1e6:10.0f}us {q(matcher, 8):6.0f}us "
-              f"{statistics.median(mask) * 1e6:8.0f}us {q(mask, 8):6.0f}us {statistics.mean(mask) * 1e6:6.0f}us "
+              f"{statistics.median(mask) * 1e6:8.0f}us {q(mask, 8):6.0f}us "
+              f"{statistics.mean(mask) * 1e6:6.0f}us "
               f"{compile_s * 1e3:7.1f}ms")
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def test_tool_use_round_trip(scripted):
                    {"type": "thinking", "thinking": "I should look.", "signature": "not-ours"},
                    {"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}]},
                {"role": "user", "content": [
-                   {"type": "tool_result", "tool_use_id": use.id, "content": [{"type": "text", "text": "rain"}]},
+                   {"type": "tool_result", "tool_use_id": use.id,
+                    "content": [{"type": "text", "text": "rain"}]},
                    {"type": "text", "text": "Say hi"}]}]
     r = client(scripted).messages.create(model=M, max_tokens=100, messages=history, tools=[WEATHER],
                                          thinking=ON)
@@ -227,3 +228,54 @@ def test_tool_choice_any_is_schema_valid_on_random_weights(tiny):
         uses = [b for b in r.content if b.type == "tool_use"]
         assert r.stop_reason == "tool_use" and len(uses) >= 1 and (len(uses) == 1 or not single), (seed, r)
         assert all(u.name == "pick" and valid_pick(u.input) for u in uses), (seed, uses)
+
+
+def test_malformed_bodies_get_anthropic_errors(scripted):
+    url = scripted.url + "/v1/messages"
+    user = [{"role": "user", "content": "x"}]
+    for body, status, words in [
+            (b'{"model": "m", "messages": [', 400, ["not valid JSON"]),
+            (json.dumps({"model": M, "max_tokens": 5, "messages": "hi"}).encode(), 400, ["messages"]),
+            (json.dumps({"model": M, "max_tokens": 5, "messages": [{"role": "x", "content": ""}]}).encode(),
+             400, ["messages[0].role"]),
+            (json.dumps({"model": M, "messages": user}).encode(), 400, ["max_tokens"]),
+            (json.dumps({"model": M, "max_tokens": 5, "thinking": {"type": "enabled", "budget_tokens": 0},
+                         "messages": user}).encode(), 400, ["budget_tokens"]),
+            (json.dumps({"model": M, "max_tokens": 5, "output_config": {"format": {"type": "regex"}},
+                         "messages": user}).encode(), 400, ["output_config.format"])]:
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == status, r.text
+        error = r.json()
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert all(w in error["error"]["message"] for w in words), error
+    r = httpx.post(scripted.url + "/v1/messages/nope", json={}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    # The OpenAI routes keep OpenAI's shape.
+    r = httpx.post(scripted.url + "/v1/chat/completions", json={"messages": []}, timeout=30)
+    assert r.status_code == 400 and "param" in r.json()["error"]
+
+
+PNG = {"type": "base64", "media_type": "image/png", "data": "AA=="}
+
+
+def test_tool_result_images_become_a_note(scripted):
+    history = [{"role": "user", "content": "Take a screenshot"},
+               {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                  "input": {"city": "Paris"}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                   {"type": "text", "text": "here"},
+                   {"type": "image", "source": PNG}]}]}]
+    r = client(scripted).messages.create(model=M, max_tokens=20, messages=history, tools=[WEATHER],
+                                         thinking=OFF)
+    assert r.stop_reason == "end_turn"
+    note = "<tool_result>here\n\n[image omitted: this model reads text only]</tool_result>"
+    assert note in last_call(scripted).prompt
+
+
+def test_structured_output_config(scripted):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    r = client(scripted).messages.create(model=M, max_tokens=50, thinking=OFF,
+                                         output_config={"format": {"type": "json_schema", "schema": schema}},
+                                         messages=[{"role": "user", "content": "Reply in JSON"}])
+    assert json.loads(r.content[0].text) == {"a": 1}
+    assert "## Response Format" in last_call(scripted).prompt

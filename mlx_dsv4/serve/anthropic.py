@@ -109,6 +109,15 @@ def _text(blocks: str | list[Block] | None, where: str) -> str:
     return "\n\n".join(b.text or "" for b in blocks)
 
 
+def _result(content: str | list[Block] | None) -> str:
+    """A tool result's text. An agent's tool may return an image (a screenshot): it is named in
+    the text rather than refused, so that one tool's output does not end the agent's session."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "\n\n".join(b.text or "" if b.type == "text" else f"[{b.type} omitted: this model reads "
+                        "text only]" for b in content)
+
+
 def _user(m: Message, i: int) -> list[dict]:
     """One Anthropic user turn -> tool messages (its tool results, in order), then its text."""
     blocks = [Block(type="text", text=m.content)] if isinstance(m.content, str) else m.content
@@ -116,8 +125,7 @@ def _user(m: Message, i: int) -> list[dict]:
     for j, b in enumerate(blocks):
         where = f"messages[{i}].content[{j}]"
         if b.type == "tool_result":
-            out.append({"role": "tool", "tool_call_id": b.tool_use_id,
-                        "content": _text(b.content, f"{where}.content")})
+            out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": _result(b.content)})
         elif b.type == "text":
             text.append(b.text or "")
         else:
