@@ -279,3 +279,21 @@ def test_structured_output_config(scripted):
                                          messages=[{"role": "user", "content": "Reply in JSON"}])
     assert json.loads(r.content[0].text) == {"a": 1}
     assert "## Response Format" in last_call(scripted).prompt
+
+
+def test_server_tools_and_their_history_are_left_out(scripted):
+    # Claude Code offers Anthropic's server-side web search next to its own tools; a history may
+    # hold another server's opaque blocks. Neither is ours to render.
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    history = [{"role": "user", "content": "Look it up"},
+               {"role": "assistant", "content": [
+                   {"type": "redacted_thinking", "data": "opaque"},
+                   {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}},
+                   {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+                   {"type": "text", "text": "Found it."}]},
+               {"role": "user", "content": "Say hi"}]
+    r = client(scripted).messages.create(model=M, max_tokens=20, messages=history, tools=[WEATHER, search],
+                                         thinking=OFF)
+    assert r.content[0].text == "Hi!"
+    prompt = last_call(scripted).prompt
+    assert "web_search" not in prompt and "get_weather" in prompt and "Found it.<｜end▁of▁sentence｜>" in prompt

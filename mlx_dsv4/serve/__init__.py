@@ -1,12 +1,15 @@
-"""`dsv4 serve`: an OpenAI-compatible HTTP endpoint for a converted model.
+"""`dsv4 serve`: OpenAI- and Anthropic-compatible HTTP endpoints for a converted model.
 
 `engine` owns the model on one thread, `protocol` translates OpenAI requests and replies,
-`app` holds the routes. FastAPI, uvicorn and sse-starlette are imported only in this package.
+`anthropic` the Messages API (into the same requests), `grammar` writes the grammars that
+constrain tool calls and JSON, `app` holds the routes. FastAPI, uvicorn and sse-starlette are
+imported only in this package.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 log = logging.getLogger("mlx_dsv4.serve")
@@ -24,6 +27,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     """
     from ..chat_format import load_encoding
     from ..config import ModelArgs
+    from ..constrain import grammar_tokenizer
     from ..plan import apply_wired_limit, plan_context
     from ..session import Session
     from ..tokenizer import Tokenizer
@@ -50,6 +54,9 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
                        prefill_chunk=plan.run_chunk)
 
     engine = Engine(load)
+    # The grammar engine's view of the vocabulary takes about a second to build: do it now, not
+    # in the first request that asks for a tool call or JSON.
+    threading.Thread(target=grammar_tokenizer, args=(tokenizer, args.vocab_size), daemon=True).start()
     return engine, create_app(engine, config), config
 
 

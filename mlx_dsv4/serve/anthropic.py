@@ -27,6 +27,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                503: "overloaded_error", 529: "overloaded_error"}
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_turn"}
 TEXT_BLOCKS = ("text",)
+# Assistant blocks another server wrote that this model cannot read back: dropped from history.
+OPAQUE = ("redacted_thinking", "server_tool_use", "web_search_tool_result")
 
 
 class Block(Loose):
@@ -51,6 +53,7 @@ class Message(Loose):
 
 
 class Tool(Loose):
+    type: str | None = None  # None or "custom"; others are Anthropic's server tools (web search, ...)
     name: str
     description: str | None = None
     input_schema: dict = Field(default_factory=lambda: {"type": "object"})
@@ -147,7 +150,7 @@ def _assistant(m: Message, i: int) -> dict:
         elif b.type == "tool_use":
             calls.append({"id": b.id, "type": "function", "function": {
                 "name": b.name, "arguments": json.dumps(b.input or {}, ensure_ascii=False)}})
-        elif b.type != "redacted_thinking":  # opaque to us: dropped
+        elif b.type not in OPAQUE:
             where = f"messages[{i}].content[{j}]"
             raise APIError(400, f"{where}: content blocks of type {b.type!r} are not supported in an "
                            "assistant turn.", param=f"{where}.type")
@@ -176,10 +179,10 @@ def chat_request(req: MessagesRequest) -> ChatRequest:
                             "stop": req.stop_sequences, "temperature": req.temperature,
                             "top_p": req.top_p, "top_k": req.top_k,
                             "seed": (req.model_extra or {}).get("seed")}  # ours, not Anthropic's
-    if req.tools:
+    if tools := [t for t in req.tools or [] if t.type in (None, "custom")]:
         body["tools"] = [{"type": "function", "function": {
             "name": t.name, **({"description": t.description} if t.description is not None else {}),
-            "parameters": t.input_schema}} for t in req.tools]
+            "parameters": t.input_schema}} for t in tools]
     if (c := req.tool_choice) is not None:
         if c.type == "tool" and not c.name:
             raise APIError(400, "tool_choice.name: a tool choice of type 'tool' names the tool.",

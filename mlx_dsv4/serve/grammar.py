@@ -182,6 +182,9 @@ def reply_constraint(tok, vocab: int, tools: list[dict], *, forced: str | None, 
     the model's own `<｜DSML｜`), or JSON; each after the reasoning when thinking."""
     try:
         return _constraint(tok, vocab, tools, forced, name, parallel, forbid, response_format, thinking)
+    except ImportError as e:  # llguidance missing: replies are parsed as sampled
+        log.warning("tool calls and JSON are not constrained: %s", e)
+        return None
     except constrain.GrammarError as e:
         raise APIError(400, f"The tools or response_format cannot be enforced: {e}",
                        code="unsupported_schema") from None
