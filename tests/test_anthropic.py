@@ -288,12 +288,14 @@ def test_server_tools_and_their_history_are_left_out(scripted):
     history = [{"role": "user", "content": "Look it up"},
                {"role": "assistant", "content": [
                    {"type": "redacted_thinking", "data": "opaque"},
-                   {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}},
+                   {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+                    "input": {"query": "x"}},
                    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
                    {"type": "text", "text": "Found it."}]},
                {"role": "user", "content": "Say hi"}]
-    r = client(scripted).messages.create(model=M, max_tokens=20, messages=history, tools=[WEATHER, search],
-                                         thinking=OFF)
+    r = client(scripted).messages.create(model=M, max_tokens=20, messages=history,
+                                         tools=[WEATHER, search], thinking=OFF)
     assert r.content[0].text == "Hi!"
     prompt = last_call(scripted).prompt
-    assert "web_search" not in prompt and "get_weather" in prompt and "Found it.<｜end▁of▁sentence｜>" in prompt
+    assert "web_search" not in prompt and "get_weather" in prompt
+    assert "Found it.<｜end▁of▁sentence｜>" in prompt
