@@ -10,6 +10,7 @@ the feature and where it is. `constrain.Constraint` applies the grammar; this mo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Callable
@@ -96,7 +97,7 @@ def _arguments(w: _Writer, rule: str, params: dict | None, where: str, tok) -> s
     if not props:  # no declared keys: any names, any values
         key = w.rule(f"{rule}_k", r'/[A-Za-z0-9_.\-]+/')
         free = w.rule(f"{rule}_s[lazy]", f"/(.|\\n)*{_regex_escape(PARAM_CLOSE)}/").split("[")[0]
-        anyjson = w.rule(f"{rule}_a", f"%json {json.dumps({})}")
+        anyjson = w.rule(f"{rule}_a", f"%json {json.dumps({'x-guidance': VALUE_JSON})}")
         line = w.rule(f"{rule}_p", f'"<{D}parameter name=\\"" {key} "\\" string=" '
                       f'("\\"true\\">" {free} | "\\"false\\">" {anyjson} {_lit(PARAM_CLOSE)}) "\\n"')
         return w.rule(rule, f'"\\n" | {line}+')
@@ -116,6 +117,13 @@ def tool_block(tools: list[dict], tok, *, name: str | None = None, parallel: boo
     """Lark for a whole tool-call block from `start` (the opener, or what is left of it once
     the model has begun it) to its close tag: calls only to `tools` (only `name`, if given),
     one call unless `parallel`."""
+    return _tool_block(json.dumps(tools, ensure_ascii=False), tok, name, parallel, start)
+
+
+@functools.lru_cache(maxsize=32)
+def _tool_block(tools_json: str, tok, name: str | None, parallel: bool, start: str) -> str:
+    # Cached on the tools' JSON: an agent sends the same tools with every request.
+    tools = json.loads(tools_json)
     w = _Writer()
     first, more = [], []
     for i, t in enumerate(tools):
