@@ -299,3 +299,15 @@ def test_server_tools_and_their_history_are_left_out(scripted):
     prompt = last_call(scripted).prompt
     assert "web_search" not in prompt and "get_weather" in prompt
     assert "Found it.<｜end▁of▁sentence｜>" in prompt
+
+
+def test_a_failure_mid_stream_is_an_error_event(scripted):
+    body = {"model": M, "max_tokens": 50, "stream": True, "thinking": OFF,
+            "messages": [{"role": "user", "content": "explode"}]}
+    raw = httpx.post(scripted.url + "/v1/messages", json=body, timeout=30).text
+    assert "event: error" in raw and "message_stop" not in raw
+    error = json.loads(raw.split("event: error", 1)[1].split("data: ", 1)[1].splitlines()[0])
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "the scripted model broke" in error["error"]["message"]
+    with pytest.raises(anthropic.APIStatusError):
+        stream_events(scripted, "explode")
