@@ -1,6 +1,7 @@
-"""The FastAPI app: routes, errors in OpenAI's shape, CORS, auth, SSE (protocol.md B1-B8).
+"""The FastAPI app: routes, errors in OpenAI's shape (Anthropic's under `/messages`), CORS, auth,
+SSE (protocol.md B1-B8).
 
-Handlers parse, call one function of `protocol`, render. Every route also answers without the
+Handlers parse, call one function of `protocol` (or `anthropic`), render. Every route also answers without the
 `/v1` prefix, with a trailing slash or doubled slashes, and ignores the query string. A body
 larger than the context could need is refused before it is parsed; a stream cut by the server's
 shutdown ends with an error event.
@@ -94,7 +95,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.post("/messages/count_tokens")
     async def count_tokens(req: anthropic.CountRequest):
-        p = await run_in_threadpool(lambda: protocol.prompt(anthropic.chat_request(req), config))
+        p = await run_in_threadpool(lambda: protocol.render_prompt(anthropic.chat_request(req), config))
         return {"input_tokens": len(p.ids)}
 
     return app

@@ -1,9 +1,10 @@
 """The adapters between OpenAI's wire shapes and the engine (protocol.md Part B).
 
 Requests (validated by `schema`): message normalisation (B4.2), thinking/effort resolution
-(B4.3), tool choice (B4.4), token ids and context checked -> an engine `Job`. Replies: `ChatReply`
-turns the engine's `Chunk`s into `Delta`s (reasoning, content, tool calls, finish, usage); the
-SSE stream renders each delta and the non-streaming reply is their fold.
+(B4.3), tool choice (B4.4), the grammar constraint (`grammar`), token ids and context checked
+-> an engine `Job`. Replies: `ChatReply` turns the engine's `Chunk`s into `Delta`s (reasoning,
+content, tool calls, finish, usage); the SSE stream renders each delta and the non-streaming
+reply is their fold. The Messages API (`anthropic`) reuses both halves.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ class Prompt:
     level: str | None  # the effort level, when thinking
 
 
-def prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
+def render_prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
     """The request's prompt as token ids, and what decided it."""
     tools, force, forbid, named = tool_setup(req)
     messages = normalize(req, tools)
@@ -312,7 +313,7 @@ def prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
 
 def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
     tok = cfg.tokenizer
-    p = prompt(req, cfg)
+    p = render_prompt(req, cfg)
     ids, messages, tools, force, forbid, thinking = p.ids, p.messages, p.tools, p.force, p.forbid, p.thinking
     sampling = req.sampling(cfg.vocab)
     if thinking and not cfg.exact_sampling:
@@ -325,6 +326,7 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
     if forbid:
         sampling["logit_bias"].update(dict.fromkeys(token_ids(tok, chat_format.DSML), BAN))
     prefix = messages[-1].get("wo_eos", False)
+    # A continued assistant message holds text the grammar never saw: it is left unconstrained.
     constraint = None if prefix else grammar.reply_constraint(
         tok, cfg.vocab, tools, forced=force, name=p.named, parallel=req.parallel_tool_calls,
         forbid=forbid, response_format=req.response_format, thinking=thinking)
