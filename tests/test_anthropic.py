@@ -311,3 +311,40 @@ def test_a_failure_mid_stream_is_an_error_event(scripted):
     assert "the scripted model broke" in error["error"]["message"]
     with pytest.raises(anthropic.APIStatusError):
         stream_events(scripted, "explode")
+
+
+def test_a_claude_code_shaped_request(scripted):
+    # What Claude Code sends (its shape, not its text): beta query and headers, system blocks with
+    # cache control, draft-07 tool schemas, a server tool, thinking with a budget, a stream.
+    draft7 = "http://json-schema.org/draft-07/schema#"
+    schema = {"$schema": draft7, "type": "object", "additionalProperties": False,
+              "properties": {"command": {"type": "string", "description": "The command"},
+                             "timeout": {"type": "number", "description": "ms"},
+                             "run_in_background": {"type": "boolean"}}, "required": ["command"]}
+    todo = {"type": "object", "properties": {"todos": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["content", "status"], "properties": {
+            "content": {"type": "string", "minLength": 1},
+            "status": {"type": "string", "enum": ["pending", "in_progress", "completed"]}}}}},
+        "required": ["todos"], "additionalProperties": False, "$schema": draft7}
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 32000, "stream": True, "temperature": 1,
+            "metadata": {"user_id": "user_abc_session_1"},
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "Bash", "description": "Run a command.", "input_schema": schema},
+                      {"name": "TodoWrite", "description": "Track tasks.", "input_schema": todo},
+                      {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>context</system-reminder>"},
+                {"type": "text", "text": "Say hi", "cache_control": {"type": "ephemeral"}}]}]}
+    headers = {"x-api-key": "sk-ant-local", "anthropic-version": "2023-06-01",
+               "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"}
+    with httpx.stream("POST", scripted.url + "/v1/messages?beta=true", json=body, headers=headers,
+                      timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())
+    names = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+    assert names[:2] == ["message_start", "ping"] and names[-2:] == ["message_delta", "message_stop"]
+    assert names.count("content_block_start") == names.count("content_block_stop") == 2  # thinking, text
+    prompt = last_call(scripted).prompt
+    assert prompt.startswith("You are Claude Code.") and '"name": "TodoWrite"' in prompt
+    assert "web_search" not in prompt and prompt.endswith("Say hi<｜Assistant｜><think>")
