@@ -199,7 +199,13 @@ def test_errors_in_anthropic_shape(scripted, tokenizer, encoding):
     with pytest.raises(anthropic.BadRequestError) as e:
         c.messages.create(model=M, max_tokens=10, messages=[{"role": "user", "content": "hi"}],
                           tools=[bad], tool_choice={"type": "any"})
-    assert '"not"' in e.value.body["error"]["message"] and "properties.a" in e.value.body["error"]["message"]
+    message = e.value.body["error"]["message"]
+    assert '"not"' in message and message.startswith("tools[0].input_schema.properties.a: ")
+    with pytest.raises(anthropic.BadRequestError) as e:  # indices count the server tools too
+        c.messages.create(model=M, max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+                          tools=[{"type": "web_search_20250305", "name": "web_search"}, bad],
+                          tool_choice={"type": "any"})
+    assert e.value.body["error"]["message"].startswith("tools[1].input_schema.properties.a: ")
     config = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding,
                           api_key="secret")
     keyed = Running(create_app(scripted.engine, config))

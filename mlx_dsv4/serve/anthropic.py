@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from typing import Any, AsyncIterator, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from . import protocol
 from .protocol import Delta
 from .schema import APIError, ChatRequest, Loose, check_text, invalid
 
@@ -207,6 +209,22 @@ def chat_request(req: MessagesRequest) -> ChatRequest:
         return ChatRequest.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as e:  # a value this API lets through and the chat route does not
         raise invalid(e.errors()) from None
+
+
+def chat_job(req: MessagesRequest, cfg) -> protocol.ChatJob:
+    """The engine job for `req`; errors name the Messages API's fields (`tools[i].input_schema`)."""
+    try:
+        return protocol.chat_job(chat_request(req), cfg)
+    except APIError as e:
+        custom = [i for i, t in enumerate(req.tools or []) if t.type in (None, "custom")]
+
+        def rename(text: str | None) -> str | None:
+            return text and re.sub(r"tools\[(\d+)\]\.function\.parameters",
+                                   lambda m: f"tools[{custom[int(m[1])]}].input_schema", text)
+
+        e.message, e.param = rename(e.message), rename(e.param)
+        e.args = (e.message,)
+        raise
 
 
 def error_body(e: APIError) -> dict:

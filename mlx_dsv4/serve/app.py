@@ -86,7 +86,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.post("/messages")
     async def messages(req: anthropic.MessagesRequest, request: Request):
-        cj = await run_in_threadpool(lambda: protocol.chat_job(anthropic.chat_request(req), config))
+        cj = await run_in_threadpool(anthropic.chat_job, req, config)
         deltas = protocol.chat_deltas(_submit(engine, cj.job), protocol.ChatReply(cj, config.tokenizer))
         msg = anthropic.message(req.model or config.model_id, len(cj.job.ids))
         if req.stream:
