@@ -11,9 +11,12 @@ one run:
   kernels  the nodes that launch work: all but views (Reshape, Broadcast, Slice, Transpose,
            Squeeze, ExpandDims, AsStrided, StopGradient, Depends); a compiled graph's fused
            elementwise chains are one `Compiled...` node, so this counts them once
-  host ms  Python time to build (eager) or replay (compiled) the step, before evaluation
-  step ms  build + evaluate, median of `--steps` after `--warmup`, less the same for a 0-layer
-           pass (embedding, HyperHead, LM head: on a CPU the 8-bit head's matmul dominates)
+  host ms  CPU time of the Python thread building (eager) or replaying (compiled) the step,
+           before evaluation (thread time, so other load on the machine does not inflate it)
+  step ms  build + evaluate, wall-clock median of `--steps` after `--warmup`, less the same for
+           a 0-layer pass (embedding, HyperHead, LM head)
+  cpu ms   the same step in CPU time of the whole process (all MLX threads): the work done,
+           which, unlike wall time, a busy machine does not stretch
 
 A step that closes a compressor window has a few more nodes; the counts are from a step that
 does not (p % 4 != 3), the times are medians over all steps.
@@ -61,17 +64,18 @@ def step_outputs(model, cache, tok):
     return [logits] + [a for c in cache for a in c.state]
 
 
-def time_step(build_outputs, steps: int, warmup: int) -> tuple[float, float]:
-    host, step = [], []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        o = build_outputs()
-        t1 = time.perf_counter()
-        mx.eval(o)
-        if i >= warmup:
-            host.append(t1 - t0)
-            step.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(host), 1e3 * statistics.median(step)
+def timed(build_outputs) -> tuple[float, float, float]:
+    """(host thread seconds, wall seconds, process CPU seconds) of one step."""
+    c0, t0, h0 = time.process_time(), time.perf_counter(), time.thread_time()
+    o = build_outputs()
+    h1 = time.thread_time()
+    mx.eval(o)
+    return h1 - h0, time.perf_counter() - t0, time.process_time() - c0
+
+
+def time_step(build_outputs, steps: int, warmup: int) -> tuple[float, float, float]:
+    runs = [timed(build_outputs) for _ in range(warmup + steps)][warmup:]
+    return tuple(1e3 * statistics.median(r[i] for r in runs) for i in range(3))
 
 
 def measure(model, args, T: int, steps: int, warmup: int) -> dict:
@@ -80,7 +84,7 @@ def measure(model, args, T: int, steps: int, warmup: int) -> dict:
         caches[mode] = make_cache(model, max_tokens=T + 4 * (steps + warmup) + 8)
         fill(caches[mode], args, T)
     tok = mx.array([[7]])
-    out = {m: {"host": [], "step": []} for m in caches}
+    out = {m: {"host": [], "step": [], "cpu": []} for m in caches}
     for i in range(warmup + steps):
         for mode, cache in caches.items():  # alternate: both see the same machine load
             model.compiled_decode = mode == "compiled"
@@ -89,19 +93,17 @@ def measure(model, args, T: int, steps: int, warmup: int) -> dict:
                 while cache[0].offset % 4 == 3:
                     mx.eval(step_outputs(model, cache, tok))
                 out[mode]["nodes"], out[mode]["kernels"] = count(step_outputs(model, cache, tok))
-            t0 = time.perf_counter()
-            o = step_outputs(model, cache, tok)
-            t1 = time.perf_counter()
-            mx.eval(o)
-            t2 = time.perf_counter()
+            host, wall, cpu = timed(lambda: step_outputs(model, cache, tok))
             if i >= warmup:
-                out[mode]["host"].append(t1 - t0)
-                out[mode]["step"].append(t2 - t0)
+                out[mode]["host"].append(host)
+                out[mode]["step"].append(wall)
+                out[mode]["cpu"].append(cpu)
     res = {}
     for mode, r in out.items():
         res[mode] = {"nodes": r["nodes"], "kernels": r["kernels"],
                      "host_ms": 1e3 * statistics.median(r["host"]),
-                     "step_ms": 1e3 * statistics.median(r["step"])}
+                     "step_ms": 1e3 * statistics.median(r["step"]),
+                     "cpu_ms": 1e3 * statistics.median(r["cpu"])}
     return res
 
 
@@ -123,7 +125,7 @@ def main():
     results = []
     head = {}
     print(f"{'layer':>5} {'context':>8} {'mode':>9} {'nodes':>6} {'kernels':>8} {'host ms':>8} "
-          f"{'step ms':>8}", flush=True)
+          f"{'step ms':>8} {'cpu ms':>8}", flush=True)
     for kind, start in (("csa", 4), ("hca", 5)):
         cfg = sliced_config(1, start, a.experts)
         # A small vocabulary: the LM head is not part of a layer, and on a CPU its 129K-row
@@ -136,24 +138,25 @@ def main():
             layers, model.layers = model.layers, []
             tok = mx.array([[7]])
             head["nodes"] = count([model(tok, [], last_only=True)])
-            head["host"], head["step"] = time_step(lambda: [model(tok, [], last_only=True)],
-                                                   a.steps, a.warmup)
+            head["host"], head["step"], head["cpu"] = time_step(
+                lambda: [model(tok, [], last_only=True)], a.steps, a.warmup)
             model.layers = layers
             print(f"{'head':>5} {'':>8} {'eager':>9} {head['nodes'][0]:>6} {head['nodes'][1]:>8} "
-                  f"{head['host']:>8.3f} {head['step']:>8.2f}   (subtracted below)", flush=True)
+                  f"{head['host']:>8.3f} {head['step']:>8.2f} {head['cpu']:>8.2f}  (subtracted)",
+                  flush=True)
         for T in a.contexts:
             r = measure(model, args, T, a.steps, a.warmup)
             for mode, m in r.items():
                 m["nodes"] -= head["nodes"][0]
                 m["kernels"] -= head["nodes"][1]
-                m["host_ms"] -= head["host"]
-                m["step_ms"] -= head["step"]
+                for k in ("host", "step", "cpu"):
+                    m[f"{k}_ms"] -= head[k]
                 print(f"{kind:>5} {T:>8,} {mode:>9} {m['nodes']:>6} {m['kernels']:>8} "
-                      f"{m['host_ms']:>8.3f} {m['step_ms']:>8.2f}", flush=True)
-            ratio = r["compiled"]["step_ms"] / r["eager"]["step_ms"]
-            print(f"{'':>5} {'':>8} {'ratio':>9} {'':>6} {'':>8} "
-                  f"{r['compiled']['host_ms'] / r['eager']['host_ms']:>8.3f} {ratio:>8.3f}",
-                  flush=True)
+                      f"{m['host_ms']:>8.3f} {m['step_ms']:>8.2f} {m['cpu_ms']:>8.2f}", flush=True)
+            c, e = r["compiled"], r["eager"]
+            print(f"{'':>5} {'':>8} {'ratio':>9} {c['nodes'] / e['nodes']:>6.2f} "
+                  f"{c['kernels'] / e['kernels']:>8.2f} {c['host_ms'] / e['host_ms']:>8.3f} "
+                  f"{c['step_ms'] / e['step_ms']:>8.3f} {c['cpu_ms'] / e['cpu_ms']:>8.3f}", flush=True)
             results.append({"layer": kind, "context": T, **r})
             mx.clear_cache()
         del model

@@ -55,7 +55,7 @@ app = typer.Typer(name="dsv4", help="Run DeepSeek-V4 (Flash and Pro) locally wit
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 # The names of convert.plan.RECIPES, spelled out so `--help` needs no import (a test checks them).
-Recipe = Literal["q4", "native", "q8"]
+Recipe = Literal["attn4", "q4", "native", "native-h8", "q8", "experts3", "experts2"]
 
 
 def command(interrupted: str = "Interrupted."):
@@ -131,8 +131,10 @@ def convert(
     source: Annotated[str, typer.Argument(help="Checkpoint directory or Hugging Face repo id, "
                                                "e.g. deepseek-ai/DeepSeek-V4-Flash.")],
     output_dir: Annotated[Path, typer.Argument(help="New or empty directory for the MLX model.")],
-    recipe: Annotated[Recipe, typer.Option(help="q4: 4-bit linears, experts kept as shipped "
-                                                "(default); native: lossless; q8: 8-bit linears.")] = "q4",
+    recipe: Annotated[Recipe, typer.Option(help="attn4 (default): big attention matrices 4-bit, "
+                                                "the rest exact; q4: smallest 4-bit; native: "
+                                                "lossless; experts3/experts2: 3/2-bit experts for "
+                                                "128/96 GB Macs. `dsv4 plan` compares them.")] = "attn4",
     revision: Annotated[str | None, typer.Option(help="Branch, tag or commit of a Hub repo.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
     shard_size: Annotated[int, typer.Option(parser=parse_size, metavar="SIZE",
@@ -306,25 +308,40 @@ def plan(
                                               "release: flash, pro, deepseek-ai/DeepSeek-V4-Flash.")],
     context: Annotated[int, typer.Option("--context", "-c", metavar="TOKENS",
                                          help="Context length to plan for.")] = 1 << 20,
-    recipe: Annotated[str | None, typer.Option(help="official, native, q8 or q4 (for a config "
-                                                    "or a release; default q4).")] = None,
+    recipe: Annotated[str | None, typer.Option(help="official or a conversion recipe (for a config "
+                                                    "or a release; default: compare every recipe).")] = None,
     kv_bits: KvBits = None,
     prefill_chunk: PrefillChunk = 512,
     memory: Annotated[int | None, typer.Option(parser=parse_memory, metavar="SIZE",
-                                               help="Plan for a machine of this size, e.g. 256GB "
+                                               help="Plan for a machine of this size, e.g. 128GB "
                                                     "(default: this machine).")] = None,
 ) -> None:
-    """Will this model and context fit? Weights, KV pools, activations and the verdict."""
+    """Will this model and context fit? Per recipe for a release; weights, KV, activations for one."""
     _check_kv_bits(kv_bits)
     from rich.console import Console
 
+    from .plan import is_converted, plan_memory, plan_recipes
+
+    options = dict(context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk, memory=memory)
+    console = Console()
+    if recipe is None and not is_converted(model):
+        plans = plan_recipes(model, **options)
+        console.print(_recipes_table(plans, kv_bits))
+        console.print(_recipes_verdict(plans), highlight=False)
+        if not any(p.fits for p in plans):
+            raise typer.Exit(2)
+        return
+    p = plan_memory(model, recipe=recipe, **options)
+    console.print(_plan_memory_table(p, kv_bits))
+    console.print(p.verdict(), highlight=False)
+    if not p.fits:
+        raise typer.Exit(2)
+
+
+def _plan_memory_table(p, kv_bits):
     from rich.table import Table
 
     from .plan import format_bytes as gib
-    from .plan import plan_memory
-
-    p = plan_memory(model, context=context, recipe=recipe, kv_bits=kv_bits,
-                    prefill_chunk=prefill_chunk, memory=memory)
 
     pools = "8-bit" if kv_bits == 8 else "bf16"
     table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens", show_header=False)
@@ -337,11 +354,40 @@ def plan(
     table.add_row("decode activations", gib(p.decode_bytes))
     table.add_row("total", gib(p.total_bytes))
     table.add_row(f"budget ({p.budget_source})", gib(p.budget_bytes))
-    console = Console()
-    console.print(table)
-    console.print(p.verdict(), highlight=False)
-    if not p.fits:
-        raise typer.Exit(2)
+    return table
+
+
+def _recipes_table(plans, kv_bits):
+    from rich.table import Table
+
+    from .plan import default_recipe
+    from .plan import format_bytes as gib
+
+    first = plans[0]
+    pools = "8-bit" if kv_bits == 8 else "bf16"
+    table = Table(title=f"{first.model} · {first.context:,} tokens · budget {gib(first.budget_bytes, 1)} "
+                        f"({first.budget_source})",
+                  caption=f"KV pools {pools}, {first.kv_bytes_per_token:,.0f} B/token", title_justify="left")
+    for name in ("recipe", "weights", "total", "largest context", f"at {first.context:,} tokens"):
+        table.add_column(name, justify="left" if name == "recipe" else "right")
+    for p in plans:
+        label = f"{p.recipe} (default)" if p.recipe == default_recipe() else p.recipe
+        table.add_row(label, gib(p.weight_bytes), gib(p.total_bytes),
+                      f"{p.largest_context:,}" if p.largest_context else "none",
+                      "fits" if p.fits else "does not fit")
+    return table
+
+
+def _recipes_verdict(plans) -> str:
+    from .plan import format_bytes as gib
+
+    fit = [p for p in plans if p.largest_context > 0]
+    if not fit:
+        small = min(plans, key=lambda p: p.weight_bytes)
+        return (f"No recipe fits: the smallest, {small.recipe}, needs {gib(small.weight_bytes, 1)} for "
+                f"its weights alone; the budget is {gib(small.budget_bytes, 1)}.")
+    return "Recipes that fit: " + ", ".join(f"{p.recipe} (up to {p.largest_context:,} tokens)"
+                                            for p in fit) + "."
 
 
 @command()

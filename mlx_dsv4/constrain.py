@@ -91,7 +91,11 @@ class Constraint:
 
     `gate(token) -> bool` is told each generated token while the constraint waits and turns
     it on from the next token when it returns True; without a gate it is on from the first.
-    Once the grammar is complete only the tokenizer's EOS is allowed."""
+    Once the grammar is complete only the tokenizer's EOS is allowed. It must be called once per
+    generated token, in order (`sequential`): `stream_generate` does not decode speculatively
+    with it."""
+
+    sequential = True
 
     def __init__(self, ll_tokenizer, grammar: str, *, gate: Callable[[int], bool] | None = None):
         self.matcher = _matcher(ll_tokenizer, grammar).deep_copy()

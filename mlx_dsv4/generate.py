@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import LayerCache, make_cache
-from .sampling import make_logits_processors, make_sampler
+from .sampling import make_distribution, make_logits_processors, make_sampler
 
 CLEAR_EVERY = 256  # decode steps between MLX buffer-cache clears
 
@@ -177,11 +177,15 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
                     reused_tokens: int = 0, prefill_chunk: int = 512,
                     max_context: int | None = None, largest_context: int | None = None,
                     progress: Callable[[int, int], None] | None = None,
-                    on_prefilled: Callable[[], None] | None = None) -> Iterator[Chunk]:
+                    on_prefilled: Callable[[], None] | None = None, draft: int = 0,
+                    drafter=None, spec_stats=None) -> Iterator[Chunk]:
     """Text chunks for `prompt` (a string or token ids), ending with a chunk that has a
     `finish_reason`. `cache` may already hold `history` (prefix reuse); `max_context` refuses,
-    before any work, a prompt plus `max_tokens` that does not fit. `logits_processors` run after
-    the built-in ones (a grammar constraint goes last, so nothing re-allows what it masks)."""
+    before any work, a prompt plus `max_tokens` that does not fit. `draft > 0` decodes
+    speculatively (speculative.py) with `drafter`, by default the model's MTP block; the output
+    distribution is unchanged, `spec_stats` (a `SpecStats`) counts forwards and acceptance.
+    `logits_processors` run after the built-in ones (a grammar constraint goes last, so nothing
+    re-allows what it masks)."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     check_token_ids(ids, model.args.vocab_size)
     total_prompt = len(history) + len(ids)
@@ -203,9 +207,21 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_time = None
-    steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=processors,
-                          max_tokens=max_tokens, prefill_chunk=prefill_chunk, history=history,
-                          progress=progress, on_prefilled=on_prefilled)
+    # A processor that follows the reply token by token (a grammar) cannot be shown drafts.
+    sequential = any(getattr(p, "sequential", False) for p in logits_processors)
+    if draft > 0 and not sequential and (drafter is not None or getattr(model, "mtp", None)):
+        from . import speculative
+
+        steps = speculative.speculative_step(
+            model, ids, cache, drafter or speculative.MTPDrafter(model, position=len(history)),
+            distribution=make_distribution(temperature, top_p=top_p, min_p=min_p, top_k=top_k),
+            draft=draft, logits_processors=processors, max_tokens=max_tokens,
+            prefill_chunk=prefill_chunk, history=history, progress=progress,
+            on_prefilled=on_prefilled, stats=spec_stats)
+    else:
+        steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=processors,
+                              max_tokens=max_tokens, prefill_chunk=prefill_chunk, history=history,
+                              progress=progress, on_prefilled=on_prefilled)
     n = 0
     for n, (token, lp) in enumerate(steps, start=1):
         if prompt_time is None:

@@ -183,7 +183,7 @@ class MTPBlock(Block):
         e = self.enorm(embed(next_ids))
         X = self.e_proj(e)[:, :, None, :] + self.h_proj(self.hnorm(streams))
         X = Block.__call__(self, X, next_ids, cache)
-        return head(self.norm(_collapse(self, X)))
+        return head(self.norm(_collapse(self, X))), X
 
 
 class Model(nn.Module):
@@ -238,6 +238,10 @@ class Model(nn.Module):
         logits = _f32(self.head(self.norm(_collapse(self, X))))
         return (logits, streams) if return_streams else logits
 
-    def mtp_logits(self, streams: mx.array, next_ids: mx.array, cache: list[LayerCache]):
-        """Logits of the MTP block(s) given the trunk's final streams and the next token ids."""
-        return _f32(self.mtp[0].predict(streams, next_ids, self.embed, self.head, cache[0]))
+    def mtp_logits(self, streams: mx.array, next_ids: mx.array, cache: list[LayerCache],
+                   return_streams: bool = False):
+        """Logits of the MTP block(s) given the trunk's final streams and the next token ids;
+        with `return_streams`, also the block's own output streams (a stand-in for the trunk's
+        when drafting further ahead)."""
+        logits, X = self.mtp[0].predict(streams, next_ids, self.embed, self.head, cache[0])
+        return (_f32(logits), X) if return_streams else _f32(logits)

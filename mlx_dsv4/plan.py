@@ -18,23 +18,28 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CSA, HCA, ModelArgs, keep_float32, load_json, released_config
+from .config import CSA, HCA, ModelArgs, load_json, released_config
 
 GiB = 1 << 30
-RECIPES = ("official", "native", "q8", "q4")
 
-# Bytes per logical parameter by tensor role and recipe (spec §5.2). Affine g64 adds a bf16
-# scale and bias per 64 values (0.5 bit each); mxfp4/mxfp8 add one E8M0 byte per 32.
-_ROLE_BYTES = {
-    "official": {"expert": 4.25 / 8, "fp8": 1 + 1 / 16384, "embed": 2, "head": 2, "linear": 2,
-                 "norm": 2, "fp32": 4, "index": 8},
-    "native": {"expert": 4.25 / 8, "fp8": 1 + 1 / 32, "embed": 2, "head": 2, "linear": 2,
-               "norm": 2, "fp32": 4, "index": 4},
-    "q8": {"expert": 4.25 / 8, "fp8": 1 + 4 / 64, "embed": 1 + 4 / 64, "head": 1 + 4 / 64,
-           "linear": 2, "norm": 2, "fp32": 4, "index": 4},
-    "q4": {"expert": 4.25 / 8, "fp8": 0.5 + 4 / 64, "embed": 1 + 4 / 64, "head": 1 + 4 / 64,
-           "linear": 2, "norm": 2, "fp32": 4, "index": 4},
-}
+# Bytes per logical parameter of the release as shipped (spec §5.2): FP4 experts with one E8M0
+# byte per 32, FP8 with one per 128x128 block, bf16/fp32 elsewhere. Converted recipes are counted
+# by the converter's own plan instead (`convert.plan.recipe_bytes`), byte for byte.
+_OFFICIAL_BYTES = {"expert": 4.25 / 8, "fp8": 1 + 1 / 16384, "embed": 2, "head": 2, "linear": 2,
+                   "norm": 2, "fp32": 4, "index": 8}
+
+
+def recipes() -> list[str]:
+    """What `recipe` may name: the release as shipped, then every conversion recipe."""
+    from .convert.plan import RECIPES  # the convert package imports MLX; plan.py does not
+
+    return ["official", *RECIPES]
+
+
+def default_recipe() -> str:
+    from .convert.plan import DEFAULT_RECIPE
+
+    return DEFAULT_RECIPE
 
 
 # The terms above miss transients MLX keeps alive within one evaluation: a 256-token prefill
@@ -104,16 +109,15 @@ def format_bytes(n: int, digits: int = 2) -> str:
 
 
 def weight_bytes(args: ModelArgs, recipe: str, include_mtp: bool = True) -> int:
-    if recipe not in _ROLE_BYTES:
-        raise PlanError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
-    table = _ROLE_BYTES[recipe]
-    total = 0.0
-    for name, shape, role in args.tensors(include_mtp):
-        # A converted model stores what the reference keeps in fp32 as fp32 (the router, shipped
-        # in bf16, included); `official` counts the release as shipped.
-        per = 4 if recipe != "official" and keep_float32(name) else table[role]
-        total += math.prod(shape) * per
-    return int(total)
+    """Weight bytes of `recipe` for this model: for a conversion recipe, exactly the tensor bytes
+    `dsv4 convert` writes (the shards' payload)."""
+    if recipe not in recipes():
+        raise PlanError(f"Unknown recipe {recipe!r}; choose one of {', '.join(recipes())}.")
+    if recipe != "official":
+        from .convert.plan import recipe_bytes
+
+        return recipe_bytes(args, recipe, include_mtp)
+    return int(sum(math.prod(shape) * _OFFICIAL_BYTES[role] for _, shape, role in args.tensors(include_mtp)))
 
 
 def weight_bytes_from_dir(path: Path) -> int:
@@ -234,6 +238,25 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
     return plan
 
 
+def is_converted(model: str | Path | ModelArgs) -> bool:
+    """A converted model directory (its weights are counted from its shards, recipe and all)."""
+    if isinstance(model, ModelArgs):
+        return False
+    path = Path(model).expanduser()
+    return path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def plan_recipes(model: str | Path | ModelArgs, *, context: int, kv_bits: int | None = None,
+                 prefill_chunk: int = 512, memory: int | None = None) -> list[Plan]:
+    """One plan per conversion recipe for a release or a config (not a converted directory,
+    whose recipe is fixed): which recipes fit this machine, and the context each leaves."""
+    if is_converted(model):
+        raise PlanError(f"{model} is a converted model, its recipe is fixed; plan its release "
+                        "(flash, pro) or a config.json to compare recipes.")
+    return [plan_memory(model, context=context, recipe=r, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
+                        memory=memory) for r in recipes() if r != "official"]
+
+
 def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: int | None = None,
                  prefill_chunk: int = 512) -> tuple[Plan, int]:
     """(plan, context to run) for a converted model: the asked context if it fits, else an error;
@@ -301,12 +324,12 @@ def _largest_context(args: ModelArgs, plan: Plan) -> int:
 
 def _weights(model, recipe):
     if isinstance(model, ModelArgs):
-        recipe = recipe or "q4"
+        recipe = recipe or default_recipe()
         return model, weight_bytes(model, recipe), recipe, "config"
     path = Path(model).expanduser()
     release = None if path.exists() else released_config(str(model))
     if release is not None:
-        recipe = recipe or "q4"
+        recipe = recipe or default_recipe()
         args = ModelArgs.from_dict(release)
         return args, weight_bytes(args, recipe), recipe, str(model)
     config_path = path / "config.json" if path.is_dir() else path
@@ -319,5 +342,5 @@ def _weights(model, recipe):
     if converted and recipe is None:
         meta = config.get("mlx_dsv4", {})
         return args, weight_bytes_from_dir(path), meta.get("recipe", "converted"), str(path)
-    recipe = recipe or "q4"
+    recipe = recipe or default_recipe()
     return args, weight_bytes(args, recipe), recipe, str(path)

@@ -46,20 +46,13 @@ def _top_k(logprobs: mx.array, k: int) -> mx.array:
     return mx.put_along_axis(logprobs, drop, mx.array(-mx.inf, logprobs.dtype), axis=-1)
 
 
-def make_sampler(temperature: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
-                 top_k: int = 0) -> Sampler:
-    """Greedy at temperature 0; otherwise categorical over the filtered, tempered distribution.
-
-    `top_p` outside (0, 1), `min_p` 0 and `top_k` 0 (or not below the vocabulary) filter nothing.
-    """
+def _filters(temperature: float, top_p: float, min_p: float, top_k: int):
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}.")
     if not 0 <= min_p <= 1:
         raise ValueError(f"min_p must be in [0, 1], got {min_p}.")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}.")
-    if temperature == 0:
-        return greedy
     filters: list[Callable[[mx.array], mx.array]] = []
     if 0 < top_p < 1:
         filters.append(lambda lp: _top_p(lp, top_p))
@@ -67,14 +60,38 @@ def make_sampler(temperature: float = 0.0, top_p: float = 0.0, min_p: float = 0.
         filters.append(lambda lp: _min_p(lp, min_p))
     if top_k > 0:
         filters.append(lambda lp: _top_k(lp, top_k) if top_k < lp.shape[-1] else lp)
-    inverse = 1.0 / temperature
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def tempered(logprobs: mx.array) -> mx.array:
         for f in filters:
             logprobs = f(logprobs)
-        return mx.random.categorical(logprobs * inverse)
+        return logprobs * (1.0 / temperature)
 
-    return sample
+    return tempered
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
+                 top_k: int = 0) -> Sampler:
+    """Greedy at temperature 0; otherwise categorical over the filtered, tempered distribution.
+
+    `top_p` outside (0, 1), `min_p` 0 and `top_k` 0 (or not below the vocabulary) filter nothing.
+    """
+    tempered = _filters(temperature, top_p, min_p, top_k)
+    if temperature == 0:
+        return greedy
+    return lambda logprobs: mx.random.categorical(tempered(logprobs))
+
+
+def make_distribution(temperature: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
+                      top_k: int = 0) -> Callable[[mx.array], mx.array]:
+    """The distribution `make_sampler` draws from, as probabilities `[..., V]` (fp32): one-hot
+    at the argmax for temperature 0. Speculative decoding compares draft and target with it."""
+    tempered = _filters(temperature, top_p, min_p, top_k)
+    if temperature == 0:
+        def one_hot(logprobs: mx.array) -> mx.array:
+            return (mx.arange(logprobs.shape[-1]) == greedy(logprobs)[..., None]).astype(mx.float32)
+
+        return one_hot
+    return lambda logprobs: mx.softmax(tempered(logprobs).astype(mx.float32), axis=-1)
 
 
 def make_logits_processors(logit_bias: dict[int, float] | None = None,
@@ -84,6 +101,11 @@ def make_logits_processors(logit_bias: dict[int, float] | None = None,
                            context: int = PENALTY_CONTEXT) -> list[LogitsProcessor]:
     """Processors for the given options, in that order; `None` or 0 leaves an option out."""
     out: list[LogitsProcessor] = []
+
+    def recent(apply):
+        # Each penalty reads only the last `context` tokens, and none before any exist.
+        return lambda tokens, logits: apply(tokens[-context:], logits) if len(tokens) else logits
+
     if logit_bias:
         ids, values = mx.array(list(logit_bias)), mx.array(list(logit_bias.values()))
         out.append(lambda _, logits: logits.at[:, ids].add(values))
@@ -92,29 +114,19 @@ def make_logits_processors(logit_bias: dict[int, float] | None = None,
             raise ValueError(f"repetition_penalty must be >= 0, got {repetition_penalty}.")
 
         def repetition(tokens, logits):
-            if len(tokens) == 0:
-                return logits
-            tokens = tokens[-context:]
             seen = logits[:, tokens]
             logits[:, tokens] = mx.where(seen < 0, seen * repetition_penalty,
                                          seen / repetition_penalty)
             return logits
 
-        out.append(repetition)
+        out.append(recent(repetition))
     if presence_penalty:
         def presence(tokens, logits):
-            if len(tokens) == 0:
-                return logits
-            logits[:, tokens[-context:]] -= presence_penalty
+            logits[:, tokens] -= presence_penalty  # once per token, however often it appears
             return logits
 
-        out.append(presence)
+        out.append(recent(presence))
     if frequency_penalty:
-        def frequency(tokens, logits):
-            if len(tokens) == 0:
-                return logits
-            # Repeated ids accumulate: each occurrence subtracts once more.
-            return logits.at[:, tokens[-context:]].subtract(frequency_penalty)
-
-        out.append(frequency)
+        # Repeated ids accumulate: each occurrence subtracts once more.
+        out.append(recent(lambda tokens, logits: logits.at[:, tokens].subtract(frequency_penalty)))
     return out

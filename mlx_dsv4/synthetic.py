@@ -183,7 +183,7 @@ def write_official_checkpoint(path, config: dict[str, Any], *, seed: int = 0, sh
     total = 0
     for fname in sorted(set(files.values())):
         part = [n for n in headers if files[n] == fname]
-        total += _write_safetensors(path / fname, {n: _official_tensor(n, headers, seed, args) for n in part})
+        total += write_safetensors(path / fname, {n: _official_tensor(n, headers, seed, args) for n in part})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     release = dict(config, expert_dtype="fp4", quantization_config={
@@ -256,7 +256,7 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def _write_safetensors(path, tensors: dict[str, tuple[str, np.ndarray]]) -> int:
+def write_safetensors(path, tensors: dict[str, tuple[str, np.ndarray]]) -> int:
     """Write `{name: (safetensors dtype, array)}`; returns the payload bytes."""
     header, offset = {}, 0
     for name, (dtype, a) in tensors.items():

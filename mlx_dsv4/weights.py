@@ -112,7 +112,7 @@ def resolve_model(name: str | Path) -> Path:
         cfg = load_json(config) if config.exists() else {}
         if "mlx_dsv4" not in cfg and cfg.get("quantization_config", {}).get("quant_method") == "fp8":
             raise LoadError(f"{path} is an original FP8/FP4 checkpoint, not a converted one. "
-                            f"Convert it once with:\n  dsv4 convert {path} {path}-mlx-q4")
+                            f"Convert it once with:\n  dsv4 convert {path} {path}-mlx-attn4")
         return path
     for root in model_dirs():
         for d in sorted(root.glob("*/config.json")) if root.is_dir() else []:
@@ -127,7 +127,7 @@ def resolve_model(name: str | Path) -> Path:
         slug = str(name).split("/")[-1].lower()
         raise LoadError(f"{name} has not been converted yet (looked in "
                         f"{', '.join(map(str, model_dirs()))}). Convert it once with:\n"
-                        f"  dsv4 convert {name} ~/models/{slug}-q4")
+                        f"  dsv4 convert {name} ~/models/{slug}-attn4")
     raise LoadError(f"{name}: no such model directory.")
 
 

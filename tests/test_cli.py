@@ -14,7 +14,7 @@ runner = CliRunner()
 
 def test_plan_flash_q4_at_one_million_tokens_fits_a_256gb_mac():
     r = runner.invoke(app, ["plan", "deepseek-ai/DeepSeek-V4-Flash", "--context", "1048576",
-                            "--memory", "256GB"])
+                            "--memory", "256GB", "--recipe", "q4"])
     assert r.exit_code == 0, r.output
     assert "145.35 GiB" in r.output  # q4 weights
     assert "6,880 B/token" in r.output  # spec §5.1
@@ -22,7 +22,7 @@ def test_plan_flash_q4_at_one_million_tokens_fits_a_256gb_mac():
 
 
 def test_plan_pro_says_what_it_needs_and_exits_2():
-    r = runner.invoke(app, ["plan", "pro", "--memory", "256GB"])
+    r = runner.invoke(app, ["plan", "pro", "--memory", "256GB", "--recipe", "q4"])
     assert r.exit_code == 2
     assert "the weights alone need 794.6 GiB" in " ".join(r.output.split())
 
@@ -57,7 +57,7 @@ def test_serve_on_an_original_fp8_checkpoint_prints_the_convert_command(tmp_path
                                     shards=1, extras=False)
     r = runner.invoke(app, ["serve", str(src)])
     assert r.exit_code == 1
-    assert f"dsv4 convert {src} {src}-mlx-q4" in r.output
+    assert f"dsv4 convert {src} {src}-mlx-attn4" in r.output
 
 
 # Everything heavy is imported inside the commands: mlx_lm pulls transformers and torch (seconds),

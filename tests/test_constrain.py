@@ -123,12 +123,21 @@ class Babbler:
         return logits
 
 
+class NoDrafts:
+    def observe(self, *args):
+        raise AssertionError("a constrained reply was decoded speculatively")
+
+    draft = observe
+
+
 def babble(tokenizer, constraint, script: str = "", seed: int = 0, max_tokens: int = 200) -> str:
     prompt = tokenizer.encode("<｜User｜>go<｜Assistant｜>", allow_control=True)
     model = Babbler(tokenizer.encode(script, allow_control=True), len(prompt), seed)
     cache = [SimpleNamespace(offset=0, state=[])]
+    # Asked to speculate, the generator decodes token by token: the grammar must see each one.
     chunks = list(stream_generate(model, tokenizer, prompt, cache=cache, max_tokens=max_tokens,
-                                  temperature=1.0, seed=seed, logits_processors=[constraint]))
+                                  temperature=1.0, seed=seed, logits_processors=[constraint],
+                                  draft=2, drafter=NoDrafts()))
     assert chunks[-1].finish_reason == "stop" and chunks[-1].token == EOS
     return "".join(c.text for c in chunks)
 

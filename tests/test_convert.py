@@ -138,13 +138,14 @@ def fake_source(config: dict) -> Source:
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_plan_writes_exactly_the_model_parameters(recipe):
-    plan = make_plan(fake_source(CFG), recipe)
-    model = Model(ModelArgs.from_dict(CFG))
+    cfg = dict(CFG, moe_intermediate_size=128)  # the low-bit experts' groups of 128 need 128 | I
+    plan = make_plan(fake_source(cfg), recipe)
+    model = Model(ModelArgs.from_dict(cfg))
     nn.quantize(model, class_predicate=quantization_predicate(plan.quantization, {}))
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     planned = {name: t.shape for name, t in plan.targets.items()}
     assert planned == {k: tuple(s) for k, s in expected.items()}
-    assert len(plan.jobs) == len(list(ModelArgs.from_dict(CFG).tensors()))
+    assert len(plan.jobs) == len(list(ModelArgs.from_dict(cfg).tensors()))
 
 
 def test_plan_of_flash_matches_the_release_and_spec():
@@ -579,9 +580,9 @@ def test_a_dspark_refresh_converts_its_trunk_and_names_what_it_drops(official, c
     extra = {"mtp.0.main_proj.weight": ("BF16", np.zeros((CFG["hidden_size"], 3 * CFG["hidden_size"]),
                                                          np.uint16)),
              "mtp.2.markov_head.markov_w1.weight": ("BF16", np.zeros((CFG["vocab_size"], 8), np.uint16))}
-    from mlx_dsv4.synthetic import _write_safetensors
+    from mlx_dsv4.synthetic import write_safetensors
 
-    _write_safetensors(src / "model-extra.safetensors", extra)
+    write_safetensors(src / "model-extra.safetensors", extra)
     index = json.loads((src / "model.safetensors.index.json").read_text())
     index["weight_map"].update(dict.fromkeys(extra, "model-extra.safetensors"))
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -602,9 +603,9 @@ def test_a_dspark_refresh_converts_its_trunk_and_names_what_it_drops(official, c
 
 def test_tensors_outside_the_inventory_are_still_refused_without_dspark(tmp_path):
     src = write_official_checkpoint(tmp_path / "src", CFG, seed=0, shards=1, extras=False)
-    from mlx_dsv4.synthetic import _write_safetensors
+    from mlx_dsv4.synthetic import write_safetensors
 
-    _write_safetensors(src / "model-extra.safetensors",
+    write_safetensors(src / "model-extra.safetensors",
                        {"mtp.0.main_proj.weight": ("BF16", np.zeros((4, 4), np.uint16))})
     index = json.loads((src / "model.safetensors.index.json").read_text())
     index["weight_map"]["mtp.0.main_proj.weight"] = "model-extra.safetensors"

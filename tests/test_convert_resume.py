@@ -17,7 +17,7 @@ from mlx_dsv4.convert import ConvertError, convert
 from mlx_dsv4.convert.shards import INDEX, PROGRESS, PROGRESS_TMP, ShardWriter
 from mlx_dsv4.synthetic import tiny_config, write_official_checkpoint
 
-SHARD = 200_000  # the tiny model becomes five output shards
+SHARD = 220_000  # the tiny model becomes five output shards (default recipe)
 
 
 @pytest.fixture(scope="module")

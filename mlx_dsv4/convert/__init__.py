@@ -24,11 +24,12 @@ import mlx.core as mx
 from .. import __version__, hub
 from ..config import ConfigError, load_json
 from . import quant
-from .plan import INDEX, RECIPES, ConvertError, Header, Plan, Source, make_plan, read_source
+from .plan import (DEFAULT_RECIPE, INDEX, RECIPES, ConvertError, Header, Plan, Recipe, Source,
+                   make_plan, read_source)
 from .shards import (EXTRA_FILES, PROGRESS, PROGRESS_TMP, ShardWriter, progress_record,
                      recorded_bytes)
 
-__all__ = ["ConvertError", "Progress", "Result", "RECIPES", "convert"]
+__all__ = ["ConvertError", "DEFAULT_RECIPE", "Progress", "Result", "RECIPES", "Recipe", "convert"]
 
 # What an otherwise empty output directory may hold (macOS Finder writes .DS_Store on opening it).
 IGNORED = {".DS_Store"}
@@ -61,16 +62,19 @@ class Result:
         return self.download_bytes + self.plan.bytes_out
 
 
-def convert(source: str | Path, output_dir: str | Path, *, recipe: str = "q4",
+def convert(source: str | Path, output_dir: str | Path, *, recipe: str | Recipe = DEFAULT_RECIPE,
             revision: str | None = None, dry_run: bool = False, shard_size: int = 5 * 10**9,
             progress: Callable[[Progress], None] | None = None, api=None) -> Result:
     """Convert `source` (directory or repo id) into `output_dir`; rerun the same call to resume.
 
+    `recipe` is the name of one of RECIPES, or a Recipe (benchmarks measure unregistered ones).
     `api` replaces `huggingface_hub.HfApi()` for Hub sources (tests pass a fake one).
     """
     t0 = time.perf_counter()
-    if recipe not in RECIPES:
-        raise ConvertError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise ConvertError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+        recipe = RECIPES[recipe]
     out = Path(output_dir)
     remote = not hub.is_local(source)
     if remote:
@@ -85,13 +89,13 @@ def convert(source: str | Path, output_dir: str | Path, *, recipe: str = "q4",
             pinned = hub.commit(str(source), revision, api=api)
         config, headers = hub.remote_headers(str(source), pinned, api=api)
         plan = make_plan(Source(config, {n: Header(*h) for n, h in headers.items()}), recipe, shard_size)
-        meta = _metadata(str(source), revision, pinned, recipe)
+        meta = _metadata(str(source), revision, pinned, recipe.name)
     else:
         if revision is not None:
             raise ConvertError("--revision applies to Hugging Face sources, not to a local directory.")
         path = Path(source)
         plan = make_plan(read_source(path), recipe, shard_size)
-        meta = _metadata(str(path.resolve()), None, _snapshot_commit(path), recipe)
+        meta = _metadata(str(path.resolve()), None, _snapshot_commit(path), recipe.name)
     fingerprint = _fingerprint(plan, meta)
     if dry_run:
         return Result(plan, out, True, download_bytes=plan.bytes_in if remote else 0)

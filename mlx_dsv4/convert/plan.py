@@ -10,6 +10,7 @@ scales do not fit, wrong dtypes. The arithmetic lives in `quant.py`, the files i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -65,24 +66,67 @@ class Quant:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    fp8: Quant          # the FP8 block-scaled linears (attention, shared experts, MTP projections)
-    embed: Quant | None  # embedding and head; None keeps them as shipped
-    summary: str
-
-
 # Routed experts ship as FP4 with one E8M0 scale per 32: that is MLX mxfp4 bit for bit (spec §4.5).
 EXPERTS = Quant("mxfp4", 32, 4)
+# FP8 linears with their 128x128 block scales expanded to one per 32: MLX mxfp8, also exact.
+MXFP8 = Quant("mxfp8", 32, 8)
+A8, A4 = Quant("affine", 64, 8), Quant("affine", 64, 4)
+# The attention's three largest matrices: about three quarters of the FP8 bytes of a Flash layer.
+BIG_ATTENTION = r"\.attn\.(wq_b|wo_a|wo_b)$"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every quantizable tensor is stored; a tensor no field names is kept as shipped.
+
+    `rules` are (regex, Quant) pairs tried in order against the module name (the official name
+    without `.weight`; a layer's routed experts as one stacked module, `layers.3.ffn.experts.w2`);
+    the first that `re.search`es wins. Otherwise the role decides: `fp8` for the FP8 linears
+    (attention, shared expert, MTP projections), `experts` for the FP4 routed experts, `embed`
+    and `head` (None keeps them bf16). A SwiGLU's w1 and w3 must share one Quant: the model fuses
+    them into one matrix at load.
+    """
+
+    name: str
+    summary: str
+    fp8: Quant = MXFP8
+    experts: Quant = EXPERTS
+    embed: Quant | None = None
+    head: Quant | None = None
+    rules: tuple[tuple[str, Quant], ...] = ()
+
+    def quant(self, module: str, role: str) -> Quant | None:
+        for pattern, q in self.rules:
+            if re.search(pattern, module):
+                return q
+        return {"fp8": self.fp8, "expert": self.experts, "embed": self.embed, "head": self.head}[role]
+
+
+def _experts(name: str, bits: int, summary: str) -> Recipe:
+    """`attn4` with the routed experts requantised from FP4 to `bits`-bit affine groups of 128
+    (at about equal bytes, one more bit is worth far more than finer scales: 3-bit g128 beats
+    2-bit g32), and the embedding 8-bit (memory, not bytes per token: 0.001 nats for 0.5 GiB).
+    The MTP block's experts go to 2 bits in both: the runtime does not run MTP."""
+    return Recipe(name, summary, experts=Quant("affine", 128, bits), embed=A8, head=A8,
+                  rules=((r"^mtp\.\d+\.ffn\.experts\.", Quant("affine", 128, 2)), (BIG_ATTENTION, A4)))
+
+
 RECIPES = {r.name: r for r in (
-    Recipe("q4", Quant("affine", 64, 4), Quant("affine", 64, 8),
-           "experts mxfp4 as shipped, FP8 linears affine 4-bit g64, embed/head 8-bit"),
-    Recipe("q8", Quant("affine", 64, 8), Quant("affine", 64, 8),
-           "experts mxfp4 as shipped, FP8 linears affine 8-bit g64, embed/head 8-bit"),
-    Recipe("native", Quant("mxfp8", 32, 8), None,
-           "lossless: experts mxfp4, FP8 linears mxfp8, the rest as shipped"),
+    # The default: 4 bits only where they save the most bytes per token for the least error
+    # (benchmarks/quant_fidelity.py: 2.2-2.8x less KL than q4 for 8.7% more bytes per token).
+    Recipe("attn4", "attention wq_b/wo_a/wo_b affine 4-bit g64, other FP8 linears mxfp8 (exact), "
+           "experts mxfp4 as shipped, head 8-bit", head=A8, rules=((BIG_ATTENTION, A4),)),
+    Recipe("q4", "experts mxfp4 as shipped, FP8 linears affine 4-bit g64, embed/head 8-bit",
+           fp8=A4, embed=A8, head=A8),
+    Recipe("native", "lossless: experts mxfp4, FP8 linears mxfp8, the rest as shipped"),
+    Recipe("native-h8", "native with the head affine 8-bit g64", head=A8),
+    Recipe("q8", "experts mxfp4 as shipped, FP8 linears affine 8-bit g64, embed/head 8-bit "
+           "(larger than native and not exact: kept for existing conversions)",
+           fp8=A8, embed=A8, head=A8),
+    _experts("experts3", 3, "attn4 with routed experts affine 3-bit g128, embedding 8-bit"),
+    _experts("experts2", 2, "attn4 with routed experts affine 2-bit g128, embedding 8-bit"),
 )}
+DEFAULT_RECIPE = "attn4"
 
 
 @dataclass(frozen=True)
@@ -104,7 +148,8 @@ class Job:
     """Turn source tensor `weight` (and its `scale`) into `targets`, in the order quant.run returns.
 
     Actions: `cast` (as shipped, or to the target dtype), `fp4` (expert bytes as mxfp4), `fp8_mx`
-    (FP8 bytes as mxfp8, scales expanded), `fp8_affine` (dequantise, requantise) and `affine`.
+    (FP8 bytes as mxfp8, scales expanded), `fp8_affine` and `fp4_requant` (dequantise, quantize
+    at `quant`) and `affine` (quantize a bf16 tensor).
     """
 
     action: str
@@ -193,32 +238,90 @@ def read_source(path: Path) -> Source:
     return Source(config, tensors)
 
 
-def make_plan(source: Source, recipe: str | Recipe = "q4", shard_size: int = 5 * 10**9) -> Plan:
+def make_plan(source: Source, recipe: str | Recipe = DEFAULT_RECIPE,
+              shard_size: int = 5 * 10**9) -> Plan:
     """The jobs and output layout for `recipe`; deterministic for given headers."""
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    config, dropped = dict(source.config), []
-    if DSPARK_KEY in config:
-        # The -0731 refresh is the same trunk plus DSpark draft stages under mtp.* (spec §1.5),
-        # which this runtime cannot run: convert the trunk, drop the stages by name, say so.
-        config["num_nextn_predict_layers"] = 0
-        dropped = sorted(n for n in source.tensors if n.startswith("mtp."))
+    config, dropped = _trunk_config(source.config, source.tensors)
     args = ModelArgs.from_dict(config)
     inventory = list(args.tensors())
     skip = set(dropped)
     _check_names(inventory, {n: h for n, h in source.tensors.items() if n not in skip})
-    E = args.n_routed_experts
     jobs, targets, quantization = [], {}, dict(recipe.fp8.entry())
     for name, shape, role in inventory:
-        job, made, quant = _plan_tensor(name, shape, role, source.tensors, recipe, E)
+        _check_header(name, shape, role, source.tensors)
+        job, made, quant = _plan_tensor(name, shape, role, source.tensors[name].dtype, recipe,
+                                        args.n_routed_experts)
         jobs.append(job)
         for t in made:
             targets.setdefault(t.name, t)
         if quant:
             quantization[job.targets[0][: -len(".weight")]] = quant.entry()
+    _check_fusable(recipe, quantization)
     order = {s: k for k, s in enumerate(sorted({h.shard for h in source.tensors.values()}))}
     jobs.sort(key=lambda j: (order[source.tensors[j.weight].shard], j.weight))
     shards, where = _layout(jobs, targets, shard_size)
     return Plan(recipe, source, jobs, targets, shards, quantization, where, config, dropped)
+
+
+# The release's dtype of every tensor that is not block-quantized (spec §4.3).
+RELEASE_DTYPE = {"linear": "BF16", "embed": "BF16", "head": "BF16", "norm": "BF16", "fp32": "F32",
+                 "index": "I64", "fp8": "F8_E4M3", "expert": "I8"}
+
+
+def recipe_bytes(config: dict | ModelArgs, recipe: str | Recipe, include_mtp: bool = True) -> int:
+    """Tensor bytes a conversion of a release with this config writes: exactly what `make_plan`
+    lays out for the release's headers (shard headers aside), computed from the config alone."""
+    return round(sum(n for _, n, _ in _bytes_by_tensor(config, recipe, include_mtp)))
+
+
+def decode_bytes(config: dict | ModelArgs, recipe: str | Recipe) -> int:
+    """Weight bytes one decoded token reads: the trunk (the runtime does not run MTP) with
+    `num_experts_per_tok` of the routed experts and one row of the embedding."""
+    args = _release_args(config)
+    share = {"expert": args.num_experts_per_tok / args.n_routed_experts, "embed": 1 / args.vocab_size}
+    return round(sum(n * share.get(role, 1) for _, n, role in _bytes_by_tensor(config, recipe, False)))
+
+
+def _bytes_by_tensor(config: dict | ModelArgs, recipe: str | Recipe, include_mtp: bool):
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    args = _release_args(config)
+    stacked = {}  # the E experts of one stacked module write equal shares: plan it once
+    for name, shape, role in args.tensors(include_mtp):
+        m = _EXPERT.match(name) if role == "expert" else None
+        key = (m.group(1), m.group(3)) if m else None
+        if key not in stacked:
+            _, made, _ = _plan_tensor(name, shape, role, RELEASE_DTYPE[role], recipe, args.n_routed_experts)
+            # A stacked expert target holds all E experts; this tensor (one expert) writes 1/E.
+            n = sum(t.nbytes / t.pieces for t in made)
+            if key:
+                stacked[key] = n
+        yield name, stacked[key] if key else n, role
+
+
+def _release_args(config: dict | ModelArgs) -> ModelArgs:
+    if isinstance(config, ModelArgs):
+        dspark = DSPARK_KEY in config.extra
+        return dataclasses.replace(config, num_nextn_predict_layers=0) if dspark else config
+    return ModelArgs.from_dict(_trunk_config(config, {})[0])
+
+
+def _trunk_config(config: dict, tensors) -> tuple[dict, list[str]]:
+    config, dropped = dict(config), []
+    if DSPARK_KEY in config:
+        # The -0731 refresh is the same trunk plus DSpark draft stages under mtp.* (spec §1.5),
+        # which this runtime cannot run: convert the trunk, drop the stages by name, say so.
+        config["num_nextn_predict_layers"] = 0
+        dropped = sorted(n for n in tensors if n.startswith("mtp."))
+    return config, dropped
+
+
+def _check_fusable(recipe: Recipe, quantization: dict) -> None:
+    for module, q in quantization.items():
+        if isinstance(q, dict) and module.endswith(".w1") and quantization.get(module[:-1] + "3") != q:
+            raise ConvertError(f"Recipe {recipe.name!r} stores {module} and {module[:-1]}3 "
+                               "differently; the model fuses a SwiGLU's w1 and w3 into one "
+                               "matrix, so they need the same quantization.")
 
 
 def _check_names(inventory, tensors: dict[str, Header]) -> None:
@@ -237,29 +340,40 @@ def _check_names(inventory, tensors: dict[str, Header]) -> None:
                            f"the checkpoint: {_names(missing)}.")
 
 
-def _plan_tensor(name, shape, role, tensors, recipe: Recipe, E: int):
-    """(job, targets it writes, quantization of its module or None) for one official tensor."""
+def _check_header(name, shape, role, tensors) -> None:
     h = tensors[name]
     if role == "expert":
-        o, i = _fp4_shapes(name, shape, h, tensors[_scale(name)])
+        _fp4_shapes(name, shape, h, tensors[_scale(name)])
+    elif role == "fp8":
+        _fp8_shapes(name, shape, h, tensors[_scale(name)])
+    else:
+        _check_plain(name, shape, role, h)
+
+
+def _plan_tensor(name, shape, role, dtype: str, recipe: Recipe, E: int):
+    """(job, targets it writes, quantization of its module or None) for one official tensor
+    whose header has been checked (`dtype` is its source dtype)."""
+    module = name[: -len(".weight")]
+    if role == "expert":
+        o, i = shape
         m = _EXPERT.match(name)
         module = f"{m.group(1)}.{m.group(3)}"
-        made = _quantized(module, (E, o), i, EXPERTS, None, pieces=E)
-        return Job("fp4", name, _scale(name), _names_of(made), EXPERTS, int(m.group(2))), made, EXPERTS
+        q = recipe.quant(module, role)
+        made = _quantized(module, (E, o), i, q, "BF16", pieces=E)
+        action = "fp4" if q == EXPERTS else "fp4_requant"
+        return Job(action, name, _scale(name), _names_of(made), q, int(m.group(2))), made, q
     if role == "fp8":
-        o, i = _fp8_shapes(name, shape, h, tensors[_scale(name)])
-        q = recipe.fp8
-        action = "fp8_mx" if q.mode == "mxfp8" else "fp8_affine"
-        made = _quantized(name[: -len(".weight")], (o,), i, q, "BF16")
+        o, i = shape
+        q = recipe.quant(module, role)
+        action = "fp8_mx" if q == MXFP8 else "fp8_affine"
+        made = _quantized(module, (o,), i, q, "BF16")
         return Job(action, name, _scale(name), _names_of(made), q), made, q
-    _check_plain(name, shape, role, h)
-    if role in ("embed", "head") and recipe.embed:
-        q = recipe.embed
-        made = _quantized(name[: -len(".weight")], shape[:-1], shape[-1], q, h.dtype)
+    q = recipe.quant(module, role) if role in ("embed", "head") else None
+    if q:
+        made = _quantized(module, shape[:-1], shape[-1], q, dtype)
         return Job("affine", name, None, _names_of(made), q), made, q
-    dtype = "F32" if keep_float32(name) else "I32" if h.dtype == "I64" else h.dtype
-    made = [Target(name, dtype, shape)]
-    return Job("cast", name, None, (name,)), made, None
+    out = "F32" if keep_float32(name) else "I32" if dtype == "I64" else dtype
+    return Job("cast", name, None, (name,)), [Target(name, out, shape)], None
 
 
 def _quantized(module: str, lead: tuple, fan_in: int, q: Quant, float_dtype, pieces: int = 1):
@@ -268,7 +382,7 @@ def _quantized(module: str, lead: tuple, fan_in: int, q: Quant, float_dtype, pie
         raise ConvertError(f"{module}: input dimension {fan_in} is not a multiple of the "
                            f"{q.mode} group size {q.group_size}.")
     groups = (*lead, fan_in // q.group_size)
-    scales = "U8" if q.mode.startswith("mx") else float_dtype
+    scales = float_dtype if q.mode == "affine" else "U8"  # mx/nv fp4/fp8 scales are bytes
     made = [Target(f"{module}.weight", "U32", (*lead, fan_in * q.bits // 32), pieces),
             Target(f"{module}.scales", scales, groups, pieces)]
     if q.mode == "affine":
@@ -276,7 +390,7 @@ def _quantized(module: str, lead: tuple, fan_in: int, q: Quant, float_dtype, pie
     return made
 
 
-def _fp8_shapes(name, shape, h: Header, s: Header) -> tuple[int, int]:
+def _fp8_shapes(name, shape, h: Header, s: Header) -> None:
     o, i = shape
     want = (-(-o // FP8_BLOCK), -(-i // FP8_BLOCK))
     if h.dtype != "F8_E4M3" or s.dtype != "F8_E8M0":
@@ -286,10 +400,9 @@ def _fp8_shapes(name, shape, h: Header, s: Header) -> tuple[int, int]:
         raise ConvertError(f"{name} has shape {list(h.shape)} and its scale {_scale(name)} "
                            f"{list(s.shape)}; the config implies [{o}, {i}] with a "
                            f"{list(want)} grid of 128x128 block scales.")
-    return o, i
 
 
-def _fp4_shapes(name, shape, h: Header, s: Header) -> tuple[int, int]:
+def _fp4_shapes(name, shape, h: Header, s: Header) -> None:
     o, i = shape
     if h.dtype != "I8" or s.dtype != "F8_E8M0":
         raise ConvertError(f"{name} is {h.dtype} with a {s.dtype} scale; only FP4 experts (I8, two "
@@ -299,7 +412,6 @@ def _fp4_shapes(name, shape, h: Header, s: Header) -> tuple[int, int]:
         raise ConvertError(f"{name} has shape {list(h.shape)} and its scale {_scale(name)} "
                            f"{list(s.shape)}; FP4 experts of this config are [{o}, {i // 2}] bytes "
                            f"with [{o}, {i // FP4_GROUP}] scales.")
-    return o, i
 
 
 def _check_plain(name, shape, role, h: Header) -> None:
@@ -354,7 +466,7 @@ def job_bytes(job: Job, tensors: dict[str, Header], targets: dict[str, Target]) 
     # Bytes per value beyond the inputs, rounded up from ru_maxrss measurements on mlx 0.32.4:
     # fp8_affine holds bf16 values and their scaled copy (measured 1.6, outputs included);
     # affine holds only its output (1.06 at 8 bits); the repacks their expanded scales.
-    per_value = {"fp8_affine": 4, "affine": 2, "fp8_mx": 1, "fp4": 0}[job.action]
+    per_value = {"fp8_affine": 4, "affine": 2, "fp8_mx": 1, "fp4": 0, "fp4_requant": 6}[job.action]
     return inputs + per_value * n
 
 

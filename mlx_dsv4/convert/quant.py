@@ -2,8 +2,9 @@
 
 Every function maps source arrays as `mx.load` returns them (E4M3 and E8M0 codes as uint8, packed
 FP4 as int8) to the MLX arrays of one job's targets. The two repacks are byte copies with a new
-dtype view (spec §4.5), so `native` and the experts of every recipe are exact by construction;
-only `fp8_affine` and `affine` round. Nothing here reads files or knows shard layouts.
+dtype view (spec §4.5), so `native` and the experts shipped as mxfp4 are exact by construction;
+only `fp8_affine`, `fp4_requant` and `affine` round, each once, from the exact official values.
+Nothing here reads files or knows shard layouts.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def dequantize_fp8(codes: mx.array, scales: mx.array, dtype=mx.bfloat16) -> mx.a
     return w[:o, :i] if any(pad) else w
 
 
+def dequantize_fp4(packed: mx.array, scales: mx.array, dtype=mx.bfloat16) -> mx.array:
+    """The release's FP4 expert as values: exact in bf16 (an E2M1 value times a power of two)."""
+    return mx.dequantize(packed.view(mx.uint32), scales, group_size=FP4_GROUP, bits=4,
+                         mode="mxfp4", dtype=dtype)
+
+
 def expand_block_scales(scales: mx.array, o: int, i: int) -> mx.array:
     """128x128 block scales -> one per row and 32 columns: S_mx[o, j] = S[o // 128, j // 4]."""
     per_block = FP8_BLOCK // FP4_GROUP
@@ -60,6 +67,8 @@ def run(job: Job, weight: mx.array, scale: mx.array | None, targets: list[Target
     q = job.quant
     if job.action == "fp8_affine":
         weight = dequantize_fp8(weight, scale)
+    elif job.action == "fp4_requant":
+        weight = dequantize_fp4(weight, scale)
     return list(mx.quantize(weight, q.group_size, q.bits, mode=q.mode))
 
 
