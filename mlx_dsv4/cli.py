@@ -295,6 +295,8 @@ def serve(
     exact_sampling: Annotated[bool, typer.Option(
         "--exact-sampling", help="Honour temperature, top_p and penalties in thinking mode too "
                                  "(by default, as DeepSeek's API: T=1, top_p>=0.95, no penalties).")] = False,
+    draft: Draft = None,
+    no_mtp: NoMtp = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     _check_kv_bits(kv_bits)
@@ -307,7 +309,7 @@ def serve(
 
     run(resolve_model(model), host=host, port=port, api_key=api_key, max_context=max_context,
         model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-        exact_sampling=exact_sampling)
+        exact_sampling=exact_sampling, draft=0 if no_mtp else draft)
 
 
 @command()

@@ -175,6 +175,7 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
                     presence_penalty: float | None = None, frequency_penalty: float | None = None,
                     logit_bias: dict[int, float] | None = None, seed: int | None = None, stop: Sequence[str] = (),
                     stop_token_ids: Sequence[int] = (), logprobs: int = 0,
+                    logits_processors: Sequence[Callable] = (),
                     cache: list[LayerCache] | None = None, history: Sequence[int] = (),
                     reused_tokens: int = 0, prefill_chunk: int = 512,
                     max_context: int | None = None, largest_context: int | None = None,
@@ -185,7 +186,9 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     `finish_reason`. `cache` may already hold `history` (prefix reuse); `max_context` refuses,
     before any work, a prompt plus `max_tokens` that does not fit. `draft > 0` decodes
     speculatively (speculative.py) with `drafter`, by default the model's MTP block; the output
-    distribution is unchanged, `spec_stats` (a `SpecStats`) counts forwards and acceptance."""
+    distribution is unchanged, `spec_stats` (a `SpecStats`) counts forwards and acceptance.
+    `logits_processors` run after the built-in ones (a grammar constraint goes last, so nothing
+    re-allows what it masks)."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     check_token_ids(ids, model.args.vocab_size)
     total_prompt = len(history) + len(ids)
@@ -201,11 +204,14 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(
         logit_bias=logit_bias, repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty) + list(logits_processors)
     eos = set(tokenizer.eos_token_ids) | set(getattr(model.args, "eos_token_ids", [])) | set(stop_token_ids)
     detok, matcher = tokenizer.detokenizer(), StopMatcher(stop)
     mx.reset_peak_memory()
-    speculating = draft > 0 and (drafter is not None or bool(getattr(model, "mtp", None)))
+    # A processor that follows the reply token by token (a grammar) cannot be shown drafts.
+    sequential = any(getattr(p, "sequential", False) for p in logits_processors)
+    speculating = draft > 0 and not sequential and (
+        drafter is not None or bool(getattr(model, "mtp", None)))
     if speculating:
         from . import speculative
 

@@ -95,6 +95,11 @@ class Tokenizer:
         return cls.from_file(model_dir / "tokenizer.json", **kwargs)
 
     @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers.Tokenizer` underneath (grammar engines build their view from it)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

@@ -592,3 +592,71 @@ def test_shutdown_mid_stream_ends_the_stream_with_an_error(selftest_model, tmp_p
     assert len(events) < CONTEXT - 8
     error = json.loads(events[-1])["error"]
     assert error["type"] == "server_error" and "shutting down" in error["message"]
+
+
+# ----- the Messages API (issue 12): the same hostility, answered in Anthropic's shape ------------
+
+MESSAGES = "/v1/messages"
+PICK = {"name": "pick", "input_schema": {"type": "object", "properties": {"n": {"type": "integer"}}}}
+
+
+def message(**fields) -> dict:
+    body = {"model": MODEL_ID, "messages": HI, "max_tokens": 2, "thinking": OFF, **fields}
+    return {"method": "POST", "url": MESSAGES, "json": {k: v for k, v in body.items() if v is not DROP}}
+
+
+def assert_anthropic_error(r: httpx.Response, status: int | None = None) -> dict:
+    """A 4xx (or `status`) whose body is exactly Anthropic's error shape; returns the error."""
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert status is None or r.status_code == status, (r.status_code, r.text[:300])
+    body = r.json()
+    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    assert set(body["error"]) == {"type", "message"} and body["error"]["message"].strip(), body
+    return body["error"]
+
+
+MESSAGES_MALFORMED = [  # (id, request, words the message holds)
+    ("not-json", raw(b'{"messages": [', MESSAGES), "not valid JSON"),
+    ("nested", raw(b"[" * 100_000, MESSAGES), "nested too deeply"),
+    ("no-max-tokens", message(max_tokens=DROP), "max_tokens"),
+    ("zero-max-tokens", message(max_tokens=0), "max_tokens"),
+    ("no-messages", message(messages=[]), "messages"),
+    ("system-role", message(messages=[{"role": "system", "content": "x"}]), "messages[0].role"),
+    ("document", message(messages=[{"role": "user", "content": [{"type": "document", "source": {}}]}]),
+     "document"),
+    ("image-in-assistant", message(messages=[{"role": "user", "content": "x"}, {
+        "role": "assistant", "content": [{"type": "image", "source": {}}]}]), "image"),
+    ("tool-no-name", message(tools=[{"input_schema": {}}]), "tools[0].name"),
+    ("tool-choice-no-name", message(tools=[PICK], tool_choice={"type": "tool"}), "tool_choice.name"),
+    ("tool-choice-unknown", message(tools=[PICK], tool_choice={"type": "tool", "name": "x"}), "'x'"),
+    ("any-without-tools", message(tool_choice={"type": "any"}), "offers no tools"),
+    ("budget-zero", message(thinking={"type": "enabled", "budget_tokens": 0}), "budget_tokens"),
+    ("thinking-kind", message(thinking={"type": "sometimes"}), "thinking.type"),
+    ("surrogate", raw(b'{"max_tokens":2,"messages":[{"role":"user","content":"a\\ud800b"}]}', MESSAGES),
+     "lone UTF-16 surrogate"),
+    ("temperature", message(temperature=5), "temperature"),
+    ("top-k", message(top_k=-1), "top_k"),
+    ("stops", message(stop_sequences=["x"] * 33), "stop_sequences"),
+    ("format-kind", message(output_config={"format": {"type": "regex"}}), "output_config.format"),
+    ("token-overflow", message(messages=[{"role": "user", "content": "a" * 2000}]), "maximum context length"),
+]
+
+
+@pytest.mark.parametrize("request_, words", [pytest.param(r, w, id=i) for i, r, w in MESSAGES_MALFORMED])
+def test_malformed_messages_get_a_4xx_in_anthropic_shape(live, request_, words):
+    error = assert_anthropic_error(send(live, request_))
+    assert error["type"] == "invalid_request_error" and words in error["message"], error
+    assert live.alive()
+
+
+def test_messages_credentials_and_sizes(live):
+    for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        error = assert_anthropic_error(live.bare.request(**message(), headers=headers), 401)
+        assert error["type"] == "authentication_error"
+    r = live.bare.request(**message(max_tokens=4, messages=[{"role": "user", "content": "Say hi"}]),
+                          headers={"x-api-key": KEY})
+    assert r.status_code == 200 and r.json()["type"] == "message"
+    r = live.client.post(MESSAGES, content=b" " * (5 << 20))
+    assert assert_anthropic_error(r, 413)["type"] == "request_too_large"
+    r = live.client.post(MESSAGES + "/nope", json={})
+    assert assert_anthropic_error(r, 404)["type"] == "not_found_error"

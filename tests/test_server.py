@@ -78,6 +78,7 @@ REPLIES = {  # trigger in the last user turn -> what the scripted model answers
     "Write a note": dsml(("write_note", {"text": NOTE_TEXT})),
     "What time is it?": dsml(("get_time", {})),
     "Say hi": "Hi!",
+    "Reply in JSON": '{"a": 1}',
     "slow": "tick " * 3000,
     "def add(a, b)": " a + b\n",
 }
@@ -115,7 +116,7 @@ class ScriptModel:
     def __call__(self, ids, cache, last_only=False):
         time.sleep(self.delay)
         cache[0].offset += ids.shape[1]
-        token = self.script[min(cache[0].offset - self.prompt_len, len(self.script) - 1)]
+        token = self.script[min(max(cache[0].offset - self.prompt_len, 0), len(self.script) - 1)]
         return self.eos.at[0, 0, token].add(100.0)
 
 

@@ -1,12 +1,15 @@
-"""`dsv4 serve`: an OpenAI-compatible HTTP endpoint for a converted model.
+"""`dsv4 serve`: OpenAI- and Anthropic-compatible HTTP endpoints for a converted model.
 
 `engine` owns the model on one thread, `protocol` translates OpenAI requests and replies,
-`app` holds the routes. FastAPI, uvicorn and sse-starlette are imported only in this package.
+`anthropic` the Messages API (into the same requests), `grammar` writes the grammars that
+constrain tool calls and JSON, `app` holds the routes. FastAPI, uvicorn and sse-starlette are
+imported only in this package.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 log = logging.getLogger("mlx_dsv4.serve")
@@ -15,15 +18,18 @@ log = logging.getLogger("mlx_dsv4.serve")
 def create_server(model_path: str | Path, *, api_key: str | None = None,
                   max_context: int | None = None, model_id: str | None = None,
                   kv_bits: int | None = None, prefill_chunk: int = 512, thinking: bool = True,
-                  exact_sampling: bool = False, wire_memory: bool = True):
+                  exact_sampling: bool = False, wire_memory: bool = True,
+                  draft: int | None = None):
     """Plan memory and build `(engine, app, config)` for a converted model; the engine is not
-    started (it loads the model on its own thread when it is).
+    started (it loads the model on its own thread when it is). `draft`: MTP draft tokens per
+    step (None: the default when the checkpoint has an MTP block; 0: no speculation).
 
     `max_context` defaults to the largest context that fits this machine, capped by the model's
     maximum; a given value that does not fit is refused with the planner's verdict.
     """
     from ..chat_format import load_encoding
     from ..config import ModelArgs
+    from ..constrain import grammar_tokenizer
     from ..plan import apply_wired_limit, plan_context
     from ..session import Session
     from ..tokenizer import Tokenizer
@@ -45,18 +51,27 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
                           largest_context=min(plan.largest_context, args.max_position_embeddings))
 
     def load():  # on the engine's thread: MLX streams are per thread
-        return Session(load_model(path), tokenizer, max_context=max_context,
+        from ..speculative import resolve_draft
+
+        model = load_model(path)
+        k = resolve_draft(model, draft)
+        if k:
+            log.info("speculative decoding: the MTP block drafts %d token(s) per step", k)
+        return Session(model, tokenizer, max_context=max_context,
                        largest_context=plan.largest_context, kv_bits=kv_bits,
-                       prefill_chunk=plan.run_chunk)
+                       prefill_chunk=plan.run_chunk, draft=k)
 
     engine = Engine(load)
+    # The grammar engine's view of the vocabulary takes about a second to build: do it now, not
+    # in the first request that asks for a tool call or JSON.
+    threading.Thread(target=grammar_tokenizer, args=(tokenizer, args.vocab_size), daemon=True).start()
     return engine, create_app(engine, config), config
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
-          log_level: str = "info"):
+          log_level: str = "info", draft: int | None = None):
     """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
     to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound."""
     import uvicorn
@@ -68,7 +83,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
     engine, app, config = create_server(model_path, api_key=api_key, max_context=max_context,
                                         model_id=model_id, kv_bits=kv_bits,
                                         prefill_chunk=prefill_chunk, thinking=thinking,
-                                        exact_sampling=exact_sampling)
+                                        exact_sampling=exact_sampling, draft=draft)
     log.info("loading %s", model_path)
     engine.start()
     try:

@@ -1,6 +1,7 @@
-"""The FastAPI app: routes, errors in OpenAI's shape, CORS, auth, SSE (protocol.md B1-B8).
+"""The FastAPI app: routes, errors in OpenAI's shape (Anthropic's under `/messages`), CORS, auth,
+SSE (protocol.md B1-B8).
 
-Handlers parse, call one function of `protocol`, render. Every route also answers without the
+Handlers parse, call one function of `protocol` (or `anthropic`), render. Every route also answers without the
 `/v1` prefix, with a trailing slash or doubled slashes, and ignores the query string. A body
 larger than the context could need is refused before it is parsed; a stream cut by the server's
 shutdown ends with an error event.
@@ -20,12 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generate import ContextError
-from . import protocol
+from . import anthropic, protocol
 from .engine import Busy, Engine, Job, Refused, Stopped
 from .protocol import ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, invalid
@@ -83,6 +84,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             return _sse(reply.chunks(chunks, env, usage), job, config)
         return await _json(request, reply.fold(chunks, env))
 
+    @app.post("/messages")
+    async def messages(req: anthropic.MessagesRequest, request: Request):
+        cj = await run_in_threadpool(anthropic.chat_job, req, config)
+        deltas = protocol.chat_deltas(_submit(engine, cj.job), protocol.ChatReply(cj, config.tokenizer))
+        msg = anthropic.message(req.model or config.model_id, len(cj.job.ids))
+        if req.stream:
+            return _sse(anthropic.events(deltas, msg), cj.job, config, named=True)
+        return await _json(request, anthropic.fold(deltas, msg))
+
+    @app.post("/messages/count_tokens")
+    async def count_tokens(req: anthropic.CountRequest):
+        p = await run_in_threadpool(lambda: protocol.render_prompt(anthropic.chat_request(req), config))
+        return {"input_tokens": len(p.ids)}
+
     return app
 
 
@@ -119,7 +134,10 @@ async def _json(request: Request, fold, headers: dict | None = None) -> Response
         task.cancel()
 
 
-def _sse(objects, job: Job, config: ServerConfig, headers: dict | None = None) -> EventSourceResponse:
+def _sse(objects, job: Job, config: ServerConfig, headers: dict | None = None,
+         named: bool = False) -> EventSourceResponse:
+    """OpenAI's stream (data lines, then `[DONE]`) or, when `named`, Anthropic's: `(event, data)`
+    items as named events, an error as an `error` event."""
     shutdown = anyio.Event()  # set by sse-starlette when uvicorn is told to exit
 
     async def interrupt():
@@ -130,14 +148,21 @@ def _sse(objects, job: Job, config: ServerConfig, headers: dict | None = None) -
         watch = asyncio.ensure_future(interrupt())
         try:
             async for obj in objects:
-                yield json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+                if named:
+                    yield ServerSentEvent(_dumps(obj[1]), event=obj[0])
+                else:
+                    yield _dumps(obj)
         except Exception as e:  # headers are sent: the error goes in the stream (B2)
             if (error := _client_error(e)) is None:
                 log.exception("stream failed")
                 error = APIError(500, str(e) or type(e).__name__, type="server_error")
-            yield json.dumps(error.body())
+            if named:
+                yield ServerSentEvent(_dumps(anthropic.error_body(error)), event="error")
+            else:
+                yield json.dumps(error.body())
         else:
-            yield "[DONE]"
+            if not named:
+                yield "[DONE]"
         finally:
             watch.cancel()
 
@@ -146,14 +171,20 @@ def _sse(objects, job: Job, config: ServerConfig, headers: dict | None = None) -
                                shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE)
 
 
-def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), e.status, headers=e.headers)
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _error(e: APIError, path: str = "") -> JSONResponse:
+    """The error in the shape of the API the path belongs to."""
+    body = anthropic.error_body(e) if path.startswith("/messages") else e.body()
+    return JSONResponse(body, e.status, headers=e.headers)
 
 
 def _errors(app: FastAPI):
     @app.exception_handler(APIError)
     async def api(request, e: APIError):
-        return _error(e)
+        return _error(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request, e: RequestValidationError):
@@ -161,21 +192,21 @@ def _errors(app: FastAPI):
         if errors and errors[0]["type"] == "json_invalid":
             why = errors[0].get("ctx", {}).get("error", "")
             return _error(APIError(400, f"The request body is not valid JSON: {why} at character "
-                                   f"{errors[0]['loc'][-1]}."))
-        return _error(invalid([dict(err, loc=err["loc"][1:]) for err in errors]))
+                                   f"{errors[0]['loc'][-1]}."), request.url.path)
+        return _error(invalid([dict(err, loc=err["loc"][1:]) for err in errors]), request.url.path)
 
     @app.exception_handler(HTTPException)
     async def http(request, e: HTTPException):
-        path = request.scope.get("original_path", request.url.path)
+        path, route = request.scope.get("original_path", request.url.path), request.url.path
         if e.status_code == 404:
-            return _error(APIError(404, f"Invalid URL ({request.method} {path})"))
+            return _error(APIError(404, f"Invalid URL ({request.method} {path})"), route)
         if e.status_code == 405:
             return _error(APIError(405, f"{request.method} is not allowed on {path}; allowed: "
-                                   f"{e.headers.get('Allow', 'none')}.", headers=e.headers))
+                                   f"{e.headers.get('Allow', 'none')}.", headers=e.headers), route)
         if e.status_code == 400 and e.__cause__ is not None:  # FastAPI could not decode the body
             why = "it is nested too deeply" if isinstance(e.__cause__, RecursionError) else e.__cause__
-            return _error(APIError(400, f"The request body is not valid JSON: {why}."))
-        return _error(APIError(e.status_code, str(e.detail)))
+            return _error(APIError(400, f"The request body is not valid JSON: {why}."), route)
+        return _error(APIError(e.status_code, str(e.detail)), route)
 
 
 class _Edge:
@@ -203,11 +234,11 @@ class _Edge:
                 error = APIError(413, f"The request body is larger than the {self.max_body:,} bytes "
                                  "this server accepts (an amount sized to its context).",
                                  headers={"Connection": "close"})
-                return await _error(error)(scope, receive, send)
+                return await _error(error, path)(scope, receive, send)
             receive = _replay(body, receive)
         if self.api_key and path not in OPEN and not _has_key(dict(headers), self.api_key):
             error = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-            return await _error(error)(scope, receive, send)
+            return await _error(error, path)(scope, receive, send)
         scope = dict(scope, path=path, raw_path=path.encode(), original_path=scope["path"], headers=headers)
         started = False
 
@@ -224,7 +255,7 @@ class _Edge:
             log.error("request failed", exc_info=e)
             error = APIError(500, str(e) or type(e).__name__, type="server_error",
                              headers={"x-should-retry": "false"})
-            await _error(error)(scope, receive, send)
+            await _error(error, path)(scope, receive, send)
 
 
 def _has_key(headers: dict[bytes, bytes], key: str) -> bool:

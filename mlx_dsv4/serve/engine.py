@@ -154,14 +154,17 @@ class Engine:
                 raise Cancelled
             report(done, total)
 
-        generated = False
+        generated, last = False, None
         try:
             with contextlib.closing(iter(job.run(self.backend, progress=progress))) as chunks:
                 for chunk in chunks:
-                    generated = generated or chunk.token is not None
+                    generated, last = generated or chunk.token is not None, chunk
                     job.emit(chunk)
                     if job.cancel.is_set():
                         break
+            if last is not None and last.acceptance is not None:
+                log.info("%d tokens, MTP drafts %.0f%% kept, %.2f tokens per forward",
+                         last.generation_tokens, 100 * last.acceptance, last.tokens_per_forward)
         except Cancelled:
             pass
         except ValueError as e:

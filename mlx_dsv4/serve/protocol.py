@@ -1,9 +1,10 @@
 """The adapters between OpenAI's wire shapes and the engine (protocol.md Part B).
 
 Requests (validated by `schema`): message normalisation (B4.2), thinking/effort resolution
-(B4.3), tool choice (B4.4), token ids and context checked -> an engine `Job`. Replies: `ChatReply`
-turns the engine's `Chunk`s into `Delta`s (reasoning, content, tool calls, finish, usage); the
-SSE stream renders each delta and the non-streaming reply is their fold.
+(B4.3), tool choice (B4.4), the grammar constraint (`grammar`), token ids and context checked
+-> an engine `Job`. Replies: `ChatReply` turns the engine's `Chunk`s into `Delta`s (reasoning,
+content, tool calls, finish, usage); the SSE stream renders each delta and the non-streaming
+reply is their fold. The Messages API (`anthropic`) reuses both halves.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from .. import chat_format
 from ..generate import Chunk, StopMatcher
+from . import grammar
 from .engine import Job
 from .schema import APIError, ChatRequest, CompletionRequest, Part, ToolCall, check_ids
 
@@ -166,8 +168,9 @@ def _named(ref) -> str | None:
     return fn.name if fn else ref.name
 
 
-def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool]:
-    """(tools to render, forced text or None, tools forbidden?) from tools and tool_choice (B4.4)."""
+def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool, str | None]:
+    """(tools to render, forced text or None, tools forbidden?, the tool a choice names) from
+    tools and tool_choice (B4.4)."""
     tools = [t for t in req.tools or [] if t.get("type", "function") == "function" and "function" in t]
     tools += [{"type": "function", "function": f} for f in req.functions or []]
     choice = req.tool_choice if req.tool_choice is not None else req.function_call
@@ -176,19 +179,19 @@ def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool]:
         tools = [t for t in tools if t["function"]["name"] in names]
         choice = allowed.mode
     if choice in (None, "auto"):
-        return tools, None, False
+        return tools, None, False, None
     if choice == "none":
-        return tools, None, True
+        return tools, None, True, None
     name = choice if isinstance(choice, str) else _named(choice)
     if not tools:
         raise APIError(400, f"tool_choice asks for a tool call ({name!r}), but the request offers no "
                        "tools.", param="tool_choice")
     opener = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\""
     if choice in ("required", "any"):
-        return tools, opener, False
+        return tools, opener, False, None
     if name not in {t["function"]["name"] for t in tools}:
         raise APIError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
-    return tools, f'{opener}{name}">\n', False
+    return tools, f'{opener}{name}">\n', False, name
 
 
 def context_error(prompt: int, cfg: ServerConfig, what: str = "messages") -> APIError:
@@ -226,6 +229,7 @@ class ForcedCall(Job):
     thinking: bool = False
     think_end: int | None = None  # the `</think>` token
     encode: Callable[[str], list[int]] | None = None
+    constraint: Any = None  # a `constrain.Constraint` for the block, from its opener on
 
     def run(self, backend, **extra) -> Iterator[Chunk]:
         sampling = dict(self.sampling, **extra)
@@ -255,6 +259,9 @@ class ForcedCall(Job):
         else:
             yield Chunk(text=forced, prompt_tokens=len(ids))
         ids += self.encode(forced)
+        if self.constraint is not None:
+            self.constraint.prime(self.encode(self.force))
+            sampling["logits_processors"] = [*sampling.get("logits_processors", ()), self.constraint]
         remaining = sampling["max_tokens"] - done
         if backend.max_context:
             remaining = min(remaining, backend.max_context - len(ids))
@@ -277,9 +284,21 @@ class ChatJob:
     effort: str | None
 
 
-def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
-    tok = cfg.tokenizer
-    tools, force, forbid = tool_setup(req)
+@dataclass
+class Prompt:
+    ids: list[int]
+    messages: list[dict]  # as rendered
+    tools: list[dict]
+    force: str | None  # the forced tool-call opener
+    forbid: bool  # tool_choice none
+    named: str | None  # the tool tool_choice names
+    thinking: bool
+    level: str | None  # the effort level, when thinking
+
+
+def render_prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
+    """The request's prompt as token ids, and what decided it."""
+    tools, force, forbid, named = tool_setup(req)
     messages = normalize(req, tools)
     thinking, effort = resolve_thinking(req, cfg.thinking)
     level = effort_level(effort, cfg) if thinking else None
@@ -288,7 +307,14 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
                                                reasoning_effort=level and encoder_effort(level, cfg.encoding))
     except chat_format.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
-    ids = tok.encode_segments(segments)
+    ids = cfg.tokenizer.encode_segments(segments)
+    return Prompt(ids, messages, tools, force, forbid, named, thinking, level)
+
+
+def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
+    tok = cfg.tokenizer
+    p = render_prompt(req, cfg)
+    ids, messages, tools, force, forbid, thinking = p.ids, p.messages, p.tools, p.force, p.forbid, p.thinking
     sampling = req.sampling(cfg.vocab)
     if thinking and not cfg.exact_sampling:
         deepseek_compat(sampling)
@@ -300,12 +326,20 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
     if forbid:
         sampling["logit_bias"].update(dict.fromkeys(token_ids(tok, chat_format.DSML), BAN))
     prefix = messages[-1].get("wo_eos", False)
-    job = Job(ids, sampling) if force is None else ForcedCall(
-        ids, sampling, force=force, thinking=thinking and not prefix,
-        think_end=tok.token_to_id(chat_format.THINK_CLOSE),
-        encode=lambda text: tok.encode(text, allow_control=True))
+    # A continued assistant message holds text the grammar never saw: it is left unconstrained.
+    constraint = None if prefix else grammar.reply_constraint(
+        tok, cfg.vocab, tools, forced=force, name=p.named, parallel=req.parallel_tool_calls,
+        forbid=forbid, response_format=req.response_format, thinking=thinking)
+    if force is None:
+        job = Job(ids, sampling)
+        if constraint is not None:
+            sampling["logits_processors"] = [constraint]
+    else:
+        job = ForcedCall(ids, sampling, force=force, thinking=thinking and not prefix,
+                         think_end=tok.token_to_id(chat_format.THINK_CLOSE),
+                         encode=lambda text: tok.encode(text, allow_control=True), constraint=constraint)
     return ChatJob(job, thinking and not prefix, bool(tools), stop, req.parallel_tool_calls,
-                   n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")), level)
+                   n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")), p.level)
 
 
 def deepseek_compat(sampling: dict) -> None:
@@ -349,6 +383,7 @@ class Delta:
     tool_calls: list[dict] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
+    stop: str | None = None  # the stop string that ended the reply
     usage: dict | None = None
 
 
@@ -376,6 +411,7 @@ class ChatReply:
         self.lps: list[dict] = []
         self.ender = ending(cj.job, tokenizer)
         self.finish_reason: str | None = None
+        self.stop_hit: str | None = None
         self.done = False  # we ended the reply (stop string, single tool call)
         self.last: Chunk | None = None
 
@@ -399,7 +435,7 @@ class ChatReply:
         if not self.done and (rest := self.stops.flush()):
             out.append(Delta(content=rest))
         reason = "length" if self.finish_reason == "length" else "tool_calls" if self.calls else "stop"
-        out.append(Delta(finish_reason=reason, logprobs=self._take()))
+        out.append(Delta(finish_reason=reason, stop=self.stop_hit, logprobs=self._take()))
         prompt = len(self.cj.job.ids)
         out.append(Delta(usage=usage(self.last, prompt, self.reasoning_tokens)))
         return out
@@ -417,7 +453,7 @@ class ChatReply:
                 if text:
                     out.append(Delta(content=text, logprobs=self._take()))
                 if hit is not None:
-                    self.done, self.finish_reason = True, "stop"
+                    self.done, self.finish_reason, self.stop_hit = True, "stop", hit
             elif isinstance(e, chat_format.ToolCallEvent):
                 if rest := self.stops.flush():
                     out.append(Delta(content=rest))
