@@ -12,6 +12,13 @@ when a draft is refused after j kept ones, and commits j+2 tokens (k+1 if all ar
 round also runs the MTP block about k times, charged as one more layer of a
 `--model-layers`-layer trunk (Flash: 43; the block is one decoder layer plus two projections).
 
+A CPU is compute-bound, so there r(S) is about S and drafting never pays. A GPU at batch 1 is
+bound by reading weights, so the script also prints the same table for the bytes an S-token
+step of a Flash layer reads: the layer's non-expert bytes plus its routed experts' bytes times
+the expected number of distinct experts S tokens pick (E * (1 - (1 - k/E)^S), E = 256, k = 6),
+from the built layer's own byte counts scaled to 256 experts. That table is what the default
+draft size (speculative.DEFAULT_DRAFT) is chosen from until an accelerator measures it.
+
     python benchmarks/spec_cost.py --experts 16 --scale-dtype float32     # CPU, ~2 min
 """
 
@@ -28,7 +35,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_context import fill  # noqa: E402
-from flash_layers import build, sliced_config  # noqa: E402
+from flash_layers import build, layer_read_bytes, sliced_config  # noqa: E402
 
 from mlx_dsv4.cache import make_cache  # noqa: E402
 from mlx_dsv4.config import ModelArgs  # noqa: E402
@@ -91,8 +98,20 @@ def main():
         print(f"{s:>7} {1e3 * med[s]:>8.1f} {med[s] / med[1]:>10.2f} {1e3 * cmed[s]:>8.1f} "
               f"{cmed[s] / cmed[1]:>10.2f}")
     mtp = 1 / a.model_layers  # one decoder layer of a model_layers-layer step
-    r = {s: cmed[s] / cmed[1] for s in sizes}
-    print(f"\n{'k':>3} {'x at 50%':>9} {'x at 80%':>9} {'x at 90%':>9} {'break-even':>11}  (CPU-time ratios)")
+    table({s: cmed[s] / cmed[1] for s in sizes}, mtp, "measured CPU-time ratios")
+    # Bytes a Flash layer reads for S tokens, from this layer's counts scaled to 256 experts.
+    parts = layer_read_bytes(model.layers[0], args)
+    k, E = args.num_experts_per_tok, 256
+    per_expert = parts["routed_experts"] / k
+    rest = parts["total"] - parts["routed_experts"]
+    read = {S: rest + per_expert * E * (1 - (1 - k / E) ** S) for S in sizes}
+    print(f"\nbytes a Flash CSA layer reads: " + ", ".join(
+        f"S={S} {read[S] / 1e6:.0f} MB" for S in sizes))
+    table({S: read[S] / read[1] for S in sizes}, mtp, "memory-bound estimate, Flash")
+
+
+def table(r: dict[int, float], mtp: float, title: str):
+    print(f"\n{'k':>3} {'x at 50%':>9} {'x at 80%':>9} {'x at 90%':>9} {'break-even':>11}  ({title})")
     for k in range(1, 5):
         be = break_even(r, k, mtp)
         print(f"{k:>3} " + " ".join(f"{expected(r, k, acc, mtp):>9.2f}" for acc in (0.5, 0.8, 0.9))

@@ -96,14 +96,19 @@ class MTPDrafter:
         return drafts
 
 
-DEFAULT_DRAFT = 1  # benchmarks/spec_cost.py: k = 1 wins at the 80-90% the MTP head reaches
+# benchmarks/spec_cost.py: on a GPU (weight-read bound) a Flash verify of 2 tokens reads ~1.42x
+# a step's bytes, so k = 1 pays above ~61% acceptance and wins at the 80-85% reported for the
+# MTP head (1.15-1.2x); on a CPU (compute-bound) a 2-token forward costs ~2x and no k pays.
+DEFAULT_DRAFT = 1
 
 
 def resolve_draft(model, draft: int | None) -> int:
-    """`draft` as asked, or DEFAULT_DRAFT when the checkpoint has an MTP block (else 0)."""
+    """`draft` as asked; by default DEFAULT_DRAFT on a GPU when the checkpoint has an MTP block,
+    and 0 on the CPU backend, where drafting never pays."""
     if draft is not None:
         return draft
-    return DEFAULT_DRAFT if getattr(model, "mtp", None) else 0
+    on_gpu = mx.default_device() == mx.gpu
+    return DEFAULT_DRAFT if on_gpu and getattr(model, "mtp", None) else 0
 
 
 def _logprobs(logits: mx.array) -> mx.array:

@@ -181,3 +181,17 @@ def test_a_speculative_session_matches_a_plain_one_turn_after_turn(tiny_model, t
         runs.append(out)
     assert [(r, u) for r, u, _ in runs[0]] == [(r, u) for r, u, _ in runs[1]]
     assert [a for *_, a in runs[1]] == [True] * 3 and [a for *_, a in runs[0]] == [False] * 3
+
+
+def test_drafting_is_on_by_default_on_a_gpu_with_mtp_weights_only(tiny_model, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlx_dsv4 import speculative
+
+    assert speculative.resolve_draft(tiny_model, 3) == 3
+    assert speculative.resolve_draft(tiny_model, 0) == 0
+    monkeypatch.setattr(speculative.mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert speculative.resolve_draft(tiny_model, None) == speculative.DEFAULT_DRAFT
+    assert speculative.resolve_draft(SimpleNamespace(mtp=[]), None) == 0
+    monkeypatch.setattr(speculative.mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert speculative.resolve_draft(tiny_model, None) == 0
