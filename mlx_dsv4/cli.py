@@ -230,7 +230,8 @@ Context = Annotated[int | None, typer.Option("--max-context", metavar="TOKENS", 
 Draft = Annotated[int | None, typer.Option(
     "--draft", min=0, max=8, metavar="N",
     help="Tokens the checkpoint's MTP block drafts per step for speculative decoding (same "
-         "output, fewer forwards); 0 turns it off. Default: 1 when the checkpoint has MTP.")]
+         "output, fewer forwards); 0 turns it off. Default: 1 on a GPU when the checkpoint "
+         "has an MTP block, 0 on the CPU (where it does not pay).")]
 NoMtp = Annotated[bool, typer.Option("--no-mtp", help="No speculative decoding (as --draft 0).")]
 KvBits = Annotated[int | None, typer.Option("--kv-bits", help="8 stores the compressed KV and "
                                                                "index pools in 8 bits (half the bytes).")]
