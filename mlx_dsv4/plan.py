@@ -146,7 +146,10 @@ def state_bytes(args: ModelArgs, context: int, kv_bits: int | None, dtype_bytes:
 
     dtype = {2: mx.bfloat16, 4: mx.float32}[dtype_bytes]
     pools = fixed = 0
-    for c in make_cache(args, dtype=dtype, max_tokens=max(context, 1), kv_bits=kv_bits):
+    # The MTP block's window ring too: speculative decoding keeps one beside the trunk's.
+    caches = make_cache(args, dtype=dtype, max_tokens=max(context, 1), kv_bits=kv_bits)
+    caches += make_cache(args, dtype=dtype, mtp=True)
+    for c in caches:
         for name in ("kv_pool", "index_pool"):
             part = getattr(c, name)
             if part is not None:

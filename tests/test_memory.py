@@ -127,3 +127,15 @@ def test_a_corrupt_shard_header_is_named(tmp_path, data):
     with pytest.raises(PlanError, match="model-00001-of-00001.safetensors is truncated or not a "
                                         "safetensors file"):
         weight_bytes_from_dir(tmp_path)
+
+
+def test_fixed_state_counts_the_mtp_window_ring():
+    from mlx_dsv4.config import ModelArgs
+    from mlx_dsv4.plan import state_bytes
+    from mlx_dsv4.synthetic import tiny_config
+
+    with_mtp = ModelArgs.from_dict(tiny_config())
+    without = ModelArgs.from_dict(tiny_config(num_nextn_predict_layers=0))
+    ring = with_mtp.sliding_window * with_mtp.head_dim * 2  # bf16 rows of one window
+    assert state_bytes(with_mtp, 1024, None)[1] - state_bytes(without, 1024, None)[1] == ring
+    assert state_bytes(with_mtp, 1024, None)[0] == state_bytes(without, 1024, None)[0]
