@@ -27,15 +27,14 @@ MIN_BUCKET = 64  # pool rows read at the least; a bucket doubles as the pool fil
 
 
 def supported(model, cache: list[LayerCache], ids: mx.array) -> bool:
-    """The compiled step covers one new token per sequence, all layers at one offset, bf16/fp32
-    pools (8-bit pools decode eagerly)."""
+    """The compiled step covers one new token per sequence with all layers at one offset."""
     if ids.ndim != 2 or ids.shape[1] != 1 or not cache or len(cache) != len(model.layers):
         return False
     offset = cache[0].offset
     # The step derives each pool's count from the offset; a cache where they disagree (filled
     # by hand, say) decodes eagerly rather than wrongly.
-    return all(c.offset == offset and (c.kv_pool is None or (
-        c.kv_pool.bits is None and c.kv_pool.n == offset // c.ratio)) for c in cache)
+    return all(c.offset == offset and (c.kv_pool is None or c.kv_pool.n == offset // c.ratio)
+               for c in cache)
 
 
 def _bucket(n: int, capacity: int) -> int:
@@ -46,13 +45,15 @@ def _bucket(n: int, capacity: int) -> int:
 
 
 def _plan(model, cache: list[LayerCache], p: int) -> tuple:
-    """Per layer (ratio, close, mode, bucket) for the token at position p; grows pools first."""
+    """Per layer (ratio, close, mode, bucket, pool quantization) for the token at position p;
+    grows pools first. The quantization is None or ((bits, group) of the KV pool, of the index
+    pool), so 8-bit pools (`--kv-bits 8`) trace their own variants."""
     topk = model.args.index_topk
     key = []
     for c in cache:
         m = c.ratio
         if not m:
-            key.append((0, False, None, 0))
+            key.append((0, False, None, 0, None))
             continue
         n = (p + 1) // m  # entries after this token: pools hold floor(offset / m) rows
         close = (p + 1) % m == 0
@@ -61,7 +62,9 @@ def _plan(model, cache: list[LayerCache], p: int) -> tuple:
             if c.index_pool is not None:
                 c.index_pool.reserve(1)
         mode = None if n == 0 else ("dense" if c.kind == HCA or n <= topk else "sparse")
-        key.append((m, close, mode, _bucket(n, c.kv_pool.capacity) if n else 0))
+        pools = [c.kv_pool] + ([c.index_pool] if c.index_pool is not None else [])
+        quant = None if c.kv_pool.bits is None else tuple((q.bits, q.group) for q in pools)
+        key.append((m, close, mode, _bucket(n, c.kv_pool.capacity) if n else 0, quant))
     return tuple(key)
 
 
@@ -69,13 +72,18 @@ def _compressor_arrays(state: CompressorState) -> list[mx.array]:
     return list(state.arrays().values())
 
 
+POOL_KEYS = ("data", "scales", "biases")  # an 8-bit pool has all three, a plain one data only
+
+
 def state_arrays(c: LayerCache) -> list[mx.array]:
     """The arrays one layer's step reads and rewrites, in a fixed order."""
     out = [c.window.keys]
     if c.ratio:
-        out += _compressor_arrays(c.compressor) + [c.kv_pool.arrays["data"]]
+        out += _compressor_arrays(c.compressor) + [c.kv_pool.arrays[k] for k in POOL_KEYS
+                                                   if k in c.kv_pool.arrays]
     if c.kind == CSA:
-        out += _compressor_arrays(c.indexer) + [c.index_pool.arrays["data"]]
+        out += _compressor_arrays(c.indexer) + [c.index_pool.arrays[k] for k in POOL_KEYS
+                                                if k in c.index_pool.arrays]
     return out
 
 
@@ -88,7 +96,7 @@ def _set_state(c: LayerCache, arrays: list[mx.array], close: bool):
     for comp, pool in parts:
         for name in comp.arrays():
             setattr(comp, name, next(it))
-        pool.arrays["data"] = next(it)
+        pool.arrays = {k: next(it) for k in POOL_KEYS if k in pool.arrays}
         pool.n += int(close)
     c.offset += 1
 
@@ -115,14 +123,27 @@ def _compress(comp, x, st: list[mx.array], p, close: bool, periods, dtype):
     return rope(entry, periods, p // m, scale=m), st
 
 
-def _append(pool: mx.array, entry, n_before: mx.array):
+def _append(pool: list[mx.array], entry, n_before: mx.array, quant) -> list[mx.array]:
+    """Write a closed window's entry at row n_before (quantized like the pool's rows)."""
     if entry is None:
         return pool
-    return mx.slice_update(pool, entry.astype(pool.dtype), n_before.reshape(1), axes=(1,))
+    rows = [entry.astype(pool[0].dtype)] if quant is None else mx.quantize(entry, quant[1], quant[0])
+    return [mx.slice_update(a, r, n_before.reshape(1), axes=(1,)) for a, r in zip(pool, rows)]
+
+
+def _rows(pool: list[mx.array], quant, dtype, bucket: int | None = None, idx=None) -> mx.array:
+    """Pool rows as `dtype`: the first `bucket`, or per-query picks `idx [B, 1, K]`."""
+    if idx is not None:
+        pool = [mx.take_along_axis(a[:, None], idx[..., None], axis=2) for a in pool]
+    else:
+        pool = [a[:, :bucket] for a in pool]
+    if quant is None:
+        return pool[0].astype(dtype)
+    return mx.dequantize(*pool, group_size=quant[1], bits=quant[0]).astype(dtype)
 
 
 def _attention(att, x, st: list[mx.array], p, spec, ar):
-    m, close, mode, bucket = spec
+    m, close, mode, bucket, quant = spec
     B = x.shape[0]
     H, c, W, dtype = att.n_heads, att.head_dim, att.window, x.dtype
     q_lat = att.q_norm(att.wq_a(x))
@@ -134,22 +155,26 @@ def _attention(att, x, st: list[mx.array], p, spec, ar):
     parts = [(ring.astype(F32), (ar(W) <= p)[None], False)]
     if m:
         n_before = (p + 1) // m - int(close)
-        entry, comp = _compress(att.compressor, x, st[1:-1] if att.kind == HCA else st[1:5], p,
-                                close, att._periods, dtype)
-        pool = _append(st[5] if att.kind == CSA else st[-1], entry, n_before)
-        out += comp + [pool]
         n = n_before + int(close)
+        qkv, qix = (*quant, None)[:2] if quant else (None, None)
+        width = 1 if quant is None else 3  # arrays per pool
+        ncomp = 4 if att.compressor.overlap else 2
+        i = 1 + ncomp
+        entry, comp = _compress(att.compressor, x, st[1:i], p, close, att._periods, dtype)
+        pool = _append(st[i : i + width], entry, n_before, qkv)
+        out += comp + pool
         if att.kind == CSA:
-            ientry, icomp = _compress(att.indexer.compressor, x, st[6:10], p, close,
+            i += width
+            ientry, icomp = _compress(att.indexer.compressor, x, st[i : i + 4], p, close,
                                       att._index_periods, dtype)
-            ipool = _append(st[10], ientry, n_before)
-            out += icomp + [ipool]
+            ipool = _append(st[i + 4 : i + 4 + width], ientry, n_before, qix)
+            out += icomp + ipool
         if mode == "dense":
-            parts.append((pool[:, :bucket].astype(F32), (ar(bucket) < n)[None], False))
+            parts.append((_rows(pool, qkv, F32, bucket), (ar(bucket) < n)[None], False))
         elif mode == "sparse":
-            idx = _select(att.indexer, x, q_lat, ipool[:, :bucket], n, p, att._index_periods, ar)
-            rows = mx.take_along_axis(pool[:, None], idx[..., None], axis=2)
-            parts.append((rows.astype(F32), None, True))
+            keys = _rows(ipool, qix, dtype, bucket)
+            idx = _select(att.indexer, x, q_lat, keys, n, p, att._index_periods, ar)
+            parts.append((_rows(pool, qkv, F32, idx=idx), None, True))
     o = _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink)
     o = rope(o.astype(dtype), att._periods, p, inverse=True)
     o = o.transpose(0, 2, 1, 3).reshape(B, 1, att.groups, -1)
