@@ -9,6 +9,8 @@ Attention and its pools are in `attention.py`; loading is in `weights.py`.
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -23,11 +25,20 @@ def _f32(a: mx.array) -> mx.array:
     return a.astype(mx.float32)
 
 
-def swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
-    """Clamped SwiGLU in fp32: gate capped above, up clipped both ways (routed and shared)."""
-    gate = mx.minimum(_f32(gate), limit)
-    up = mx.clip(_f32(up), -limit, limit)
-    return nn.silu(gate) * up
+@partial(mx.compile, shapeless=True)
+def _swiglu(gate, up, scale, limit):
+    gate = mx.minimum(gate.astype(mx.float32), limit)
+    up = mx.clip(up.astype(mx.float32), -limit, limit)
+    return gate * mx.sigmoid(gate) * up * scale
+
+
+def swiglu(gate: mx.array, up: mx.array, limit: float, scale: mx.array | None = None,
+           dtype: mx.Dtype | None = None) -> mx.array:
+    """Clamped SwiGLU in fp32 (gate capped above, up clipped both ways), times the routing
+    weights `scale` if given, cast to `dtype`: one fused kernel, no fp32 temporaries between."""
+    one = mx.array(1.0, mx.float32)
+    out = _swiglu(gate, up, one if scale is None else scale, mx.array(limit, mx.float32))
+    return out if dtype is None else out.astype(dtype)
 
 
 class Gate(nn.Module):
@@ -83,14 +94,14 @@ class Experts(nn.Module):
             order = mx.argsort(flat)
             ids = flat[order]
             xs = x.reshape(-1, 1, x.shape[-1])[order // k]
-            h = swiglu(*self._gate_up(xs, ids, sorted_indices=True), self.limit)
-            h = h * weights.reshape(-1)[order][:, None, None]
-            y = self.w2(h.astype(dtype), ids, sorted_indices=True)
+            h = swiglu(*self._gate_up(xs, ids, sorted_indices=True), self.limit,
+                       weights.reshape(-1)[order][:, None, None], dtype)
+            y = self.w2(h, ids, sorted_indices=True)
             y = y[mx.argsort(order)].reshape(B, S, k, -1)
         else:
             xs = x[..., None, None, :]
-            h = swiglu(*self._gate_up(xs, idx), self.limit) * weights[..., None, None]
-            y = self.w2(h.astype(dtype), idx)[..., 0, :]
+            h = swiglu(*self._gate_up(xs, idx), self.limit, weights[..., None, None], dtype)
+            y = self.w2(h, idx)[..., 0, :]
         return _f32(y).sum(axis=-2)
 
 
@@ -109,7 +120,7 @@ class SharedExpert(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = self.w13.linear(x) if self.w13 is not None else (self.w1(x), self.w3(x))
-        return self.w2(swiglu(gate, up, self.limit).astype(x.dtype))
+        return self.w2(swiglu(gate, up, self.limit, dtype=x.dtype))
 
 
 class MoE(nn.Module):
