@@ -1,6 +1,7 @@
 """mlx-dsv4: DeepSeek-V4 (Flash and Pro) on MLX.
 
-Public API: `load`, `make_cache`, `ModelArgs`. Heavy modules are imported on first use so that
+Public API: `load`, `make_cache`, `ModelArgs`, `stream_generate`, `generate`, `Session`. Heavy
+modules are imported on first use so that
 `import mlx_dsv4` and `dsv4 --help` stay fast.
 """
 
@@ -13,6 +14,9 @@ _LAZY = {
     "load_model": ("weights", "load_model"),
     "make_cache": ("cache", "make_cache"),
     "Model": ("model", "Model"),
+    "stream_generate": ("generate", "stream_generate"),
+    "generate": ("generate", "generate"),
+    "Session": ("session", "Session"),
 }
 
 
