@@ -215,6 +215,8 @@ class DecodeStep:
         self._aranges: dict[int, mx.array] = {}
         a = model.args
         kernels.prepare(a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)  # its check cannot run in a trace
+        # A trace can only capture evaluated arrays (a lazily loaded model has none yet).
+        mx.eval(model.parameters())
 
     def _arange(self, n: int) -> mx.array:
         # Evaluated before tracing, so the graph captures it as a constant, not an Arange kernel.
