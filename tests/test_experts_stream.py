@@ -112,3 +112,67 @@ def test_a_directory_without_stacked_experts_is_refused(tmp_path):
                         {"layers.0.ffn.experts.w1.weight": mx.zeros((4, 8, 2), mx.uint32)})
     with pytest.raises(StreamError, match="layers.0 lacks some of its expert tensors"):
         ExpertStore(tmp_path, [tmp_path / "model.safetensors"], budget=1 << 20)
+
+
+# ----- planning and benchmarking the streamed setup ------------------------------------------------
+
+def test_flash_on_a_64gb_mac_streams_its_experts():
+    from typer.testing import CliRunner
+
+    from mlx_dsv4.cli import app
+    from mlx_dsv4.config import ModelArgs, released_config
+    from mlx_dsv4.plan import GiB, expert_bytes, parse_size, plan_memory
+
+    args = ModelArgs.from_dict(released_config("flash"))
+    e = expert_bytes(args, "attn4")
+    assert e.each == 3 * 2048 * 4096 * 17 // 32  # mxfp4: 4 bits and one scale byte per 32
+    assert e.per_token == 6 * 43 * e.each
+    resident = plan_memory("flash", context=1 << 16, recipe="attn4", memory=parse_size("256GB"),
+                           expert_memory="auto")
+    assert not resident.streams and resident.ssd_bytes_per_token() == 0  # it fits: no streaming
+    p = plan_memory("flash", context=1 << 16, recipe="attn4", memory=parse_size("64GB"),
+                    expert_memory="auto")
+    assert p.streams and p.fits and p.total_bytes <= p.budget_bytes
+    assert 30 * GiB < p.expert_memory < e.total and p.budget_bytes - p.total_bytes < 1 << 20
+    assert p.resident_weight_bytes == p.weight_bytes - e.total + p.expert_memory
+    assert p.ssd_bytes_per_token(0.5) == round(e.per_token / 2)
+    assert p.ssd_bytes_per_token() == round(e.per_token * (1 - p.expert_memory / e.total))
+    r = CliRunner().invoke(app, ["plan", "flash", "--memory", "64GB", "--hit-rate", "0.5"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "Streams experts from SSD: attn4 holds" in text
+    assert f"each token reads {e.per_token / 2e9:,.2f} GB from SSD at a 50% hit rate" in text
+
+
+def test_a_given_expert_memory_is_planned_and_too_little_memory_is_still_refused(selftest_model):
+    from mlx_dsv4.plan import expert_bytes_from_dir, plan_memory, weight_bytes_from_dir
+
+    store = ExpertStore(selftest_model, shard_files(selftest_model), budget=0)
+    args = load_model(selftest_model, lazy=True).args
+    e = expert_bytes_from_dir(selftest_model, args)
+    assert e.total == sum(store.expert_bytes(k) * layer.experts for k, layer in store.layers.items())
+    assert e.each == store.expert_bytes("layers.0")
+    store.close()
+    p = plan_memory(selftest_model, context=256, expert_memory=3 * e.each)
+    assert p.resident_weight_bytes == weight_bytes_from_dir(selftest_model) - e.total + 3 * e.each
+    assert "does not fit" in plan_memory("pro", context=1 << 20, memory=1 << 30,
+                                         expert_memory="auto").verdict()
+
+
+def test_bench_reports_expert_counters(selftest_model):
+    from typer.testing import CliRunner
+
+    from mlx_dsv4.bench import run_bench
+    from mlx_dsv4.cli import app
+
+    one = expert_bytes(selftest_model)
+    r = run_bench(selftest_model, prompt_tokens=40, gen_tokens=6, expert_memory=4 * one, draft=0)
+    c = r.experts
+    assert r.plan.expert_memory == 4 * one and r.prefill_read > 0
+    assert c.lookups == 5 * 4 * 2  # 5 decode steps of 4 layers picking k=2 distinct experts
+    assert c.misses > 0 and c.bytes_read >= c.misses * one // 2
+    out = CliRunner().invoke(app, ["bench", str(selftest_model), "--prompt", "16", "--tokens", "3",
+                                   "--expert-memory", "1MB", "--no-mtp"])
+    assert out.exit_code == 0, out.output
+    for text in ("expert cache (1.00 MiB)", "read from SSD per decoded token", "hits ("):
+        assert text in out.output
