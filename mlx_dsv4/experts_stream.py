@@ -35,6 +35,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 16384
 EXPERT_TENSOR = re.compile(r"^(layers|mtp)\.(\d+)\.ffn\.experts\.(w[123])\.(weight|scales|biases)$")
 _NP = {"U32": np.uint32, "U8": np.uint8, "I8": np.int8, "F32": np.float32, "BF16": np.uint16,
        "F16": np.float16, "I32": np.int32}
+_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 READ_THREADS = 8  # SSDs need several reads in flight to reach their bandwidth
 
 
@@ -154,6 +155,8 @@ class ExpertStore:
         a = lo // PAGE * PAGE
         b = -(-(lo + s.per_expert) // PAGE) * PAGE
         buf = os.pread(s.fd, b - a, a)
+        if _DONTNEED is not None:  # Linux: the LRU is the only copy, as F_NOCACHE makes it on macOS
+            os.posix_fadvise(s.fd, a, b - a, _DONTNEED)
         with self._lock:
             self.counters.bytes_read += len(buf)
         raw = np.frombuffer(buf, np.uint8, s.per_expert, lo - a)
