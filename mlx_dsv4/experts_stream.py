@@ -23,6 +23,7 @@ import os
 import re
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class _Slice:
     per_expert: int
     dtype: str
     shape: tuple[int, ...]  # one expert's shape
+    name: str  # tensor and file, for errors
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -106,7 +108,11 @@ class ExpertStore:
         self.budget, self.prefetch_enabled = budget, prefetch
         self.counters = Counters()
         self.layers: dict[str, _Layer] = {}
-        self._fds = []
+        self._fds: list[int] = []
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dsv4-experts")
+        self._lock = threading.Lock()
+        # Files and threads go with the store, closed or not (a dropped model closes it).
+        self.close = weakref.finalize(self, _release, self._pool, self._fds)
         for f in shards:
             data, header = read_header(f)
             fd = None
@@ -125,15 +131,13 @@ class ExpertStore:
                 layer = self.layers.setdefault(f"{m.group(1)}.{m.group(2)}", _Layer())
                 layer.experts = shape[0]
                 layer.parts.setdefault(m.group(3), {})[m.group(4)] = _Slice(
-                    fd, data + lo, (hi - lo) // shape[0], v["dtype"], shape[1:])
+                    fd, data + lo, (hi - lo) // shape[0], v["dtype"], shape[1:], f"{name} in {f}")
         for key, layer in self.layers.items():
             if set(layer.parts) != {"w1", "w2", "w3"}:
                 raise StreamError(f"{path}: {key} lacks some of its expert tensors w1, w2, w3.")
         self._cache: OrderedDict[tuple[str, int], dict] = OrderedDict()
         self.resident_bytes = 0
         self._pending: dict[tuple[str, int], Future] = {}
-        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dsv4-experts")
-        self._lock = threading.Lock()
 
     @staticmethod
     def owns(name: str) -> bool:
@@ -142,12 +146,6 @@ class ExpertStore:
 
     def expert_bytes(self, layer: str) -> int:
         return sum(s.per_expert for parts in self.layers[layer].parts.values() for s in parts.values())
-
-    def close(self):
-        self._pool.shutdown(wait=True)
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
 
     # Reading runs on the pool's threads: numpy buffers only, no MLX.
     def _read(self, s: _Slice, e: int) -> np.ndarray:
@@ -159,6 +157,8 @@ class ExpertStore:
             os.posix_fadvise(s.fd, a, b - a, _DONTNEED)
         with self._lock:
             self.counters.bytes_read += len(buf)
+        if len(buf) < lo - a + s.per_expert:
+            raise StreamError(f"expert {e} of {s.name} is cut short: the file is truncated.")
         raw = np.frombuffer(buf, np.uint8, s.per_expert, lo - a)
         return raw.view(_NP[s.dtype]).reshape(s.shape)
 
@@ -311,6 +311,13 @@ def attach(model, path: Path, shards: list[Path], budget: int, prefetch: bool = 
     model.compiled_decode = False  # routing is read on the host once per layer
     model.expert_store = store
     return store
+
+
+def _release(pool: ThreadPoolExecutor, fds: list[int]) -> None:
+    pool.shutdown(wait=True)
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
 
 
 def _no_page_cache(fd: int) -> None:

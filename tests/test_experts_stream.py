@@ -176,3 +176,16 @@ def test_bench_reports_expert_counters(selftest_model):
     assert out.exit_code == 0, out.output
     for text in ("expert cache (1.00 MiB)", "read from SSD per decoded token", "hits ("):
         assert text in out.output
+
+
+def test_a_truncated_shard_names_the_expert_it_could_not_read(tmp_path):
+    mx.save_safetensors(str(tmp_path / "model.safetensors"),
+                        {f"layers.0.ffn.experts.{w}.weight": mx.ones((4, 8, 2048), mx.uint32)
+                         for w in ("w1", "w2", "w3")})
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])  # the last expert of the last tensor loses its tail
+    store = ExpertStore(tmp_path, [f], budget=1 << 30)
+    store.get("layers.0", [0])  # early experts are intact
+    with pytest.raises(StreamError, match=r"expert 3 of layers\.0\.ffn\.experts\.w\d\.weight in .* truncated"):
+        store.get("layers.0", [3])
+    store.close()
