@@ -53,7 +53,7 @@ def write_checkpoint(path: Path, a) -> None:
 
 
 def run(path: Path, a, expert_memory: int | None) -> dict:
-    model = load_model(path, expert_memory=expert_memory)
+    model = load_model(path, expert_memory=expert_memory, prefetch=not a.no_prefetch)
     store = getattr(model, "expert_store", None)
     vocab = model.args.vocab_size
     cache = make_cache(model, max_tokens=a.prompt + a.warmup + a.steps + 1)
@@ -89,6 +89,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--dir", type=Path, help="where to write the checkpoint (default: a temp dir)")
+    p.add_argument("--no-prefetch", action="store_true", help="no read-ahead of the next layer")
     p.add_argument("--cpu-scales", action="store_true", help="fp32 affine scales (fast on a CPU)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "ssd_experts.json"
                    if os.environ.get("OUT") else None)
@@ -101,7 +102,7 @@ def main():
         write_checkpoint(path, a)
         print(f"wrote {path} in {time.perf_counter() - t:.0f} s", flush=True)
     res = {"device": str(mx.default_device()), "layers": a.layers, "experts": a.experts,
-           "steps": a.steps, "runs": {}}
+           "steps": a.steps, "prefetch": not a.no_prefetch, "runs": {}}
     store = ExpertStore(path, shard_files(path), budget=0)
     one = store.expert_bytes("layers.0")
     total = sum(store.expert_bytes(k) * layer.experts for k, layer in store.layers.items())
@@ -114,7 +115,8 @@ def main():
     for name, budget in runs:
         r = run(path, a, budget)
         res["runs"][name] = r
-        extra = (f"  hits {r['hit_rate']:.0%}  read {r['bytes_per_token'] / 1e6:.1f} MB/token"
+        extra = (f"  hits {r['hit_rate']:.0%} ({r['read_ahead']} read ahead)  "
+                 f"read {r['bytes_per_token'] / 1e6:.1f} MB/token"
                  if budget is not None else "")
         print(f"{name:>9}: {r['tok_s']:.2f} tok/s ({r['ms_per_token']:.0f} ms/token){extra}", flush=True)
         if a.out:

@@ -46,13 +46,15 @@ class StreamError(ValueError):
 
 @dataclass
 class Counters:
-    """Expert look-ups since the store opened (or `reset`): a hit is an expert already resident;
-    a miss waited for a read; `prefetched` were read ahead and found ready (or in flight)."""
+    """Expert look-ups since the store opened: a hit is an expert already resident; a miss
+    waited for a read; `prefetched` were read ahead and found ready (or in flight). `read_ahead`
+    counts reads started ahead, used or not; `bytes_read` counts every read, page padding too."""
     hits: int = 0
     misses: int = 0
     prefetched: int = 0
     bytes_read: int = 0
     evictions: int = 0
+    read_ahead: int = 0
 
     @property
     def lookups(self) -> int:
@@ -138,6 +140,7 @@ class ExpertStore:
         self._cache: OrderedDict[tuple[str, int], dict] = OrderedDict()
         self.resident_bytes = 0
         self._pending: dict[tuple[str, int], Future] = {}
+        self._ahead: set[tuple[str, int]] = set()  # read ahead and not looked up yet
 
     @staticmethod
     def owns(name: str) -> bool:
@@ -182,7 +185,8 @@ class ExpertStore:
         self._cache[key] = entry
         self.resident_bytes += nbytes
         while self.resident_bytes > self.budget and self._cache:
-            _, old = self._cache.popitem(last=False)
+            gone, old = self._cache.popitem(last=False)
+            self._ahead.discard(gone)
             self.resident_bytes -= sum(a.nbytes for d in old.values() for a in d.values())
             self.counters.evictions += 1
         return entry
@@ -203,9 +207,14 @@ class ExpertStore:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 found[e] = self._cache[key]
-                self.counters.hits += 1
+                if key in self._ahead:
+                    self._ahead.discard(key)
+                    self.counters.prefetched += 1
+                else:
+                    self.counters.hits += 1
             elif key in self._pending:
                 wait[e] = self._pending[key]
+                self._ahead.discard(key)
                 self.counters.prefetched += 1
             else:
                 wait[e] = self._submit(key)  # all misses of the layer in flight at once
@@ -222,8 +231,10 @@ class ExpertStore:
             return
         for e in experts:
             key = (layer, int(e))
-            if key not in self._cache:
+            if key not in self._cache and key not in self._pending:
                 self._submit(key)
+                self._ahead.add(key)
+                self.counters.read_ahead += 1
 
     def fetch(self, layer: str, idx: mx.array):
         """`(idx renumbered into the fetched experts, (w13, w2))` for the picks `idx`."""

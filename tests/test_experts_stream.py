@@ -54,6 +54,8 @@ def test_logits_equal_resident_with_a_cache_smaller_than_the_experts(selftest_mo
     assert c.misses > n_experts and c.evictions > 0  # the cache really was too small
     assert 0 < store.resident_bytes <= budget
     assert c.bytes_read >= c.misses * expert_bytes(selftest_model) * 0.5  # packed + scales
+    # Decode steps guess the next top-k layer's picks (layer 2 for 3); prefill chunks do not.
+    assert (c.read_ahead > 0) == prefetch and c.prefetched <= c.read_ahead
     store.close()
 
 
