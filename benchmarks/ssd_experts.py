@@ -53,7 +53,7 @@ def write_checkpoint(path: Path, a) -> None:
 
 
 def run(path: Path, a, expert_memory: int | None) -> dict:
-    model = load_model(path, expert_memory=expert_memory, prefetch=not a.no_prefetch)
+    model = load_model(path, expert_memory=expert_memory, prefetch=a.prefetch)
     store = getattr(model, "expert_store", None)
     vocab = model.args.vocab_size
     cache = make_cache(model, max_tokens=a.prompt + a.warmup + a.steps + 1)
@@ -89,7 +89,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--dir", type=Path, help="where to write the checkpoint (default: a temp dir)")
-    p.add_argument("--no-prefetch", action="store_true", help="no read-ahead of the next layer")
+    p.add_argument("--prefetch", action="store_true", help="read the next layer's guessed experts ahead")
     p.add_argument("--cpu-scales", action="store_true", help="fp32 affine scales (fast on a CPU)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "ssd_experts.json"
                    if os.environ.get("OUT") else None)
@@ -102,7 +102,7 @@ def main():
         write_checkpoint(path, a)
         print(f"wrote {path} in {time.perf_counter() - t:.0f} s", flush=True)
     res = {"device": str(mx.default_device()), "layers": a.layers, "experts": a.experts,
-           "steps": a.steps, "prefetch": not a.no_prefetch, "runs": {}}
+           "steps": a.steps, "prefetch": a.prefetch, "runs": {}}
     store = ExpertStore(path, shard_files(path), budget=0)
     one = store.expert_bytes("layers.0")
     total = sum(store.expert_bytes(k) * layer.experts for k, layer in store.layers.items())

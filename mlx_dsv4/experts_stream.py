@@ -10,10 +10,13 @@ logits are bit-identical to the resident model's. `Counters` say what each token
 
 The routing of a layer must be on the host before its experts can be fetched, so a streamed
 model syncs once per MoE layer and decodes eagerly (`Model.compiled_decode = False`): one
-compiled graph over the whole trunk cannot contain a host read. While a layer's experts run,
-the next top-k layer's experts are guessed by its router applied to this layer's input and read
-ahead on a thread pool (reads only; arrays are made on the caller's thread, as MLX streams are
-per thread). Owns no model maths beyond the expert matmuls; `model.Experts` calls `fetch`.
+compiled graph over the whole trunk cannot contain a host read. With `prefetch`, while a layer's
+experts run, the next top-k layer's experts are guessed by its router applied to this layer's
+input and read ahead on a thread pool (reads only; arrays are made on the caller's thread, as
+MLX streams are per thread). It is off by default: on Flash-shaped random weights
+(benchmarks/ssd_experts.py) a quarter-size cache read 32% more bytes with it and decoded slower;
+whether real routing is predictable enough is for `read_ahead` vs `prefetched` to show.
+Owns no model maths beyond the expert matmuls; `model.Experts` calls `fetch`.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class _Layer:
 class ExpertStore:
     """The routed experts of a converted directory, read on demand into an LRU of `budget` bytes."""
 
-    def __init__(self, path: str | Path, shards: list[Path], budget: int, prefetch: bool = True):
+    def __init__(self, path: str | Path, shards: list[Path], budget: int, prefetch: bool = False):
         self.budget, self.prefetch_enabled = budget, prefetch
         self.counters = Counters()
         self.layers: dict[str, _Layer] = {}
@@ -293,7 +296,7 @@ class StreamedLayer:
         return local, gate_up, down
 
 
-def attach(model, path: Path, shards: list[Path], budget: int, prefetch: bool = True) -> ExpertStore:
+def attach(model, path: Path, shards: list[Path], budget: int, prefetch: bool = False) -> ExpertStore:
     """Back every MoE layer of `model` by an `ExpertStore` over `shards`; returns the store.
 
     Call after `nn.quantize` (the expert modules' quantization is read from them) and before

@@ -79,12 +79,13 @@ def check_tensors(model: nn.Module, weights: dict[str, mx.array]):
 
 
 def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None = None,
-               prefetch: bool = True) -> Model:
+               prefetch: bool = False) -> Model:
     """Build the model of a converted directory and load its weights strictly.
 
     With `expert_memory` (bytes), the routed experts stay on disk: they are read on demand
     into a cache of that size (`experts_stream`), the rest of the weights is loaded as usual;
-    the store is `model.expert_store`.
+    the store is `model.expert_store`. `prefetch` reads the next layer's guessed experts ahead
+    (off by default: on random weights it read more than it saved, see experts_stream).
     """
     path = Path(path)
     args = ModelArgs.from_file(path)
