@@ -101,7 +101,12 @@ def parse_memory(text: str) -> int:
 
 def parse_expert_memory(text: str) -> int | str:
     """--expert-memory: a size ('20GB' = 20 GiB) or 'auto' (the planner sizes the cache)."""
-    return "auto" if text.strip().lower() == "auto" else _size_option(text, decimal=False)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _size_option(text, decimal=False)
+    except typer.BadParameter as e:
+        raise typer.BadParameter(f"{e} Or 'auto'.") from None
 
 
 def _size_option(text: str, decimal: bool) -> int:
@@ -400,7 +405,7 @@ def _ssd_label(p, hit_rate) -> str:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB"
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 def _recipes_table(plans, kv_bits, hit_rate=None):

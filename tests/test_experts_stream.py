@@ -191,3 +191,13 @@ def test_a_truncated_shard_names_the_expert_it_could_not_read(tmp_path):
     with pytest.raises(StreamError, match=r"expert 3 of layers\.0\.ffn\.experts\.w\d\.weight in .* truncated"):
         store.get("layers.0", [3])
     store.close()
+
+
+@pytest.mark.parametrize("value", ["lots", "0"])
+def test_a_bad_expert_memory_is_a_usage_error(value):
+    from typer.testing import CliRunner
+
+    from mlx_dsv4.cli import app
+
+    r = CliRunner().invoke(app, ["plan", "flash", "--expert-memory", value])
+    assert r.exit_code == 2 and "Or 'auto'." in " ".join(r.output.split()), r.output
