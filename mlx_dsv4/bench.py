@@ -17,6 +17,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .cache import make_cache
+from .experts_stream import Counters
 from .generate import generate_step
 from .plan import Plan, apply_wired_limit, plan_context
 from .sampling import make_distribution
@@ -38,6 +39,8 @@ class BenchResult:
     draft: int = 0
     acceptance: float | None = None  # share of MTP drafts kept (speculation only)
     tokens_per_forward: float | None = None
+    experts: Counters | None = None  # streamed experts: look-ups of the decode phase
+    prefill_read: int = 0  # streamed experts: bytes read from disk during the prefill
 
     @property
     def prompt_tps(self) -> float:
@@ -57,20 +60,22 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
               prefill_chunk: int = 512, kv_bits: int | None = None, seed: int = 0,
               log: Callable[[str], None] | None = None,
               progress: Callable[[int, int], None] | None = None,
-              draft: int | None = None) -> BenchResult:
+              draft: int | None = None, expert_memory: int | str | None = None) -> BenchResult:
     """`progress(done, total)` hears of prompt tokens prefilled: (0, total) as the prefill
-    starts, after each chunk, and (total, total) with the first token."""
+    starts, after each chunk, and (total, total) with the first token. `expert_memory` (bytes,
+    or "auto": what the plan leaves) streams the routed experts from disk through a cache."""
     if prompt_tokens < 1 or gen_tokens < 2:
         raise ValueError("bench needs at least 1 prompt token and 2 generated tokens.")
     path = Path(model_dir)
     plan, context = plan_context(path, prompt_tokens + gen_tokens, kv_bits=kv_bits,
-                                 prefill_chunk=prefill_chunk)
+                                 prefill_chunk=prefill_chunk, expert_memory=expert_memory)
     chunk = plan.run_chunk
     wired = apply_wired_limit(plan)
     if log and wired:
         log(wired)
     t = time.perf_counter()
-    model = load_model(path)
+    model = load_model(path, expert_memory=plan.expert_memory)
+    store = getattr(model, "expert_store", None)
     load_s = time.perf_counter() - t
     if log:
         log(f"loaded {path.name} in {load_s:.1f} s")
@@ -91,12 +96,18 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
                               progress=progress)
     if progress:
         progress(0, prompt_tokens)
+    before = store.counters.copy() if store else None
     t = time.perf_counter()
     next(steps)  # prefill and the first token
     prefill_s = time.perf_counter() - t
+    after_prefill = store.counters.copy() if store else None
     t = time.perf_counter()
     generated = 1 + sum(1 for _ in steps)
     decode_s = time.perf_counter() - t
+    experts = store.counters.since(after_prefill) if store else None
+    prefill_read = after_prefill.since(before).bytes_read if store else 0
+    if store:
+        store.close()
     spec = (stats.acceptance, stats.tokens_per_forward) if draft else (None, None)
     return BenchResult(path.name, prompt_tokens, generated, chunk, load_s, prefill_s, decode_s,
-                       mx.get_peak_memory(), plan, draft, *spec)
+                       mx.get_peak_memory(), plan, draft, *spec, experts, prefill_read)

@@ -99,6 +99,16 @@ def parse_memory(text: str) -> int:
     return _size_option(text, decimal=False)
 
 
+def parse_expert_memory(text: str) -> int | str:
+    """--expert-memory: a size ('20GB' = 20 GiB) or 'auto' (the planner sizes the cache)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _size_option(text, decimal=False)
+    except typer.BadParameter as e:
+        raise typer.BadParameter(f"{e} Or 'auto'.") from None
+
+
 def _size_option(text: str, decimal: bool) -> int:
     from .plan import parse_size as parse  # plan.py imports no MLX at module level
 
@@ -233,6 +243,10 @@ Draft = Annotated[int | None, typer.Option(
          "output, fewer forwards); 0 turns it off. Default: 1 on a GPU when the checkpoint "
          "has an MTP block, 0 on the CPU (where it does not pay).")]
 NoMtp = Annotated[bool, typer.Option("--no-mtp", help="No speculative decoding (as --draft 0).")]
+ExpertMemory = Annotated[int | None, typer.Option(
+    parser=parse_expert_memory, metavar="SIZE",
+    help="Keep the routed experts on disk and read them on demand into a cache of this size, "
+         "e.g. 24GB (for Macs too small for the whole model); 'auto': what the plan leaves.")]
 KvBits = Annotated[int | None, typer.Option("--kv-bits", help="8 stores the compressed KV and "
                                                                "index pools in 8 bits (half the bytes).")]
 
@@ -326,8 +340,14 @@ def plan(
     memory: Annotated[int | None, typer.Option(parser=parse_memory, metavar="SIZE",
                                                help="Plan for a machine of this size, e.g. 128GB "
                                                     "(default: this machine).")] = None,
+    expert_memory: ExpertMemory = None,
+    hit_rate: Annotated[float | None, typer.Option(
+        min=0, max=1, metavar="FLOAT", help="Expert cache hit rate to estimate SSD reads with "
+                                            "(default: the cache's share of the experts).")] = None,
 ) -> None:
-    """Will this model and context fit? Per recipe for a release; weights, KV, activations for one."""
+    """Will this model and context fit? Per recipe for a release; weights, KV, activations for one.
+
+    When no recipe fits with every expert resident, plans streaming them from SSD."""
     _check_kv_bits(kv_bits)
     from rich.console import Console
 
@@ -336,20 +356,27 @@ def plan(
     options = dict(context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk, memory=memory)
     console = Console()
     if recipe is None and not is_converted(model):
-        plans = plan_recipes(model, **options)
-        console.print(_recipes_table(plans, kv_bits))
-        console.print(_recipes_verdict(plans), highlight=False)
+        plans = plan_recipes(model, **options, expert_memory=expert_memory)
+        if expert_memory is None and not any(p.fits for p in plans):
+            console.print(_recipes_verdict(plans) + " With the routed experts streamed from SSD:",
+                          highlight=False)
+            plans = plan_recipes(model, **options, expert_memory="auto")
+        console.print(_recipes_table(plans, kv_bits, hit_rate))
+        console.print(_recipes_verdict(plans, hit_rate), highlight=False)
         if not any(p.fits for p in plans):
             raise typer.Exit(2)
         return
-    p = plan_memory(model, recipe=recipe, **options)
-    console.print(_plan_memory_table(p, kv_bits))
+    p = plan_memory(model, recipe=recipe, **options, expert_memory=expert_memory)
+    console.print(_plan_memory_table(p, kv_bits, hit_rate))
     console.print(p.verdict(), highlight=False)
     if not p.fits:
+        if not p.streams:
+            console.print("--expert-memory auto plans the routed experts streamed from SSD.",
+                          highlight=False)
         raise typer.Exit(2)
 
 
-def _plan_memory_table(p, kv_bits):
+def _plan_memory_table(p, kv_bits, hit_rate=None):
     from rich.table import Table
 
     from .plan import format_bytes as gib
@@ -359,6 +386,10 @@ def _plan_memory_table(p, kv_bits):
     table.add_column()
     table.add_column(justify="right")
     table.add_row("weights", gib(p.weight_bytes))
+    if p.streams:
+        table.add_row("of which held in memory (expert cache included)", gib(p.resident_weight_bytes))
+        table.add_row(f"expert cache ({p.cache_share:.0%} of the routed experts)", gib(p.expert_memory))
+        table.add_row(_ssd_label(p, hit_rate), _gb(p.ssd_bytes_per_token(hit_rate)))
     table.add_row(f"KV pools ({pools}, {p.kv_bytes_per_token:,.0f} B/token)", gib(p.kv_bytes))
     table.add_row("fixed per-sequence state", gib(p.fixed_bytes))
     table.add_row(f"prefill activations ({p.prefill_chunk:,}-token chunk)", gib(p.prefill_bytes))
@@ -368,7 +399,16 @@ def _plan_memory_table(p, kv_bits):
     return table
 
 
-def _recipes_table(plans, kv_bits):
+def _ssd_label(p, hit_rate) -> str:
+    rate = p.cache_share if hit_rate is None else hit_rate
+    return f"read from SSD per token at a {rate:.0%} hit rate"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+def _recipes_table(plans, kv_bits, hit_rate=None):
     from rich.table import Table
 
     from .plan import default_recipe
@@ -379,20 +419,38 @@ def _recipes_table(plans, kv_bits):
     table = Table(title=f"{first.model} · {first.context:,} tokens · budget {gib(first.budget_bytes, 1)} "
                         f"({first.budget_source})",
                   caption=f"KV pools {pools}, {first.kv_bytes_per_token:,.0f} B/token", title_justify="left")
-    for name in ("recipe", "weights", "total", "largest context", f"at {first.context:,} tokens"):
+    streams = any(p.streams for p in plans)
+    extra = ("expert cache", "SSD per token") if streams else ()
+    for name in ("recipe", "weights", *extra, "total", "largest context", f"at {first.context:,} tokens"):
         table.add_column(name, justify="left" if name == "recipe" else "right")
     for p in plans:
         label = f"{p.recipe} (default)" if p.recipe == default_recipe() else p.recipe
-        table.add_row(label, gib(p.weight_bytes), gib(p.total_bytes),
+        cells = ()
+        if streams:
+            rate = p.cache_share if hit_rate is None else hit_rate
+            cells = (f"{gib(p.expert_memory)} ({p.cache_share:.0%})" if p.streams else "all resident",
+                     f"{_gb(p.ssd_bytes_per_token(hit_rate))} at {rate:.0%} hits" if p.streams else "0")
+        table.add_row(label, gib(p.weight_bytes), *cells, gib(p.total_bytes),
                       f"{p.largest_context:,}" if p.largest_context else "none",
                       "fits" if p.fits else "does not fit")
     return table
 
 
-def _recipes_verdict(plans) -> str:
+def _recipes_verdict(plans, hit_rate=None) -> str:
+    from .plan import default_recipe
     from .plan import format_bytes as gib
 
     fit = [p for p in plans if p.largest_context > 0]
+    streamed = [p for p in fit if p.streams]
+    if streamed:
+        p = next((p for p in streamed if p.recipe == default_recipe()), streamed[0])
+        rate = p.cache_share if hit_rate is None else hit_rate
+        return (f"Streams experts from SSD: {p.recipe} holds {gib(p.resident_weight_bytes, 1)} of its "
+                f"weights in memory, {gib(p.expert_memory, 1)} of them a cache of "
+                f"{p.cache_share:.0%} of the routed experts; each token reads "
+                f"{_gb(p.ssd_bytes_per_token(hit_rate))} from SSD at a {rate:.0%} hit rate "
+                f"(up to {p.largest_context:,} tokens of context). Run it with --expert-memory "
+                f"{p.expert_memory // 2**30}GB.")
     if not fit:
         small = min(plans, key=lambda p: p.weight_bytes)
         return (f"No recipe fits: the smallest, {small.recipe}, needs {gib(small.weight_bytes, 1)} for "
@@ -412,6 +470,7 @@ def bench(
     kv_bits: KvBits = None,
     draft: Draft = None,
     no_mtp: NoMtp = False,
+    expert_memory: ExpertMemory = None,
 ) -> None:
     """Measure prefill and decode speed and peak memory against the planner's prediction."""
     _check_kv_bits(kv_bits)
@@ -430,7 +489,7 @@ def bench(
         r = run_bench(resolve_model(model), prompt_tokens=prompt, gen_tokens=tokens,
                       prefill_chunk=prefill_chunk, kv_bits=kv_bits, progress=report,
                       log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False),
-                      draft=0 if no_mtp else draft)
+                      draft=0 if no_mtp else draft, expert_memory=expert_memory)
 
     table = Table(title=f"{r.model} on {mx.default_device()}", show_header=False)
     table.add_column()
@@ -442,9 +501,16 @@ def bench(
     if r.draft:
         table.add_row(f"MTP drafts ({r.draft} per step)",
                       f"{r.acceptance:.0%} kept · {r.tokens_per_forward:.2f} tokens/forward")
+    if r.experts is not None:
+        c, n = r.experts, max(r.generated - 1, 1)
+        table.add_row(f"expert cache ({mem(r.plan.expert_memory)})",
+                      f"{c.hit_rate:.0%} hits ({c.hits + c.prefetched:,} of {c.lookups:,}, "
+                      f"{c.prefetched:,} read ahead)")
+        table.add_row("read from SSD per decoded token", f"{c.bytes_read / n / 1e6:,.2f} MB")
+        table.add_row("read from SSD in prefill", f"{r.prefill_read / 1e6:,.2f} MB")
     table.add_row("peak memory (measured)", mem(r.peak_bytes))
     table.add_row("planned total", mem(r.plan.total_bytes))
-    table.add_row("of which weights", mem(r.plan.weight_bytes))
+    table.add_row("of which weights", mem(r.plan.resident_weight_bytes))
     console.print(table)
 
 

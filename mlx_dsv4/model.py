@@ -75,9 +75,18 @@ class Experts(nn.Module):
         self.w2 = ExpertLinear(I, D, E)
         self.w3 = ExpertLinear(D, I, E)
         self.w13: FusedPair | None = None  # set by fuse()
+        self.stream = None  # set by stream_from()
 
     def fuse(self):
-        self.w13 = FusedPair(self.w1, self.w3, axis=1)
+        if self.stream is None:
+            self.w13 = FusedPair(self.w1, self.w3, axis=1)
+
+    def stream_from(self, layer) -> None:
+        """Read the experts on demand through `layer` (experts_stream.StreamedLayer) instead of
+        holding them: w1, w2, w3 leave the module, so they are neither loaded nor listed."""
+        self.stream = layer
+        for name in ("w1", "w2", "w3"):
+            self.pop(name)
 
     def _gate_up(self, xs, idx, sorted_indices=False):
         if self.w13 is not None:
@@ -88,20 +97,23 @@ class Experts(nn.Module):
         """Sum over the k picks of weight * expert(x), in fp32: `[B, S, D]`."""
         B, S, k = idx.shape
         dtype = x.dtype
+        gate_up, down = self._gate_up, self.get("w2")
+        if self.stream is not None:  # the picked experts only, idx renumbered into them
+            idx, gate_up, down = self.stream.fetch(idx, x)
         if idx.size >= 64:
             # Sorting rows by expert lets gather_mm read each expert's weights once.
             flat = idx.reshape(-1)
             order = mx.argsort(flat)
             ids = flat[order]
             xs = x.reshape(-1, 1, x.shape[-1])[order // k]
-            h = swiglu(*self._gate_up(xs, ids, sorted_indices=True), self.limit,
+            h = swiglu(*gate_up(xs, ids, sorted_indices=True), self.limit,
                        weights.reshape(-1)[order][:, None, None], dtype)
-            y = self.w2(h, ids, sorted_indices=True)
+            y = down(h, ids, sorted_indices=True)
             y = y[mx.argsort(order)].reshape(B, S, k, -1)
         else:
             xs = x[..., None, None, :]
-            h = swiglu(*self._gate_up(xs, idx), self.limit, weights[..., None, None], dtype)
-            y = self.w2(h, idx)[..., 0, :]
+            h = swiglu(*gate_up(xs, idx), self.limit, weights[..., None, None], dtype)
+            y = down(h, idx)[..., 0, :]
         return _f32(y).sum(axis=-2)
 
 

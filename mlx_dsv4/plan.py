@@ -69,6 +69,30 @@ class Plan:
     kv_bytes_per_token: float
     largest_context: int
     max_prefill_chunk: int = 0  # largest prefill chunk whose activations fit what is left
+    experts: ExpertBytes | None = None  # routed experts' share of the weights
+    expert_memory: int | None = None  # streaming: the resident-expert cache; None: all resident
+
+    @property
+    def streams(self) -> bool:
+        return self.expert_memory is not None
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        """Weights held in memory: all of them, or the rest plus the expert cache when streaming."""
+        if not self.streams:
+            return self.weight_bytes
+        return self.weight_bytes - self.experts.total + min(self.expert_memory, self.experts.total)
+
+    @property
+    def cache_share(self) -> float:
+        """The expert cache as a share of all routed experts (the hit rate of uniform routing)."""
+        return min(1.0, self.expert_memory / self.experts.total) if self.streams else 1.0
+
+    def ssd_bytes_per_token(self, hit_rate: float | None = None) -> int:
+        """Expected expert bytes a decoded token reads from disk at `hit_rate` (default: the
+        cache share, what routing with no favourite experts would give)."""
+        rate = self.cache_share if hit_rate is None else hit_rate
+        return round(self.experts.per_token * (1 - rate)) if self.streams else 0
 
     @property
     def run_chunk(self) -> int:
@@ -77,8 +101,8 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.fixed_bytes + max(self.prefill_bytes,
-                                                                            self.decode_bytes)
+        return self.resident_weight_bytes + self.kv_bytes + self.fixed_bytes + max(
+            self.prefill_bytes, self.decode_bytes)
 
     @property
     def fits(self) -> bool:
@@ -97,8 +121,8 @@ class Plan:
         if self.largest_context > 0:
             return (f"does not fit: needs {gib(self.total_bytes)}, the budget is "
                     f"{gib(self.budget_bytes)}; largest context that fits: {self.largest_context:,} tokens")
-        need = self.weight_bytes + self.fixed_bytes + self.decode_bytes
-        return (f"does not fit at any context: the weights alone need {gib(self.weight_bytes)} "
+        need = self.resident_weight_bytes + self.fixed_bytes + self.decode_bytes
+        return (f"does not fit at any context: the weights alone need {gib(self.resident_weight_bytes)} "
                 f"(with state and activations {gib(need)} before any KV), the budget is "
                 f"{gib(self.budget_bytes)}")
 
@@ -122,20 +146,69 @@ def weight_bytes(args: ModelArgs, recipe: str, include_mtp: bool = True) -> int:
 
 def weight_bytes_from_dir(path: Path) -> int:
     """Sum of the tensor payloads of every shard, read from the safetensors headers only."""
-    total = 0
+    return sum(v["data_offsets"][1] - v["data_offsets"][0]
+               for f in sorted(path.glob("*.safetensors")) for v in _header(f).values())
+
+
+def _header(f: Path) -> dict:
+    with open(f, "rb") as fh:
+        try:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > f.stat().st_size:
+                raise ValueError(f"a {n:,}-byte header in a {f.stat().st_size:,}-byte file")
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for v in header.values():
+                v["data_offsets"][1] - v["data_offsets"][0]  # noqa: B018 (checks each entry)
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PlanError(f"{f} is truncated or not a safetensors file ({e}).") from e
+    return header
+
+
+@dataclass
+class ExpertBytes:
+    """Routed-expert bytes of a model: all of them, one expert of one layer (w1, w2, w3 with
+    their scales), and what a decoded token's picks weigh (k experts in each trunk layer)."""
+    total: int
+    each: int
+    per_token: int
+
+
+def expert_bytes(args: ModelArgs, recipe: str) -> ExpertBytes:
+    """Routed-expert bytes of `recipe` for this model (the converter's own arithmetic)."""
+    from .convert.plan import _bytes_by_tensor  # the per-tensor form of recipe_bytes
+
+    total = trunk = 0
+    for name, n, role in _bytes_by_tensor(args, recipe, True):
+        if role == "expert":
+            total += n
+            trunk += n if name.startswith("layers.") else 0
+    return _expert_split(args, round(total), round(trunk))
+
+
+def expert_bytes_from_dir(path: Path, args: ModelArgs) -> ExpertBytes:
+    """Routed-expert bytes of a converted directory, from its shard headers."""
+    total = trunk = 0
     for f in sorted(path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            try:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > f.stat().st_size:
-                    raise ValueError(f"a {n:,}-byte header in a {f.stat().st_size:,}-byte file")
-                header = json.loads(fh.read(n))
-                sizes = [v["data_offsets"][1] - v["data_offsets"][0]
-                         for k, v in header.items() if k != "__metadata__"]
-            except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise PlanError(f"{f} is truncated or not a safetensors file ({e}).") from e
-        total += sum(sizes)
-    return total
+        for name, v in _header(f).items():
+            if re.match(r"^(layers|mtp)\.\d+\.ffn\.experts\.", name):
+                n = v["data_offsets"][1] - v["data_offsets"][0]
+                total += n
+                trunk += n if name.startswith("layers.") else 0
+    return _expert_split(args, total, trunk)
+
+
+def _expert_split(args: ModelArgs, total: int, trunk: int) -> ExpertBytes:
+    L, E, k = args.num_hidden_layers, args.n_routed_experts, args.num_experts_per_tok
+    each = trunk // (L * E) if L and E else 0
+    return ExpertBytes(total, each, each * k * L)
+
+
+def expert_cache_bytes(plan: Plan) -> int:
+    """The largest expert cache that fits beside everything else at the plan's context."""
+    rest = (plan.weight_bytes - plan.experts.total + plan.kv_bytes + plan.fixed_bytes
+            + max(plan.prefill_bytes, plan.decode_bytes))
+    return max(0, min(plan.experts.total, plan.budget_bytes - rest))
 
 
 def state_bytes(args: ModelArgs, context: int, kv_bits: int | None, dtype_bytes: int = 2):
@@ -216,11 +289,13 @@ def parse_size(text: str, *, decimal: bool = False) -> int:
 
 def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | None = None,
                 kv_bits: int | None = None, prefill_chunk: int = 512,
-                memory: int | None = None) -> Plan:
+                memory: int | None = None, expert_memory: int | str | None = None) -> Plan:
     """Plan a model (converted dir, config.json, or ModelArgs) at `context` tokens.
 
     `memory` is a what-if machine size (e.g. a 256 GiB Mac); the plan then keeps the same OS
-    reserve a Mac would. Without it, this machine's budget is used.
+    reserve a Mac would. Without it, this machine's budget is used. `expert_memory` streams the
+    routed experts from disk through a cache of that many bytes; "auto" streams only when the
+    weights do not fit resident, with the largest cache that fits beside the rest.
     """
     args, wbytes, recipe, name = _weights(model, recipe)
     if not 1 <= context <= args.max_position_embeddings:
@@ -236,6 +311,13 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
     plan = Plan(name, recipe, context, kv_bits, chunk, wbytes, pools, fixed,
                 activation_bytes(args, chunk, context, kv_bits),
                 activation_bytes(args, 1, context, kv_bits), budget, source, per_token, 0)
+    if expert_memory is not None:
+        plan.experts = e = _experts(model, args, recipe)
+        if expert_memory != "auto" or (not plan.fits and e.total):
+            # A step stacks the experts it picks, on top of the cache: all of them in a prefill chunk.
+            plan.prefill_bytes += min(args.n_routed_experts, chunk * args.num_experts_per_tok) * e.each
+            plan.decode_bytes += args.num_experts_per_tok * e.each
+            plan.expert_memory = expert_cache_bytes(plan) if expert_memory == "auto" else int(expert_memory)
     plan.largest_context = _largest_context(args, plan)
     plan.max_prefill_chunk = _max_prefill_chunk(args, plan)
     return plan
@@ -250,22 +332,25 @@ def is_converted(model: str | Path | ModelArgs) -> bool:
 
 
 def plan_recipes(model: str | Path | ModelArgs, *, context: int, kv_bits: int | None = None,
-                 prefill_chunk: int = 512, memory: int | None = None) -> list[Plan]:
+                 prefill_chunk: int = 512, memory: int | None = None,
+                 expert_memory: int | str | None = None) -> list[Plan]:
     """One plan per conversion recipe for a release or a config (not a converted directory,
     whose recipe is fixed): which recipes fit this machine, and the context each leaves."""
     if is_converted(model):
         raise PlanError(f"{model} is a converted model, its recipe is fixed; plan its release "
                         "(flash, pro) or a config.json to compare recipes.")
     return [plan_memory(model, context=context, recipe=r, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                        memory=memory) for r in recipes() if r != "official"]
+                        memory=memory, expert_memory=expert_memory) for r in recipes() if r != "official"]
 
 
 def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: int | None = None,
-                 prefill_chunk: int = 512) -> tuple[Plan, int]:
+                 prefill_chunk: int = 512, expert_memory: int | None = None) -> tuple[Plan, int]:
     """(plan, context to run) for a converted model: the asked context if it fits, else an error;
-    with none asked, the largest context that fits this machine, capped by the model's maximum."""
+    with none asked, the largest context that fits this machine, capped by the model's maximum.
+    `expert_memory` plans the routed experts streamed through a cache of that size."""
     limit = ModelArgs.from_file(path).max_position_embeddings
-    plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
+                       expert_memory=expert_memory)
     name = Path(path).name
     if max_context is not None and not plan.fits:
         raise PlanError(f"{name} with {max_context:,} tokens of context {plan.verdict()}")
@@ -273,13 +358,14 @@ def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: i
     if context <= 0:
         raise PlanError(f"{name} {plan.verdict()}")
     if context != plan.context:  # size the wired limit and prefill chunk for what will run
-        plan = plan_memory(path, context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+        plan = plan_memory(path, context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
+                           expert_memory=expert_memory)
     return plan, context
 
 
 def _max_prefill_chunk(args: ModelArgs, plan: Plan) -> int:
     """The largest power-of-two chunk (64..4096) whose activations fit beside the rest."""
-    room = plan.budget_bytes - plan.weight_bytes - plan.kv_bytes - plan.fixed_bytes
+    room = plan.budget_bytes - plan.resident_weight_bytes - plan.kv_bytes - plan.fixed_bytes
     chunk = 64
     while chunk < 4096 and activation_bytes(args, chunk * 2, plan.context, plan.kv_bits) <= room:
         chunk *= 2
@@ -311,7 +397,7 @@ def _largest_context(args: ModelArgs, plan: Plan) -> int:
         pools, fixed = state_bytes(args, ctx, plan.kv_bits)
         act = max(activation_bytes(args, min(plan.prefill_chunk, ctx), ctx, plan.kv_bits),
                   activation_bytes(args, 1, ctx, plan.kv_bits))
-        return plan.weight_bytes + pools + fixed + act <= plan.budget_bytes
+        return plan.resident_weight_bytes + pools + fixed + act <= plan.budget_bytes
 
     lo, hi = 0, args.max_position_embeddings
     if fits(hi):
@@ -323,6 +409,12 @@ def _largest_context(args: ModelArgs, plan: Plan) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _experts(model, args: ModelArgs, recipe: str) -> ExpertBytes:
+    if is_converted(model):
+        return expert_bytes_from_dir(Path(model).expanduser(), args)
+    return expert_bytes(args, recipe)
 
 
 def _weights(model, recipe):

@@ -78,16 +78,29 @@ def check_tensors(model: nn.Module, weights: dict[str, mx.array]):
 
 
 
-def load_model(path: str | Path, lazy: bool = False) -> Model:
-    """Build the model of a converted directory and load its weights strictly."""
+def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None = None,
+               prefetch: bool = False) -> Model:
+    """Build the model of a converted directory and load its weights strictly.
+
+    With `expert_memory` (bytes), the routed experts stay on disk: they are read on demand
+    into a cache of that size (`experts_stream`), the rest of the weights is loaded as usual;
+    the store is `model.expert_store`. `prefetch` reads the next layer's guessed experts ahead
+    (off by default: on random weights it read more than it saved, see experts_stream).
+    """
     path = Path(path)
     args = ModelArgs.from_file(path)
     weights: dict[str, mx.array] = {}
-    for f in shard_files(path):
-        weights.update(mx.load(str(f)))
+    shards = shard_files(path)
+    for f in shards:
+        weights.update(mx.load(str(f)))  # lazy: a tensor not loaded into the model is never read
     model = Model(args)
     if args.quantization:
         nn.quantize(model, class_predicate=quantization_predicate(args.quantization, weights))
+    if expert_memory is not None:
+        from .experts_stream import ExpertStore, attach
+
+        attach(model, path, shards, expert_memory, prefetch)
+        weights = {k: v for k, v in weights.items() if not ExpertStore.owns(k)}
     check_tensors(model, weights)
     model.load_weights(list(weights.items()), strict=False)
     del weights  # the modules hold the only references now, so fuse() frees as it goes
@@ -131,9 +144,9 @@ def resolve_model(name: str | Path) -> Path:
     raise LoadError(f"{name}: no such model directory.")
 
 
-def load(path: str | Path, lazy: bool = False):
-    """`(model, tokenizer)` for a converted directory."""
+def load(path: str | Path, lazy: bool = False, expert_memory: int | None = None):
+    """`(model, tokenizer)` for a converted directory (see `load_model` for `expert_memory`)."""
     from .tokenizer import Tokenizer
 
-    model = load_model(path, lazy=lazy)
+    model = load_model(path, lazy=lazy, expert_memory=expert_memory)
     return model, Tokenizer.from_dir(Path(path))
