@@ -88,22 +88,28 @@ class Chat:
     @classmethod
     def open(cls, model: str | Path, *, max_context: int | None = None, kv_bits: int | None = None,
              prefill_chunk: int = 512, thinking: bool = True,
-             draft: int | None = None) -> tuple["Chat", list[str]]:
+             draft: int | None = None,
+             expert_memory: int | str | None = None) -> tuple["Chat", list[str]]:
         """Plan, wire memory, load a converted model (path or the repo id it came from); returns
         the chat and lines worth telling the user (context, wired limit, speculation).
-        `draft`: MTP draft tokens per step (None: the default when the checkpoint has MTP)."""
+        `draft`: MTP draft tokens per step (None: the default when the checkpoint has MTP).
+        `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache."""
         from .speculative import resolve_draft
         from .chat_format import load_encoding
         from .plan import apply_wired_limit, plan_context
         from .weights import load, resolve_model
 
         path = resolve_model(model)
-        plan, context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+        plan, context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
+                                     expert_memory=expert_memory)
         notes = [f"{path.name}: {context:,} tokens of context ({plan.verdict()})"]
         wired = apply_wired_limit(plan)
         if wired:
             notes.append(wired)
-        lm, tokenizer = load(path)
+        lm, tokenizer = load(path, expert_memory=plan.expert_memory)
+        if plan.streams:
+            notes.append(f"routed experts stream from disk through a {plan.expert_memory / 2**30:.1f}"
+                         f" GiB cache ({plan.cache_share:.0%} of them)")
         draft = resolve_draft(lm, draft)
         if draft:
             notes.append(f"speculative decoding: the MTP block drafts {draft} token(s) per step "

@@ -274,6 +274,7 @@ def chat(
     seed: Annotated[int | None, typer.Option(help="Same seed, same replies.")] = None,
     draft: Draft = None,
     no_mtp: NoMtp = False,
+    expert_memory: ExpertMemory = None,
 ) -> None:
     """Chat in the terminal; /help lists the commands."""
     _check_kv_bits(kv_bits)
@@ -287,7 +288,7 @@ def chat(
 
         conversation, notes = Chat.open(model, max_context=max_context, kv_bits=kv_bits,
                                         prefill_chunk=prefill_chunk, thinking=not no_think,
-                                        draft=0 if no_mtp else draft)
+                                        draft=0 if no_mtp else draft, expert_memory=expert_memory)
     conversation.system = system
     conversation.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
                              "seed": seed}
@@ -312,6 +313,7 @@ def serve(
                                  "(by default, as DeepSeek's API: T=1, top_p>=0.95, no penalties).")] = False,
     draft: Draft = None,
     no_mtp: NoMtp = False,
+    expert_memory: ExpertMemory = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     _check_kv_bits(kv_bits)
@@ -324,7 +326,7 @@ def serve(
 
     run(resolve_model(model), host=host, port=port, api_key=api_key, max_context=max_context,
         model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-        exact_sampling=exact_sampling, draft=0 if no_mtp else draft)
+        exact_sampling=exact_sampling, draft=0 if no_mtp else draft, expert_memory=expert_memory)
 
 
 @command()

@@ -19,10 +19,11 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
                   max_context: int | None = None, model_id: str | None = None,
                   kv_bits: int | None = None, prefill_chunk: int = 512, thinking: bool = True,
                   exact_sampling: bool = False, wire_memory: bool = True,
-                  draft: int | None = None):
+                  draft: int | None = None, expert_memory: int | str | None = None):
     """Plan memory and build `(engine, app, config)` for a converted model; the engine is not
     started (it loads the model on its own thread when it is). `draft`: MTP draft tokens per
     step (None: the default when the checkpoint has an MTP block; 0: no speculation).
+    `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache.
 
     `max_context` defaults to the largest context that fits this machine, capped by the model's
     maximum; a given value that does not fit is refused with the planner's verdict.
@@ -39,7 +40,8 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     from .protocol import ServerConfig
 
     path = Path(model_path).expanduser()
-    plan, max_context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    plan, max_context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
+                                     expert_memory=expert_memory)
     wired = apply_wired_limit(plan) if wire_memory else None
     if wired:
         log.warning("%s", wired)
@@ -53,7 +55,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     def load():  # on the engine's thread: MLX streams are per thread
         from ..speculative import resolve_draft
 
-        model = load_model(path)
+        model = load_model(path, expert_memory=plan.expert_memory)
         k = resolve_draft(model, draft)
         if k:
             log.info("speculative decoding: the MTP block drafts %d token(s) per step", k)
@@ -71,7 +73,8 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
-          log_level: str = "info", draft: int | None = None):
+          log_level: str = "info", draft: int | None = None,
+          expert_memory: int | str | None = None):
     """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
     to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound."""
     import uvicorn
@@ -83,7 +86,8 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
     engine, app, config = create_server(model_path, api_key=api_key, max_context=max_context,
                                         model_id=model_id, kv_bits=kv_bits,
                                         prefill_chunk=prefill_chunk, thinking=thinking,
-                                        exact_sampling=exact_sampling, draft=draft)
+                                        exact_sampling=exact_sampling, draft=draft,
+                                        expert_memory=expert_memory)
     log.info("loading %s", model_path)
     engine.start()
     try:
