@@ -50,6 +50,10 @@ _NAMES = {mx_dtype: name for name, (mx_dtype, _) in DTYPES.items()}
 MAX_HEADER = 16 << 20
 
 
+DEFAULT_BYTES = 1 << 30  # memory: about six 25K-token Flash prompts
+DEFAULT_DISK_BYTES = 20 * 10**9
+
+
 def default_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mlx-dsv4" / "prompt-cache"
@@ -422,5 +426,22 @@ class PromptCache:
         return not self._queue.unfinished_tasks
 
 
-__all__ = ["Hit", "PromptCache", "State", "capture", "check", "default_dir", "model_fingerprint",
+def open_prompt_cache(model_dir: str | Path, *, kv_bits: int | None = None,
+                      max_bytes: int = DEFAULT_BYTES, directory: str | Path | None = None,
+                      disk_bytes: int = DEFAULT_DISK_BYTES) -> PromptCache | None:
+    """The prompt cache for a converted model (None when both bounds are 0 or no folder is
+    given and memory is 0). A folder that cannot be made is warned about and left out."""
+    if directory is not None and disk_bytes > 0:
+        try:
+            Path(directory).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("prompt cache: cannot use %s (%s); keeping states in memory only", directory, e)
+            directory = None
+    if max_bytes <= 0 and (directory is None or disk_bytes <= 0):
+        return None
+    return PromptCache(model_fingerprint(model_dir, kv_bits=kv_bits), max_bytes=max_bytes,
+                       directory=directory, disk_bytes=disk_bytes)
+
+
+__all__ = ["open_prompt_cache", "Hit", "PromptCache", "State", "capture", "check", "default_dir", "model_fingerprint",
            "restore"]

