@@ -262,7 +262,8 @@ def _prompt_cache(max_bytes: int, directory: Path | None, disk_bytes: int, off: 
         return None
     if directory is None:
         # As prompt_cache.default_dir(), without importing MLX here.
-        directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-dsv4" / "prompt-cache"
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        directory = Path(base) / "mlx-dsv4" / "prompt-cache"
     return {"max_bytes": max_bytes, "directory": directory, "disk_bytes": disk_bytes}
 
 

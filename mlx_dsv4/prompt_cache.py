@@ -307,6 +307,11 @@ class PromptCache:
         if best is not None:
             self.states.move_to_end(best[0])
             floor = len(best[1].tokens)
+            if self.directory is not None:  # its file, if any, is used too: keep it longer
+                try:
+                    os.utime(self._path(floor, best[0]))
+                except OSError:
+                    pass
         found = self._from_disk(ids, floor)
         if found is not None:
             return found
@@ -443,5 +448,5 @@ def open_prompt_cache(model_dir: str | Path, *, kv_bits: int | None = None,
                        directory=directory, disk_bytes=disk_bytes)
 
 
-__all__ = ["open_prompt_cache", "Hit", "PromptCache", "State", "capture", "check", "default_dir", "model_fingerprint",
-           "restore"]
+__all__ = ["Hit", "PromptCache", "State", "capture", "check", "default_dir", "model_fingerprint",
+           "open_prompt_cache", "restore"]

@@ -224,7 +224,8 @@ def v4():
     from mlx_dsv4.tokenizer import Tokenizer
     from test_chat_format import encoder_source
 
-    args = ModelArgs.from_dict(tiny_config(vocab_size=129280, num_hidden_layers=2, compress_ratios=[4, 128, 0]))
+    args = ModelArgs.from_dict(tiny_config(vocab_size=129280, num_hidden_layers=2,
+                                           compress_ratios=[4, 128, 0]))
     tokenizer = Tokenizer.from_file(os.path.join(os.path.dirname(dt.__file__), "tokenizer.json"))
     return (build_model(args, random_weights(args, seed=0)), tokenizer,
             chat_format.encoding_from_source(encoder_source("v0731")))

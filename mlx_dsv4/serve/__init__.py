@@ -79,8 +79,8 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
           max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
           log_level: str = "info", draft: int | None = None, prompt_cache: dict | None = None):
-    """`create_server`, load the model, then run uvicorn until interrupted. A model that fails to load is raised (LoadError, ConfigError) or
-    exits with the reason before any port is bound."""
+    """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
+    to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound."""
     import uvicorn
 
     from ..config import ConfigError
