@@ -231,6 +231,8 @@ def decode(blob: bytes, fingerprint: str) -> State:
         for name, v in header.items():
             begin, stop = (int(x) for x in v["data_offsets"])
             arrays[name] = np.frombuffer(data[begin:stop], DTYPES[v["dtype"]][1]).reshape(v["shape"])
+        if not 0 < int(meta["layers"]) <= 1024:
+            raise ValueError("layer count out of range")
         layers: list[dict[str, mx.array]] = [{} for _ in range(int(meta["layers"]))]
         for name, arr in arrays.items():
             if name == "tokens":

@@ -287,3 +287,27 @@ def test_a_saved_conversation_resumes_from_disk_after_a_restart(v4, tmp_path):
     first_prompt = chat.prompt_ids(chat.messages[:1])
     assert done.chunk.reused_tokens == len(first_prompt) - 1  # all of the first turn's prompt
     assert done.chunk.prompt_tokens == len(prompt)
+
+
+def test_the_cli_options_reach_the_server(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import mlx_dsv4.serve
+    import mlx_dsv4.weights
+    from mlx_dsv4.cli import app
+
+    calls = []
+    monkeypatch.setattr(mlx_dsv4.serve, "serve", lambda path, **kw: calls.append(kw["prompt_cache"]))
+    monkeypatch.setattr(mlx_dsv4.weights, "resolve_model", lambda m: m)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    runner = CliRunner()
+    for argv in ([], ["--prompt-cache-bytes", "0", "--prompt-cache-dir", str(tmp_path / "d"),
+                      "--prompt-cache-disk-bytes", "5GB"], ["--no-prompt-cache"]):
+        r = runner.invoke(app, ["serve", "some-model", *argv])
+        assert r.exit_code == 0, r.output
+    assert calls == [
+        {"max_bytes": 10**9, "directory": tmp_path / "mlx-dsv4" / "prompt-cache", "disk_bytes": 20 * 10**9},
+        {"max_bytes": 0, "directory": tmp_path / "d", "disk_bytes": 5 * 10**9},
+        None]
+    r = runner.invoke(app, ["serve", "some-model", "--prompt-cache-bytes", "lots"])
+    assert r.exit_code == 2 and "--prompt-cache-bytes" in r.output
