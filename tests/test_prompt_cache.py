@@ -311,3 +311,25 @@ def test_the_cli_options_reach_the_server(monkeypatch, tmp_path):
         None]
     r = runner.invoke(app, ["serve", "some-model", "--prompt-cache-bytes", "lots"])
     assert r.exit_code == 2 and "--prompt-cache-bytes" in r.output
+
+
+def test_a_failed_write_is_warned_about_and_costs_the_request_nothing(tiny_model, token_ids, tmp_path,
+                                                                     monkeypatch, caplog):
+    import mlx_dsv4.prompt_cache as prompt_cache
+
+    def full(path, pieces):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prompt_cache, "write_atomic", full)
+    caplog.set_level(logging.WARNING, "mlx_dsv4.prompt_cache")
+    pc = disk(tmp_path, disk_min_tokens=100)
+    s = session(tiny_model, pc)
+    a = token_ids[0, :150].tolist()
+    logits, _ = s.prefill(a)
+    s.prefill(token_ids[0, 200:250].tolist())  # below disk_min_tokens: not even tried
+    assert pc.flush(60)
+    np.testing.assert_allclose(np.array(logits), fresh_logits(tiny_model, a), atol=1e-4)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert files(tmp_path) == []
+    assert s.prefill(a[:-1] + [3])[1] == len(a) - 1  # memory still serves it
