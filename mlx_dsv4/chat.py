@@ -88,12 +88,15 @@ class Chat:
     @classmethod
     def open(cls, model: str | Path, *, max_context: int | None = None, kv_bits: int | None = None,
              prefill_chunk: int = 512, thinking: bool = True,
-             draft: int | None = None,
-             expert_memory: int | str | None = None) -> tuple["Chat", list[str]]:
+             draft: int | None = None, expert_memory: int | str | None = None,
+             prompt_cache: dict | None = None) -> tuple["Chat", list[str]]:
         """Plan, wire memory, load a converted model (path or the repo id it came from); returns
         the chat and lines worth telling the user (context, wired limit, speculation).
         `draft`: MTP draft tokens per step (None: the default when the checkpoint has MTP).
-        `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache."""
+        `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache.
+        `prompt_cache`: `open_prompt_cache`'s options (None: no prompt cache); with a folder, a
+        conversation reopened with /load after a restart resumes from the states kept there."""
+        from .prompt_cache import open_prompt_cache
         from .speculative import resolve_draft
         from .chat_format import load_encoding
         from .plan import apply_wired_limit, plan_context
@@ -114,8 +117,12 @@ class Chat:
         if draft:
             notes.append(f"speculative decoding: the MTP block drafts {draft} token(s) per step "
                          "(--no-mtp turns it off)")
+        cache = open_prompt_cache(path, kv_bits=kv_bits, **prompt_cache) if prompt_cache else None
+        if cache is not None and cache.directory is not None:
+            notes.append(f"prompt cache: {cache.directory} (--no-prompt-cache turns it off)")
         session = Session(lm, tokenizer, max_context=context, largest_context=plan.largest_context,
-                          kv_bits=kv_bits, prefill_chunk=plan.run_chunk, draft=draft)
+                          kv_bits=kv_bits, prefill_chunk=plan.run_chunk, draft=draft,
+                          prompt_cache=cache)
         encoding = load_encoding(path)
         if encoding is None:
             notes.append("this model ships no encoding/encoding_dsv4.py: tools and effort are off")

@@ -251,6 +251,36 @@ KvBits = Annotated[int | None, typer.Option("--kv-bits", help="8 stores the comp
                                                                "index pools in 8 bits (half the bytes).")]
 
 
+def parse_size_or_zero(text: str) -> int:
+    """A size option where 0 turns the thing off."""
+    return 0 if text.strip() == "0" else _size_option(text, decimal=True)
+
+
+CacheBytes = Annotated[int, typer.Option(
+    "--prompt-cache-bytes", parser=parse_size_or_zero, metavar="SIZE",
+    help="Memory for the decode states of recent prompts, reused by any later prompt that "
+         "starts with one (least recently used go first); 0 keeps none.")]
+CacheDir = Annotated[Path | None, typer.Option(
+    "--prompt-cache-dir", metavar="DIR", help="Folder for the states of long prompts, reused "
+                                              "after a restart; default: ~/.cache/mlx-dsv4/prompt-cache.")]
+CacheDiskBytes = Annotated[int, typer.Option(
+    "--prompt-cache-disk-bytes", parser=parse_size_or_zero, metavar="SIZE",
+    help="Most the folder holds (least recently used go first); 0 writes nothing.")]
+NoCache = Annotated[bool, typer.Option("--no-prompt-cache", help="Keep no prompt states, in memory "
+                                                                 "or on disk.")]
+
+
+def _prompt_cache(max_bytes: int, directory: Path | None, disk_bytes: int, off: bool) -> dict | None:
+    """The prompt cache options as `open_prompt_cache` takes them (None: no prompt cache)."""
+    if off:
+        return None
+    if directory is None:
+        # As prompt_cache.default_dir(), without importing MLX here.
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        directory = Path(base) / "mlx-dsv4" / "prompt-cache"
+    return {"max_bytes": max_bytes, "directory": directory, "disk_bytes": disk_bytes}
+
+
 def _check_kv_bits(kv_bits: int | None) -> None:
     if kv_bits not in (None, 8):
         raise typer.BadParameter("only 8 is supported (omit the option for bf16 pools).",
@@ -275,6 +305,10 @@ def chat(
     draft: Draft = None,
     no_mtp: NoMtp = False,
     expert_memory: ExpertMemory = None,
+    prompt_cache_bytes: CacheBytes = "1GB",
+    prompt_cache_dir: CacheDir = None,
+    prompt_cache_disk_bytes: CacheDiskBytes = "20GB",
+    no_prompt_cache: NoCache = False,
 ) -> None:
     """Chat in the terminal; /help lists the commands."""
     _check_kv_bits(kv_bits)
@@ -288,7 +322,9 @@ def chat(
 
         conversation, notes = Chat.open(model, max_context=max_context, kv_bits=kv_bits,
                                         prefill_chunk=prefill_chunk, thinking=not no_think,
-                                        draft=0 if no_mtp else draft, expert_memory=expert_memory)
+                                        draft=0 if no_mtp else draft, expert_memory=expert_memory,
+                                        prompt_cache=_prompt_cache(prompt_cache_bytes, prompt_cache_dir,
+                                                                   prompt_cache_disk_bytes, no_prompt_cache))
     conversation.system = system
     conversation.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
                              "seed": seed}
@@ -314,6 +350,10 @@ def serve(
     draft: Draft = None,
     no_mtp: NoMtp = False,
     expert_memory: ExpertMemory = None,
+    prompt_cache_bytes: CacheBytes = "1GB",
+    prompt_cache_dir: CacheDir = None,
+    prompt_cache_disk_bytes: CacheDiskBytes = "20GB",
+    no_prompt_cache: NoCache = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     _check_kv_bits(kv_bits)
@@ -326,7 +366,9 @@ def serve(
 
     run(resolve_model(model), host=host, port=port, api_key=api_key, max_context=max_context,
         model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-        exact_sampling=exact_sampling, draft=0 if no_mtp else draft, expert_memory=expert_memory)
+        exact_sampling=exact_sampling, draft=0 if no_mtp else draft, expert_memory=expert_memory,
+        prompt_cache=_prompt_cache(prompt_cache_bytes, prompt_cache_dir, prompt_cache_disk_bytes,
+                                   no_prompt_cache))
 
 
 @command()

@@ -3,18 +3,23 @@
 Given the next full prompt (the whole conversation re-rendered), the session reuses the longest
 prefix it can: the live cache when the prompt extends everything it holds, otherwise the latest
 snapshot taken at the end of an earlier prompt that the new prompt still starts with. V4 state
-cannot be trimmed (a closed window cannot be reopened), so those are the only ways back; if
-neither applies, it prefills from scratch. Knows no terminal, no HTTP.
+cannot be trimmed (a closed window cannot be reopened), so those are the only ways back. With a
+`PromptCache` (prompt_cache.py) it also keeps each prompt's state there and, when that holds a
+longer prefix than the live cache (another conversation, or one from before a restart), restores
+it into a fresh cache. If nothing applies, it prefills from scratch. Knows no terminal, no HTTP.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Sequence
 
 import mlx.core as mx
 
 from .cache import LayerCache, Snapshot, make_cache
 from .generate import Chunk, ContextError, check_token_ids, prefill, stream_generate
+
+log = logging.getLogger("mlx_dsv4.session")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -28,8 +33,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Session:
     def __init__(self, model, tokenizer, *, max_context: int | None = None,
                  largest_context: int | None = None, kv_bits: int | None = None,
-                 prefill_chunk: int = 512, max_snapshots: int = 4, draft: int = 0):
-        """`draft`: tokens the MTP block drafts per round (0: no speculation)."""
+                 prefill_chunk: int = 512, max_snapshots: int = 4, draft: int = 0,
+                 prompt_cache=None):
+        """`draft`: tokens the MTP block drafts per round (0: no speculation); `prompt_cache`: a
+        `prompt_cache.PromptCache` shared by prompts and conversations (None: the live cache only)."""
+        self.prompt_cache = prompt_cache
         self.model, self.tokenizer = model, tokenizer
         self.draft = draft
         self.max_context, self.largest_context = max_context, largest_context
@@ -48,9 +56,12 @@ class Session:
             self.tokens, self.snapshots = [], []
         # At least one token must be fed to get the next token's logits.
         usable = min(common_prefix(self.tokens, ids), len(ids) - 1)
+        fitting = [s for s in self.snapshots if s[0] <= usable]
+        live = usable if usable == len(self.tokens) else fitting[-1][0] if fitting else 0
+        if self.prompt_cache is not None and (n := self._restore(ids, live)) is not None:
+            return n
         if usable == len(self.tokens):
             return usable
-        fitting = [s for s in self.snapshots if s[0] <= usable]
         if not fitting:
             self.cache = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
             self.tokens, self.snapshots = [], []
@@ -62,6 +73,35 @@ class Session:
         self.snapshots = fitting
         self.tokens = self.tokens[:n]
         return n
+
+    def _restore(self, ids: Sequence[int], live: int) -> int | None:
+        """Restore the prompt cache's longest prefix of `ids` if it beats `live` tokens."""
+        from .prompt_cache import check, restore
+
+        while (hit := self.prompt_cache.lookup(ids, len(ids) - 1, floor=live)) is not None:
+            fresh = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
+            try:
+                check(fresh, hit.state)
+            except ValueError as e:  # stored by a build whose layout differs: never load it
+                log.warning("prompt cache: a state of %d tokens does not fit this model (%s)", hit.n, e)
+                self.prompt_cache.discard(hit.state)
+                continue
+            self.cache = None  # the old pools go before the new ones fill
+            restore(fresh, hit.state)
+            self.cache, self.tokens, self.snapshots = fresh, list(ids[: hit.n]), []
+            self._snapshot()
+            log.info("prompt cache: %d of %d prompt tokens restored from %s", hit.n, len(ids), hit.source)
+            return hit.n
+        return None
+
+    def _remember(self):
+        """Snapshot the prompt boundary, and keep its state in the prompt cache."""
+        self._snapshot()
+        if self.prompt_cache is not None:
+            try:
+                self.prompt_cache.store(self.tokens, self.cache)
+            except Exception as e:  # the reply matters more than caching it
+                log.warning("prompt cache: could not keep this prompt's state: %s", e)
 
     def _snapshot(self):
         n = len(self.tokens)
@@ -87,7 +127,7 @@ class Session:
 
         def on_prefilled():
             self.tokens = ids[:-1]
-            self._snapshot()
+            self._remember()
 
         try:
             for chunk in stream_generate(
@@ -110,7 +150,7 @@ class Session:
 
         def on_prefilled():
             self.tokens = ids[:-1]
-            self._snapshot()
+            self._remember()
 
         logits = prefill(self.model, ids[reused:], self.cache, self.prefill_chunk,
                          on_prefilled=on_prefilled)

