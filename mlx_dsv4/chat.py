@@ -96,7 +96,7 @@ class Chat:
         `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache.
         `prompt_cache`: `open_prompt_cache`'s options (None: no prompt cache); with a folder, a
         conversation reopened with /load after a restart resumes from the states kept there."""
-        from .prompt_cache import open_prompt_cache
+        from .prompt_cache import DEFAULT_BYTES, open_prompt_cache
         from .speculative import resolve_draft
         from .chat_format import load_encoding
         from .plan import apply_wired_limit, plan_context
@@ -104,7 +104,8 @@ class Chat:
 
         path = resolve_model(model)
         plan, context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                                     expert_memory=expert_memory)
+                                     expert_memory=expert_memory,
+                                     other_bytes=prompt_cache.get("max_bytes", DEFAULT_BYTES) if prompt_cache else 0)
         notes = [f"{path.name}: {context:,} tokens of context ({plan.verdict()})"]
         wired = apply_wired_limit(plan)
         if wired:

@@ -289,13 +289,15 @@ def parse_size(text: str, *, decimal: bool = False) -> int:
 
 def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | None = None,
                 kv_bits: int | None = None, prefill_chunk: int = 512,
-                memory: int | None = None, expert_memory: int | str | None = None) -> Plan:
+                memory: int | None = None, expert_memory: int | str | None = None,
+                other_bytes: int = 0) -> Plan:
     """Plan a model (converted dir, config.json, or ModelArgs) at `context` tokens.
 
     `memory` is a what-if machine size (e.g. a 256 GiB Mac); the plan then keeps the same OS
     reserve a Mac would. Without it, this machine's budget is used. `expert_memory` streams the
     routed experts from disk through a cache of that many bytes; "auto" streams only when the
-    weights do not fit resident, with the largest cache that fits beside the rest.
+    weights do not fit resident, with the largest cache that fits beside the rest. `other_bytes`
+    is memory the runtime keeps besides the model (the prompt cache): it comes off the budget.
     """
     args, wbytes, recipe, name = _weights(model, recipe)
     if not 1 <= context <= args.max_position_embeddings:
@@ -305,6 +307,9 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
         budget, source = _with_reserve(memory), f"{memory / GiB:.0f} GiB machine less an OS reserve"
     else:
         budget, source = machine_budget()
+    if other_bytes:
+        budget -= other_bytes
+        source += f", less {other_bytes / GiB:.1f} GiB kept for the prompt cache"
     pools, fixed = state_bytes(args, context, kv_bits)
     per_token = pools / max(context, 1)
     chunk = max(1, min(prefill_chunk, context))
@@ -344,13 +349,15 @@ def plan_recipes(model: str | Path | ModelArgs, *, context: int, kv_bits: int | 
 
 
 def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: int | None = None,
-                 prefill_chunk: int = 512, expert_memory: int | None = None) -> tuple[Plan, int]:
+                 prefill_chunk: int = 512, expert_memory: int | None = None,
+                 other_bytes: int = 0) -> tuple[Plan, int]:
     """(plan, context to run) for a converted model: the asked context if it fits, else an error;
     with none asked, the largest context that fits this machine, capped by the model's maximum.
-    `expert_memory` plans the routed experts streamed through a cache of that size."""
+    `expert_memory` plans the routed experts streamed through a cache of that size; `other_bytes`
+    comes off the budget (see `plan_memory`)."""
     limit = ModelArgs.from_file(path).max_position_embeddings
     plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                       expert_memory=expert_memory)
+                       expert_memory=expert_memory, other_bytes=other_bytes)
     name = Path(path).name
     if max_context is not None and not plan.fits:
         raise PlanError(f"{name} with {max_context:,} tokens of context {plan.verdict()}")
@@ -359,7 +366,7 @@ def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: i
         raise PlanError(f"{name} {plan.verdict()}")
     if context != plan.context:  # size the wired limit and prefill chunk for what will run
         plan = plan_memory(path, context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                           expert_memory=expert_memory)
+                           expert_memory=expert_memory, other_bytes=other_bytes)
     return plan, context
 
 

@@ -139,3 +139,13 @@ def test_fixed_state_counts_the_mtp_window_ring():
     ring = with_mtp.sliding_window * with_mtp.head_dim * 2  # bf16 rows of one window
     assert state_bytes(with_mtp, 1024, None)[1] - state_bytes(without, 1024, None)[1] == ring
     assert state_bytes(with_mtp, 1024, None)[0] == state_bytes(without, 1024, None)[0]
+
+
+def test_memory_kept_for_the_prompt_cache_comes_off_the_budget():
+    from mlx_dsv4.plan import plan_memory
+
+    base = plan_memory("flash", context=8192, memory=256 * GiB)
+    kept = plan_memory("flash", context=8192, memory=256 * GiB, other_bytes=4 * GiB)
+    assert kept.budget_bytes == base.budget_bytes - 4 * GiB
+    assert "prompt cache" in kept.budget_source
+    assert kept.largest_context <= base.largest_context

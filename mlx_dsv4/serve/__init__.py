@@ -35,6 +35,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     from ..config import ModelArgs
     from ..constrain import grammar_tokenizer
     from ..plan import apply_wired_limit, plan_context
+    from ..prompt_cache import DEFAULT_BYTES
     from ..session import Session
     from ..tokenizer import Tokenizer
     from ..weights import load_model
@@ -44,7 +45,8 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
 
     path = Path(model_path).expanduser()
     plan, max_context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                                     expert_memory=expert_memory)
+                                     expert_memory=expert_memory,
+                                     other_bytes=prompt_cache.get("max_bytes", DEFAULT_BYTES) if prompt_cache else 0)
     wired = apply_wired_limit(plan) if wire_memory else None
     if wired:
         log.warning("%s", wired)
