@@ -247,7 +247,7 @@ ExpertMemory = Annotated[int | None, typer.Option(
     parser=parse_expert_memory, metavar="SIZE",
     help="Keep the routed experts on disk and read them on demand into a cache of this size, "
          "e.g. 24GB (for Macs too small for the whole model); 'auto': what the plan leaves.")]
-KvBits = Annotated[int | None, typer.Option("--kv-bits", help="8 stores the compressed KV and "
+KvBits = Annotated[int | None, typer.Option("--kv-bits", metavar="BITS", help="8 stores the compressed KV and "
                                                                "index pools in 8 bits (half the bytes).")]
 
 
@@ -294,14 +294,14 @@ def chat(
     kv_bits: KvBits = None,
     prefill_chunk: PrefillChunk = 512,
     no_think: Annotated[bool, typer.Option("--no-think", help="Answer without reasoning.")] = False,
-    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    system: Annotated[str | None, typer.Option(metavar="TEXT", help="System prompt.")] = None,
     temperature: Annotated[float, typer.Option(min=0, metavar="FLOAT",
                                                help="0 is greedy; DeepSeek suggests 1.0.")] = 1.0,
     top_p: Annotated[float, typer.Option(min=0, max=1, metavar="FLOAT", help="Nucleus sampling mass.")] = 1.0,
     max_tokens: Annotated[int | None, typer.Option(min=1, metavar="TOKENS",
                                                    help="Longest reply; default: what the "
                                                         "context leaves, at most 8192.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Same seed, same replies.")] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="Same seed, same replies.")] = None,
     draft: Draft = None,
     no_mtp: NoMtp = False,
     expert_memory: ExpertMemory = None,
@@ -334,14 +334,14 @@ def chat(
 @command()
 def serve(
     model: Model,
-    host: Annotated[str, typer.Option(help="Interface to listen on; keep 127.0.0.1 unless you "
+    host: Annotated[str, typer.Option(metavar="HOST", help="Interface to listen on; keep 127.0.0.1 unless you "
                                            "set --api-key.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option(envvar="DSV4_API_KEY",
+    port: Annotated[int, typer.Option(min=0, max=65535, metavar="PORT", help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="DSV4_API_KEY", metavar="KEY",
                                                 help="Require this bearer token.")] = None,
     max_context: Context = None,
     kv_bits: KvBits = None,
-    model_id: Annotated[str | None, typer.Option(help="Model name clients see in /v1/models; "
+    model_id: Annotated[str | None, typer.Option(metavar="NAME", help="Model name clients see in /v1/models; "
                                                       "default: the directory name.")] = None,
     prefill_chunk: PrefillChunk = 512,
     exact_sampling: Annotated[bool, typer.Option(
