@@ -54,6 +54,12 @@ def valid_pick(args: dict) -> bool:
             and ("ok" not in args or isinstance(args["ok"], bool)))
 
 
+def test_replies_name_the_served_model_whatever_was_asked(scripted):
+    r = client(scripted).messages.create(model="claude-sonnet-4-5", max_tokens=20, thinking=OFF,
+                                         messages=[{"role": "user", "content": "Say hi"}])
+    assert r.model == M
+
+
 def test_text_reply_and_usage(scripted):
     r = ask(scripted, system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
             metadata={"user_id": "u1"}, extra_body={"temperature": 0.5, "top_p": 0.9, "top_k": 20})

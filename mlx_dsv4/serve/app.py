@@ -88,7 +88,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def messages(req: anthropic.MessagesRequest, request: Request):
         cj = await run_in_threadpool(anthropic.chat_job, req, config)
         deltas = protocol.chat_deltas(_submit(engine, cj.job), protocol.ChatReply(cj, config.tokenizer))
-        msg = anthropic.message(req.model or config.model_id, len(cj.job.ids))
+        msg = anthropic.message(config.model_id, len(cj.job.ids))  # the served id, as /v1/chat answers
         if req.stream:
             return _sse(anthropic.events(deltas, msg), cj.job, config, named=True)
         return await _json(request, anthropic.fold(deltas, msg))
