@@ -23,9 +23,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_dsv4.cache import make_cache
+from mlx_dsv4.model.cache import make_cache
 from mlx_dsv4.config import ModelArgs
-from mlx_dsv4.model import Model, keep_float32
+from mlx_dsv4.model.model import Model, keep_float32
 from mlx_dsv4.synthetic import tiny_config
 
 

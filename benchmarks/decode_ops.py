@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 from decode_context import fill  # noqa: E402
 from flash_layers import build, sliced_config  # noqa: E402
 
-from mlx_dsv4.cache import make_cache  # noqa: E402
+from mlx_dsv4.model.cache import make_cache  # noqa: E402
 from mlx_dsv4.config import ModelArgs  # noqa: E402
 
 VIEWS = {"Reshape", "Broadcast", "Slice", "Transpose", "Squeeze", "ExpandDims", "AsStrided",

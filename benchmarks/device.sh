@@ -34,7 +34,7 @@ import time
 t = time.perf_counter()
 import mlx.core as mx
 import mlx_lm
-import mlx_dsv4.model, mlx_dsv4.generate
+import mlx_dsv4.model.model, mlx_dsv4.generation.generate
 print("mlx", mx.__version__, "mlx-lm", mlx_lm.__version__, "device", mx.default_device(),
       f"imports {time.perf_counter() - t:.1f} s")
 try:
@@ -49,7 +49,7 @@ echo "== sinkhorn kernel" | tee "$OUT/kernels.log"
 timeout -k 3 60 $PY - <<'EOF' 2>&1 | tee -a "$OUT/kernels.log"
 import time
 import mlx.core as mx
-from mlx_dsv4 import kernels
+from mlx_dsv4.model import kernels
 backend = kernels._backend()
 print("backend", backend, "kernel agrees with twin:", kernels.kernel_ok(backend, 4, 20, 1e-6))
 x = mx.random.normal((4096, 4, 4)) * 4

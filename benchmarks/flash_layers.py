@@ -1,6 +1,6 @@
 """Decode speed and prefill memory of mlx-dsv4 at real DeepSeek-V4-Flash shapes, on random weights.
 
-What is built: `mlx_dsv4.model.Model` from Flash's own config (hidden 4096, 64 heads x 512,
+What is built: `mlx_dsv4.model.model.Model` from Flash's own config (hidden 4096, 64 heads x 512,
 q_lora 1024, 8 output groups of rank 1024, window 128, index 64 heads x 128 top-512, 256 routed
 experts of 2048, top-6, vocabulary 129280) with only `--layers` trunk layers, taken as a slice of
 the real schedule starting at `--start` (default: layer 4, so CSA, HCA, CSA, HCA...; `--hash`
@@ -64,13 +64,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_dsv4.cache import make_cache
+from mlx_dsv4.model.cache import make_cache
 from mlx_dsv4.config import ModelArgs, released_config
 from mlx_dsv4.convert.plan import Header, Source, make_plan
-from mlx_dsv4.generate import generate_step
-from mlx_dsv4.model import Model, keep_float32
+from mlx_dsv4.generation.generate import generate_step
+from mlx_dsv4.model.model import Model, keep_float32
 from mlx_dsv4.synthetic import official_headers
-from mlx_dsv4.weights import quantization_predicate
+from mlx_dsv4.model.weights import quantization_predicate
 
 HERE = Path(__file__).resolve().parent
 GB = 1e9

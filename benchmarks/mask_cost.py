@@ -20,9 +20,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dsv4 import chat_format, constrain
+from mlx_dsv4.text import chat_format
+from mlx_dsv4.generation import constrain
 from mlx_dsv4.serve import grammar
-from mlx_dsv4.tokenizer import Tokenizer
+from mlx_dsv4.text.tokenizer import Tokenizer
 
 VOCAB = 129_280
 
@@ -79,8 +80,8 @@ class Serial(constrain.Constraint):
 
 def decode(tok, ll, n: int = 150):
     from mlx_dsv4.config import ModelArgs
-    from mlx_dsv4.model import Model
-    from mlx_dsv4.session import Session
+    from mlx_dsv4.model.model import Model
+    from mlx_dsv4.generation.session import Session
     from mlx_dsv4.synthetic import random_weights, tiny_config, to_model_weights
 
     args = ModelArgs.from_dict(tiny_config(vocab_size=VOCAB, num_hidden_layers=2,

@@ -31,10 +31,10 @@ from mlx.utils import tree_map
 from mlx_dsv4.config import ModelArgs, released_config
 from mlx_dsv4.convert import RECIPES, convert
 from mlx_dsv4.convert.plan import A4, A8, BIG_ATTENTION, Quant, Recipe, decode_bytes, recipe_bytes
-from mlx_dsv4.model import Model
+from mlx_dsv4.model.model import Model
 from mlx_dsv4.synthetic import (decode_official, read_safetensors, tiny_config, to_model_weights,
                                 write_official_checkpoint, write_safetensors)
-from mlx_dsv4.weights import load_model
+from mlx_dsv4.model.weights import load_model
 
 # Wide enough for groups of 128 in every matrix (the experts' w2 reads 256), every layer kind.
 CONFIG = tiny_config(hidden_size=512, q_lora_rank=256, o_lora_rank=128, moe_intermediate_size=256,

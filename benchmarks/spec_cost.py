@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_context import fill  # noqa: E402
 from flash_layers import build, layer_read_bytes, sliced_config  # noqa: E402
 
-from mlx_dsv4.cache import make_cache  # noqa: E402
+from mlx_dsv4.model.cache import make_cache  # noqa: E402
 from mlx_dsv4.config import ModelArgs  # noqa: E402
 
 

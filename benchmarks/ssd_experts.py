@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from flash_layers import build, sliced_config  # noqa: E402
 
-from mlx_dsv4.cache import make_cache  # noqa: E402
-from mlx_dsv4.experts_stream import ExpertStore  # noqa: E402
-from mlx_dsv4.weights import load_model, shard_files  # noqa: E402
+from mlx_dsv4.model.cache import make_cache  # noqa: E402
+from mlx_dsv4.model.experts_stream import ExpertStore  # noqa: E402
+from mlx_dsv4.model.weights import load_model, shard_files  # noqa: E402
 
 
 def write_checkpoint(path: Path, a) -> None:

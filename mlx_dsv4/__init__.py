@@ -10,13 +10,13 @@ from .config import ConfigError, ModelArgs
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ("weights", "load"),
-    "load_model": ("weights", "load_model"),
-    "make_cache": ("cache", "make_cache"),
-    "Model": ("model", "Model"),
-    "stream_generate": ("generate", "stream_generate"),
-    "generate": ("generate", "generate"),
-    "Session": ("session", "Session"),
+    "load": ("model.weights", "load"),
+    "load_model": ("model.weights", "load_model"),
+    "make_cache": ("model.cache", "make_cache"),
+    "Model": ("model.model", "Model"),
+    "stream_generate": ("generation.generate", "stream_generate"),
+    "generate": ("generation.generate", "generate"),
+    "Session": ("generation.session", "Session"),
 }
 
 

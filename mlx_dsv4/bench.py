@@ -16,13 +16,13 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .cache import make_cache
-from .experts_stream import Counters
-from .generate import generate_step
+from .model.cache import make_cache
+from .model.experts_stream import Counters
+from .generation.generate import generate_step
 from .plan import Plan, apply_wired_limit, plan_context
-from .sampling import make_distribution
-from .speculative import MTPDrafter, SpecStats, resolve_draft, speculative_step
-from .weights import load_model
+from .generation.sampling import make_distribution
+from .generation.speculative import MTPDrafter, SpecStats, resolve_draft, speculative_step
+from .model.weights import load_model
 
 
 @dataclass

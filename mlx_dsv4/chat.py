@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .chat_format import (ChatFormatError, ContentDelta, Encoding, ReasoningDelta, ReplyParser,
+from .text.chat_format import (ChatFormatError, ContentDelta, Encoding, ReasoningDelta, ReplyParser,
                           ToolCallError, ToolCallEvent, render_segments)
-from .generate import Chunk
-from .session import Session
+from .generation.generate import Chunk
+from .generation.session import Session
 
 DEFAULT_MAX_TOKENS = 8192
 REPLY_SHARE = 4  # a reply is always left at least 1/4 of the context (or max_tokens if smaller)
@@ -96,11 +96,11 @@ class Chat:
         `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache.
         `prompt_cache`: `open_prompt_cache`'s options (None: no prompt cache); with a folder, a
         conversation reopened with /load after a restart resumes from the states kept there."""
-        from .prompt_cache import DEFAULT_BYTES, open_prompt_cache
-        from .speculative import resolve_draft
-        from .chat_format import load_encoding
+        from .generation.prompt_cache import DEFAULT_BYTES, open_prompt_cache
+        from .generation.speculative import resolve_draft
+        from .text.chat_format import load_encoding
         from .plan import apply_wired_limit, plan_context
-        from .weights import load, resolve_model
+        from .model.weights import load, resolve_model
 
         path = resolve_model(model)
         plan, context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,

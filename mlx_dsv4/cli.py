@@ -362,7 +362,7 @@ def serve(
     # Said before the web stack and MLX are imported: the first line comes at once.
     Console().print(f"[dim]loading {model}…[/dim]", highlight=False)
     from .serve import serve as run
-    from .weights import resolve_model
+    from .model.weights import resolve_model
 
     run(resolve_model(model), host=host, port=port, api_key=api_key, max_context=max_context,
         model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
@@ -527,7 +527,7 @@ def bench(
 
         from .bench import run_bench
         from .plan import format_bytes as mem
-        from .weights import resolve_model
+        from .model.weights import resolve_model
 
     with _PrefillBar(console) as report:
         r = run_bench(resolve_model(model), prompt_tokens=prompt, gen_tokens=tokens,

@@ -215,7 +215,7 @@ def state_bytes(args: ModelArgs, context: int, kv_bits: int | None, dtype_bytes:
     """(KV pool bytes at `context`, fixed per-sequence bytes) from the real cache classes."""
     import mlx.core as mx
 
-    from .cache import make_cache
+    from .model.cache import make_cache
 
     dtype = {2: mx.bfloat16, 4: mx.float32}[dtype_bytes]
     pools = fixed = 0
@@ -238,7 +238,7 @@ def activation_bytes(args: ModelArgs, tokens: int, context: int, kv_bits: int | 
     block (attention.QUERY_BLOCK) the window scores, the gathered CSA keys, the indexer scores
     and the HCA scores; the MoE rows; the last-position logits.
     """
-    from .attention import INDEX_SCORE_BYTES, QUERY_BLOCK
+    from .model.attention import INDEX_SCORE_BYTES, QUERY_BLOCK
 
     S, D, N, H, c = tokens, args.hidden_size, args.hc_mult, args.num_attention_heads, args.head_dim
     Bq, W = min(S, QUERY_BLOCK), args.sliding_window

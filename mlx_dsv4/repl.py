@@ -22,7 +22,7 @@ from rich.console import Console
 
 from .chat import (Chat, ContentDelta, Done, Quit, ReasoningDelta, Trimmed, TurnError, apply_command,
                    clean_text, message_text, parse_command)
-from .chat_format import ToolCallError, ToolCallEvent
+from .text.chat_format import ToolCallError, ToolCallEvent
 
 HISTORY = Path.home() / ".dsv4_history"
 PROGRESS_AFTER = 1.0  # seconds of prefill before its progress is worth showing

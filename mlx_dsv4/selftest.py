@@ -150,7 +150,7 @@ class _Run:
         self.model = self.tokenizer = self.encoding = None
 
     def checkpoint(self, stage: Stage) -> str:
-        from .chat_format import BUILTIN
+        from .text.chat_format import BUILTIN
         from .synthetic import tiny_config, write_official_checkpoint
 
         if self.workdir.exists() and any(self.workdir.iterdir()):
@@ -184,8 +184,8 @@ class _Run:
     def load(self, stage: Stage) -> str:
         from mlx.utils import tree_flatten
 
-        from .chat_format import load_encoding, render
-        from .weights import load
+        from .text.chat_format import load_encoding, render
+        from .model.weights import load
 
         self.model, self.tokenizer = load(self.output)
         self.encoding = load_encoding(self.output)
@@ -203,8 +203,8 @@ class _Run:
 
     def chat(self, stage: Stage) -> str:
         from .chat import Chat, Done
-        from .chat_format import ContentDelta, ReasoningDelta
-        from .session import Session
+        from .text.chat_format import ContentDelta, ReasoningDelta
+        from .generation.session import Session
 
         session = Session(self.model, self.tokenizer, max_context=MAX_CONTEXT)
         chat = Chat(session, self.tokenizer, encoding=self.encoding,
@@ -303,7 +303,7 @@ def _write_tokenizer(path: Path, encoding) -> int:
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from .chat_format import FIM_BEGIN, FIM_END, FIM_HOLE
+    from .text.chat_format import FIM_BEGIN, FIM_END, FIM_HOLE
 
     control = [encoding.bos, encoding.eos, encoding.user, encoding.assistant, encoding.think_open,
                encoding.think_close, encoding.dsml, encoding.latest_reminder, *encoding.tasks.values(),
@@ -330,7 +330,7 @@ def _write_encoder(path: Path, encoding) -> None:
     A release's file also holds DeepSeek's English texts (tools block, effort paragraphs); this
     stand-in has none: its effort levels add no text and a selftest model cannot render tools.
     """
-    from .chat_format import ENCODER_NAMES  # the file's variable names, from the one table that reads them
+    from .text.chat_format import ENCODER_NAMES  # the file's variable names, from the one table that reads them
 
     lines = ['"""Stand-in encoder written by `dsv4 selftest`: protocol tokens and templates only."""', ""]
     for f, name in ENCODER_NAMES.items():

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from mlx_dsv4.config import ModelArgs  # noqa: E402
-from mlx_dsv4.model import Model  # noqa: E402
+from mlx_dsv4.model.model import Model  # noqa: E402
 from mlx_dsv4.synthetic import random_weights, tiny_config, to_model_weights  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -5,7 +5,7 @@ import pytest
 
 import mlx.core as mx
 
-from mlx_dsv4.cache import GROW_ENTRIES, EntryPool, make_cache
+from mlx_dsv4.model.cache import GROW_ENTRIES, EntryPool, make_cache
 
 N = 300  # crosses 4-token windows, two 128-token HCA windows and the 128-slot ring wrap
 

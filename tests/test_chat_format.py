@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_dsv4 import chat_format as cf
-from mlx_dsv4.chat_format import (ChatFormatError, ContentDelta, ReasoningDelta, ReplyParser, ToolCallError,
+from mlx_dsv4.text import chat_format as cf
+from mlx_dsv4.text.chat_format import (ChatFormatError, ContentDelta, ReasoningDelta, ReplyParser, ToolCallError,
                                   ToolCallEvent, parse_reply, render, render_segments)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "encoding"

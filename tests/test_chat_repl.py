@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mlx_dsv4.chat import Chat
-from mlx_dsv4.generate import Chunk
+from mlx_dsv4.generation.generate import Chunk
 from mlx_dsv4.repl import ControlFilter, _command, _turn, strip_controls
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\r]")
@@ -138,7 +138,7 @@ def test_command_output_is_not_read_as_markup(line, tmp_path, monkeypatch):
 
 def test_the_stats_line_reports_mtp_drafts_only_when_speculating():
     from mlx_dsv4.chat import Done
-    from mlx_dsv4.generate import Chunk
+    from mlx_dsv4.generation.generate import Chunk
     from mlx_dsv4.repl import _stats
 
     plain = Chunk(token=5, prompt_tokens=10, generation_tokens=3, finish_reason="stop")

@@ -134,7 +134,7 @@ def test_commands_on_a_corrupt_config(cmd, corrupt_model):
 
 
 def test_one_corrupt_model_does_not_break_lookup_by_repo_id(tmp_path, monkeypatch, caplog):
-    from mlx_dsv4.weights import resolve_model
+    from mlx_dsv4.model.weights import resolve_model
 
     (tmp_path / "a-broken").mkdir()
     (tmp_path / "a-broken" / "config.json").write_text("{")

@@ -14,8 +14,9 @@ import mlx.core as mx
 import openai
 import pytest
 
-from mlx_dsv4 import chat_format, constrain
-from mlx_dsv4.generate import stream_generate
+from mlx_dsv4.text import chat_format
+from mlx_dsv4.generation import constrain
+from mlx_dsv4.generation.generate import stream_generate
 from mlx_dsv4.serve import grammar
 from mlx_dsv4.serve.schema import APIError
 from test_server import M, OFF, WEATHER, encoding, tiny, tokenizer, tool  # noqa: F401

@@ -28,11 +28,11 @@ from mlx_dsv4.convert import RECIPES, ConvertError, convert
 from mlx_dsv4.convert.plan import Header, Source, make_plan, read_source
 from mlx_dsv4.convert.shards import PROGRESS, ShardWriter
 from mlx_dsv4.hub import HubError
-from mlx_dsv4.model import Model, keep_float32
+from mlx_dsv4.model.model import Model, keep_float32
 from mlx_dsv4.synthetic import (decode_official, dequantize_fp4, dequantize_fp8, e2m1_unpack,
                                 e4m3_to_float, e8m0_to_float, official_headers, read_safetensors,
                                 tiny_config, to_model_weights, write_official_checkpoint)
-from mlx_dsv4.weights import load_model, quantization_predicate
+from mlx_dsv4.model.weights import load_model, quantization_predicate
 
 from conftest import FIXTURES
 

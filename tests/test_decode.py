@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dsv4.cache import make_cache
+from mlx_dsv4.model.cache import make_cache
 
 
 def decode(model, ids, compiled: bool, prompt: int, max_tokens: int | None, kv_bits=None):
@@ -64,7 +64,7 @@ def test_pool_growth_happens_inside_the_compiled_run(tiny_model, token_ids):
 
 
 def test_uneven_offsets_fall_back_to_eager(tiny_model, token_ids):
-    from mlx_dsv4 import decode as dec
+    from mlx_dsv4.model import decode as dec
 
     cache = make_cache(tiny_model)
     tiny_model(mx.array(token_ids[:, :9]), cache)

@@ -6,9 +6,9 @@ import pytest
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_dsv4.cache import make_cache
-from mlx_dsv4.experts_stream import PAGE, ExpertStore, StreamError
-from mlx_dsv4.weights import load_model, shard_files
+from mlx_dsv4.model.cache import make_cache
+from mlx_dsv4.model.experts_stream import PAGE, ExpertStore, StreamError
+from mlx_dsv4.model.weights import load_model, shard_files
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import mlx.core as mx
 
 from fakes import ByteTokenizer, ScriptedModel
-from mlx_dsv4.cache import make_cache
-from mlx_dsv4.generate import ContextError, generate, stream_generate
+from mlx_dsv4.model.cache import make_cache
+from mlx_dsv4.generation.generate import ContextError, generate, stream_generate
 
 TOK = ByteTokenizer()
 
@@ -114,7 +114,7 @@ def test_greedy_matches_argmax_of_the_model(tiny_model, token_ids):
 
 
 def test_repetition_penalty_is_applied(tiny_model):
-    from mlx_dsv4.sampling import make_logits_processors
+    from mlx_dsv4.generation.sampling import make_logits_processors
 
     (penalty,) = make_logits_processors(repetition_penalty=3.0)
     rng = np.random.default_rng(0)
@@ -145,7 +145,7 @@ def test_logit_bias_bans_a_token():
 
 def test_processors_see_a_bounded_tail_of_the_history():
     """Penalties read recent tokens only; the generator must not copy the whole history per step."""
-    from mlx_dsv4.generate import PROCESSOR_CONTEXT, generate_step
+    from mlx_dsv4.generation.generate import PROCESSOR_CONTEXT, generate_step
 
     script = list(b"abcdefghij" * 30)
     model = ScriptedModel(script, prompt_len=200)

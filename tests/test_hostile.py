@@ -514,7 +514,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(live):
 def test_logprobs_have_an_entry_for_every_token(live, selftest_model):
     """Even for a token that is part of a UTF-8 character (and so adds no text yet)."""
     from mlx_dsv4.serve.protocol import token_bytes
-    from mlx_dsv4.tokenizer import Tokenizer
+    from mlx_dsv4.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(selftest_model)
     ids = {token_bytes(tok, i, tok.decode([i])): i for i in range(17, VOCAB)}

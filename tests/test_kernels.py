@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dsv4 import kernels
+from mlx_dsv4.model import kernels
 
 
 def sinkhorn_numpy(logits: np.ndarray, iters: int, eps: float) -> np.ndarray:

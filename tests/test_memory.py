@@ -7,9 +7,9 @@ import pytest
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_dsv4.cache import make_cache
+from mlx_dsv4.model.cache import make_cache
 from mlx_dsv4.config import ModelArgs, released_config
-from mlx_dsv4.model import Model, keep_float32
+from mlx_dsv4.model.model import Model, keep_float32
 from mlx_dsv4.plan import GiB, PlanError, parse_size, plan_memory, weight_bytes, weight_bytes_from_dir
 from mlx_dsv4.synthetic import random_weights, to_model_weights
 

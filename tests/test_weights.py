@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dsv4.weights import LoadError, load_model
+from mlx_dsv4.model.weights import LoadError, load_model
 
 
 def write_dir(path, cfg, tensors, quantization=None, shards=2):
@@ -108,7 +108,7 @@ def test_quantized_directory_round_trip(tmp_path, tiny_cfg, tiny_args, tiny_offi
 def test_loading_fuses_gate_and_up_without_changing_names_bytes_or_logits(
         tmp_path, tiny_cfg, tiny_args, tiny_official, token_ids):
     from conftest import build_model
-    from mlx_dsv4.cache import make_cache
+    from mlx_dsv4.model.cache import make_cache
 
     model = build_model(tiny_args, tiny_official)
     quant = quantize_like_converter(model)

@@ -31,14 +31,14 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     `max_context` defaults to the largest context that fits this machine, capped by the model's
     maximum; a given value that does not fit is refused with the planner's verdict.
     """
-    from ..chat_format import load_encoding
+    from ..text.chat_format import load_encoding
     from ..config import ModelArgs
-    from ..constrain import grammar_tokenizer
+    from ..generation.constrain import grammar_tokenizer
     from ..plan import apply_wired_limit, plan_context
-    from ..prompt_cache import DEFAULT_BYTES
-    from ..session import Session
-    from ..tokenizer import Tokenizer
-    from ..weights import load_model
+    from ..generation.prompt_cache import DEFAULT_BYTES
+    from ..generation.session import Session
+    from ..text.tokenizer import Tokenizer
+    from ..model.weights import load_model
     from .app import create_app
     from .engine import Engine
     from .protocol import ServerConfig
@@ -58,8 +58,8 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
                           largest_context=min(plan.largest_context, args.max_position_embeddings))
 
     def load():  # on the engine's thread: MLX streams are per thread
-        from ..prompt_cache import open_prompt_cache
-        from ..speculative import resolve_draft
+        from ..generation.prompt_cache import open_prompt_cache
+        from ..generation.speculative import resolve_draft
 
         model = load_model(path, expert_memory=plan.expert_memory)
         k = resolve_draft(model, draft)
@@ -90,7 +90,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
     import uvicorn
 
     from ..config import ConfigError
-    from ..weights import LoadError
+    from ..model.weights import LoadError
 
     _log_to_stderr(log_level)
     engine, app, config = create_server(model_path, api_key=api_key, max_context=max_context,

@@ -25,7 +25,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..generate import ContextError
+from ..generation.generate import ContextError
 from . import anthropic, protocol
 from .engine import Busy, Engine, Job, Refused, Stopped
 from .protocol import ServerConfig

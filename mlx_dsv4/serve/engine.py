@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
-from ..generate import Chunk
+from ..generation.generate import Chunk
 
 log = logging.getLogger("mlx_dsv4.serve")
 

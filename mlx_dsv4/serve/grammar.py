@@ -15,7 +15,8 @@ import json
 import logging
 from typing import Callable
 
-from .. import chat_format, constrain
+from ..text import chat_format
+from ..generation import constrain
 from .schema import APIError
 
 log = logging.getLogger("mlx_dsv4.serve")

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from .. import chat_format
-from ..generate import Chunk, StopMatcher
+from ..text import chat_format
+from ..generation.generate import Chunk, StopMatcher
 from . import grammar
 from .engine import Job
 from .schema import APIError, ChatRequest, CompletionRequest, Part, ToolCall, check_ids

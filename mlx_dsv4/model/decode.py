@@ -20,7 +20,7 @@ import mlx.core as mx
 from . import kernels, mhc
 from .attention import _attend, project_f32, rope
 from .cache import CompressorState, LayerCache
-from .config import CSA, HCA
+from ..config import CSA, HCA
 
 F32 = mx.float32
 MIN_BUCKET = 64  # pool rows read at the least; a bucket doubles as the pool fills

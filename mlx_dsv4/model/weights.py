@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelArgs, list_names, load_json
+from ..config import ConfigError, ModelArgs, list_names, load_json
 from .model import Model
 
 INDEX = "model.safetensors.index.json"
@@ -146,7 +146,7 @@ def resolve_model(name: str | Path) -> Path:
 
 def load(path: str | Path, lazy: bool = False, expert_memory: int | None = None):
     """`(model, tokenizer)` for a converted directory (see `load_model` for `expert_memory`)."""
-    from .tokenizer import Tokenizer
+    from ..text.tokenizer import Tokenizer
 
     model = load_model(path, lazy=lazy, expert_memory=expert_memory)
     return model, Tokenizer.from_dir(Path(path))

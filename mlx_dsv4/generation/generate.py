@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import LayerCache, make_cache
+from ..model.cache import LayerCache, make_cache
 from .sampling import make_distribution, make_logits_processors, make_sampler
 
 CLEAR_EVERY = 256  # decode steps between MLX buffer-cache clears

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from . import decode, mhc
 from .attention import Attention
 from .cache import LayerCache, make_cache
-from .config import KEEP_FLOAT32, ModelArgs, keep_float32  # noqa: F401 (re-exported)
+from ..config import KEEP_FLOAT32, ModelArgs, keep_float32  # noqa: F401 (re-exported)
 from .layers import ExpertLinear, FusedPair, RMSNorm
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-log = logging.getLogger("mlx_dsv4.constrain")
+log = logging.getLogger("mlx_dsv4.generation.constrain")
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

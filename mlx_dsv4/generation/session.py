@@ -16,10 +16,10 @@ from typing import Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import LayerCache, Snapshot, make_cache
+from ..model.cache import LayerCache, Snapshot, make_cache
 from .generate import Chunk, ContextError, check_token_ids, prefill, stream_generate
 
-log = logging.getLogger("mlx_dsv4.session")
+log = logging.getLogger("mlx_dsv4.generation.session")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -35,9 +35,9 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import EntryPool, LayerCache, _write
+from ..model.cache import EntryPool, LayerCache, _write
 
-log = logging.getLogger("mlx_dsv4.prompt_cache")
+log = logging.getLogger("mlx_dsv4.generation.prompt_cache")
 
 FORMAT, VERSION = "mlx-dsv4-prompt-cache", "1"
 SUFFIX = ".safetensors"

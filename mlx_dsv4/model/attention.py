@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import CompressorState, LayerCache
-from .config import CSA, HCA, ModelArgs
+from ..config import CSA, HCA, ModelArgs
 from .layers import GroupedLinear, RMSNorm
 
 QUERY_BLOCK = 128

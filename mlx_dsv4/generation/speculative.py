@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import mlx.core as mx
 
-from .cache import LayerCache, make_cache
+from ..model.cache import LayerCache, make_cache
 from .generate import PROCESSOR_CONTEXT, check_token_ids
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .config import CSA, SLIDING, ModelArgs
+from ..config import CSA, SLIDING, ModelArgs
 
 # Pools grow by at least this many entries (and by half their size) when full.
 GROW_ENTRIES = 256
