@@ -7,6 +7,8 @@ quantized twin uses `gather_qmm` with one weight matrix per group.
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -104,39 +106,25 @@ class QuantizedExpertLinear(nn.Module):
 class FusedPair:
     """Two linears with the same input (a SwiGLU's gate and up) as one matrix `[.., 2I, in]`.
 
-    One matmul (or one `gather_qmm` for experts) then reads both, one launch instead of two.
-    The two modules keep their checkpoint names: their arrays become views into the fused ones,
-    so memory is not doubled. A plain object, not a Module, so parameters are not listed twice.
+    One matmul (or one `gather_qmm` for experts) then reads both, one launch instead of two: the
+    fused matrix runs through a copy of the first module, so every linear kind (plain, quantized,
+    per-expert) keeps its own code. The two modules keep their checkpoint names: their arrays
+    become views into the fused ones, so memory is not doubled. A plain object, not a Module, so
+    parameters are not listed twice.
     """
 
     def __init__(self, a: nn.Module, b: nn.Module, axis: int):
         self.split = a["weight"].shape[axis]
-        self.arrays = {k: mx.concatenate([a[k], b[k]], axis=axis)
-                       for k in ("weight", "scales", "biases") if a.get(k) is not None}
-        mx.eval(self.arrays)
-        for k, fused in self.arrays.items():
-            a[k], b[k] = mx.split(fused, [self.split], axis=axis)
+        self.module = copy.copy(a)
+        for k in ("weight", "scales", "biases"):
+            if a.get(k) is not None:
+                fused = mx.concatenate([a[k], b[k]], axis=axis)
+                mx.eval(fused)
+                self.module[k] = fused
+                a[k], b[k] = mx.split(fused, [self.split], axis=axis)
         mx.eval([a.parameters(), b.parameters()])
-        self.quant = (a.group_size, a.bits, a.mode) if "scales" in self.arrays else None
 
-    def linear(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        w = self.arrays
-        if self.quant:
-            g, bits, mode = self.quant
-            y = mx.quantized_matmul(x, w["weight"], w["scales"], w.get("biases"), transpose=True,
-                                    group_size=g, bits=bits, mode=mode)
-        else:
-            y = x @ w["weight"].T.astype(x.dtype)
-        return y[..., : self.split], y[..., self.split :]
-
-    def experts(self, x: mx.array, idx: mx.array, sorted_indices: bool = False):
-        w = self.arrays
-        if self.quant:
-            g, bits, mode = self.quant
-            y = mx.gather_qmm(x, w["weight"], w["scales"], w.get("biases"), rhs_indices=idx,
-                              transpose=True, group_size=g, bits=bits, mode=mode,
-                              sorted_indices=sorted_indices)
-        else:
-            y = mx.gather_mm(x, w["weight"].swapaxes(-1, -2), rhs_indices=idx,
-                             sorted_indices=sorted_indices)
+    def __call__(self, *args, **kwargs) -> tuple[mx.array, mx.array]:
+        """`(a(...), b(...))` from one call of the fused module."""
+        y = self.module(*args, **kwargs)
         return y[..., : self.split], y[..., self.split :]

@@ -90,7 +90,7 @@ class Experts(nn.Module):
 
     def _gate_up(self, xs, idx, sorted_indices=False):
         if self.w13 is not None:
-            return self.w13.experts(xs, idx, sorted_indices)
+            return self.w13(xs, idx, sorted_indices)
         return self.w1(xs, idx, sorted_indices), self.w3(xs, idx, sorted_indices)
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
@@ -131,7 +131,7 @@ class SharedExpert(nn.Module):
         self.w13 = FusedPair(self.w1, self.w3, axis=0)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.w13.linear(x) if self.w13 is not None else (self.w1(x), self.w3(x))
+        gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
         return self.w2(swiglu(gate, up, self.limit, dtype=x.dtype))
 
 
