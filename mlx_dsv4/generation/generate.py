@@ -70,24 +70,31 @@ class Chunk:
 
 def prefill(model, ids: Sequence[int], cache: list[LayerCache], chunk: int = 512,
             progress: Callable[[int, int], None] | None = None,
-            on_prefilled: Callable[[], None] | None = None) -> mx.array:
+            on_prefilled: Callable[[], None] | None = None,
+            observe: Callable[[mx.array, int], None] | None = None):
     """Feed `ids` into the cache in chunks; return the last position's logits `[1, V]`.
 
     `on_prefilled` runs when the cache holds all but the last token: a snapshot taken there
-    lets the same prompt be continued again by feeding just that token.
+    lets the same prompt be continued again by feeding just that token. With `observe`, each
+    chunk's final residual streams `[1, S, N, D]` go to `observe(streams, start)` and the return
+    is `(logits, streams of the last token)` (the MTP drafter reads them).
     """
     check_token_ids(ids, model.args.vocab_size)
-    head = list(ids[:-1])
+    head, streams = list(ids[:-1]), observe is not None
+    kw = {"last_only": True, **({"return_streams": True} if streams else {})}
     for start in range(0, len(head), chunk):
-        model(mx.array(head[start : start + chunk])[None], cache, last_only=True)
+        out = model(mx.array(head[start : start + chunk])[None], cache, **kw)
+        if streams:
+            observe(out[1], start)
         # Only the state is evaluated: the head of intermediate chunks is never computed.
-        mx.eval([c.state for c in cache])
+        mx.eval([c.state for c in cache], out[1] if streams else [])
         mx.clear_cache()
         if progress:
             progress(min(start + chunk, len(head)), len(ids))
     if on_prefilled:
         on_prefilled()
-    return model(mx.array(list(ids[-1:]))[None], cache, last_only=True)[:, -1, :]
+    out = model(mx.array(list(ids[-1:]))[None], cache, **kw)
+    return (out[0][:, -1, :], out[1]) if streams else out[:, -1, :]
 
 
 def generate_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], *,

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import mlx.core as mx
 
 from ..model.cache import LayerCache, make_cache
-from .generate import PROCESSOR_CONTEXT, check_token_ids
+from .generate import PROCESSOR_CONTEXT, check_token_ids, prefill
 
 
 @dataclass
@@ -159,22 +159,13 @@ def speculative_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], 
         stats.forwards += 1
         return logits[0], streams
 
-    # Prefill as generate.prefill does (all but the last token in chunks, then the last one),
-    # showing the drafter each position with the token after it.
-    head = ids[:-1]
-    for start in range(0, len(head), prefill_chunk):
-        chunk = head[start : start + prefill_chunk]
-        _, streams = model(mx.array(chunk)[None], cache, last_only=True, return_streams=True)
-        drafter.observe(streams, ids[start + 1 : start + len(chunk) + 1])
-        mx.eval([c.state for c in cache], streams)
-        if progress:
-            progress(start + len(chunk), len(ids))
-    if on_prefilled:
-        on_prefilled()
-    logits, last = model(mx.array(ids[-1:])[None], cache, return_streams=True)
+    # The drafter sees each prompt position's streams with the token after it.
+    row, last = prefill(model, ids, cache, prefill_chunk, progress, on_prefilled,
+                        observe=lambda st, start: drafter.observe(
+                            st, ids[start + 1 : start + st.shape[1] + 1]))
     if progress:
         progress(len(ids), len(ids))
-    row = logits[0, -1]
+    row = row[0]
     n = 0
     while n < max_tokens:
         lp0 = target(row, tail)
