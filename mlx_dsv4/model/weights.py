@@ -110,6 +110,31 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
     return model
 
 
+def load_part(path: str | Path, module: nn.Module, keep, lazy: bool = False) -> nn.Module:
+    """Load into `module` the tensors `keep(name)` selects, strictly: a pipeline rank's layers.
+
+    Only the shards the index maps those names to are opened, and `mx.load` reads a tensor only
+    when it is evaluated, so a rank reads its own layers' bytes and no others.
+    """
+    path = Path(path)
+    args = ModelArgs.from_file(path)
+    shards = shard_files(path)
+    if (path / INDEX).exists():
+        wanted = {f for n, f in load_json(path / INDEX, LoadError)["weight_map"].items() if keep(n)}
+        shards = [f for f in shards if f.name in wanted]
+    weights = {}
+    for f in shards:
+        weights.update({k: v for k, v in mx.load(str(f)).items() if keep(k)})
+    if args.quantization:
+        nn.quantize(module, class_predicate=quantization_predicate(args.quantization, weights))
+    check_tensors(module, weights)
+    module.load_weights(list(weights.items()), strict=False)
+    del weights
+    if not lazy:
+        mx.eval(module.parameters())
+    return module
+
+
 def model_dirs() -> list[Path]:
     """Where converted models are looked up by the repo id they came from."""
     env = os.environ.get("DSV4_MODELS")
