@@ -608,7 +608,10 @@ def parse_hosts(hosts: str | None = None, hostfile: str | Path | None = None) ->
             return [(f"host {k}", parse_size(s)) for k, s in enumerate(sizes)]
         except ValueError as e:
             raise PlanError(f"--hosts: {e}") from e
-    data = load_json(Path(hostfile), PlanError)
+    try:
+        data = json.loads(Path(hostfile).read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{hostfile}: cannot read it as JSON ({e}).") from e
     entries = data.get("hosts", []) if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise PlanError(f"{hostfile}: expected a JSON list of hosts (mlx.launch's hostfile format).")

@@ -105,5 +105,124 @@ def launch(model_dir: Path, out: Path, splits: list[int], tmp: Path) -> None:
         log.close()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_cfg, tiny_model):
+    from mlx.utils import tree_flatten
+
+    from test_weights import write_dir
+
+    return write_dir(tmp_path_factory.mktemp("pipe") / "m", tiny_cfg,
+                     dict(tree_flatten(tiny_model.parameters())), shards=3)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    from mlx_dsv4.model.weights import load_model
+
+    model = load_model(model_dir)
+    model.compiled_decode = False  # the stages run the eager layers: compare like with like
+    out = tmp_path_factory.mktemp("ref") / "ref.npz"
+    run_rank0(model, out)
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("splits", [[0, 2, 4], [0, 1, 3, 4]], ids=["2-ranks", "3-ranks"])
+def test_ranks_match_one_process(model_dir, reference, splits, tmp_path):
+    launch(model_dir, tmp_path / "out.npz", splits, tmp_path)
+    got = np.load(tmp_path / "out.npz")
+    for name in ("logits", "batch"):  # the same ops in the same order: bit for bit
+        np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
+    np.testing.assert_array_equal(got["tokens"], reference["tokens"])
+    # Rewinding rank 0 to a snapshot replays the kept ids into the other ranks' pools.
+    np.testing.assert_array_equal(got["again"], reference["tokens"])
+    assert reference["logits"].shape == (1, 100, 256) and len(reference["tokens"]) == DECODE
+
+
+def test_rank_loads_only_its_layers(model_dir):
+    from mlx.utils import tree_flatten
+
+    from mlx_dsv4.model.pipeline import Stage
+    from mlx_dsv4.model.weights import ModelArgs, load_part
+
+    args = ModelArgs.from_file(model_dir)
+    middle = load_part(model_dir, Stage(args, range(1, 3), first=False), lambda n: Stage(
+        args, range(1, 3), False).owns(n))
+    names = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("layers.") else "")
+             for k, _ in tree_flatten(middle.parameters())}
+    assert names == {"layers.1", "layers.2"}
+    first = Stage(args, range(0, 1), first=True)
+    assert first.owns("embed.weight") and first.owns("hc_head_fn") and first.owns("layers.0.attn.wkv.weight")
+    assert not first.owns("layers.1.attn.wkv.weight") and not first.owns("mtp.0.e_proj.weight")
+
+
+class _NoGroup:
+    def size(self):
+        return 2
+
+
+def test_refusals_name_what_is_off(model_dir):
+    import mlx.core as mx
+
+    from mlx_dsv4.model.cache import make_cache
+    from mlx_dsv4.model.pipeline import PipelineError, PipelineModel, Stage
+    from mlx_dsv4.model.weights import ModelArgs, load_part
+
+    args = ModelArgs.from_file(model_dir)
+    stage = load_part(model_dir, Stage(args, range(0, 2), first=True),
+                      Stage(args, range(0, 2), True).owns)
+    model = PipelineModel(stage, args, _NoGroup(), [range(0, 2), range(2, 4)])
+    assert model.args.num_hidden_layers == 2 and model.full_args.num_hidden_layers == 4
+    cache = make_cache(model)
+    assert len(cache) == 2 and model.mtp == []  # rank 0's pools only; no MTP drafting
+    ids = mx.array([[1, 2]])
+    with pytest.raises(PipelineError, match="does not run the MTP block"):
+        model(ids, cache, return_streams=True)
+    for c in cache:
+        c.offset = 5  # as if restored from a prompt cache
+    with pytest.raises(PipelineError, match=r"never saw .*\(--no-prompt-cache\)"):
+        model(ids, cache)
+
+
+def test_split_follows_memory():
+    from mlx_dsv4.plan import PlanError, split_layers
+
+    assert split_layers([10] * 8, [1, 1]) == [range(0, 4), range(4, 8)]
+    assert split_layers([10] * 8, [3, 1]) == [range(0, 6), range(6, 8)]
+    # Host 0 also holds the embedding and head: it gets fewer layers for them.
+    assert split_layers([10] * 8, [1, 1], first_extra=20) == [range(0, 3), range(3, 8)]
+    assert split_layers([10] * 6, [1, 1, 1]) == [range(0, 2), range(2, 4), range(4, 6)]
+    # Every host gets a layer even when its share is tiny.
+    assert split_layers([10] * 4, [100, 1, 1]) == [range(0, 2), range(2, 3), range(3, 4)]
+    with pytest.raises(PlanError, match="3 host.* for 2 layer"):
+        split_layers([10, 10], [1, 1, 1])
+
+
+def test_plan_pipeline_for_pro():
+    from mlx_dsv4.plan import GiB, parse_hosts, plan_pipeline
+
+    two = plan_pipeline("pro", parse_hosts("512GB,512GB"), context=1 << 20)
+    assert two.fits and two.largest_context == 1 << 20
+    assert [s.layers for s in two.stages] == [range(0, 30), range(30, 61)]
+    assert sum(s.weight_bytes for s in two.stages) > 700 * GiB
+    assert two.hop_bytes_per_token == 4 * 7168 * 2
+    small = plan_pipeline("pro", parse_hosts("256GB,256GB"), context=1 << 20)
+    assert not small.fits and small.largest_context == 0
+    assert "does not fit on 2 host(s)" in small.verdict() and "no context fits" in small.verdict()
+
+
+def test_hosts_from_hostfile(tmp_path):
+    from mlx_dsv4.plan import GiB, PlanError, parse_hosts
+
+    f = tmp_path / "hosts.json"
+    f.write_text(json.dumps([{"ssh": "m1", "ips": ["10.0.0.1"], "memory": "512GB"},
+                             {"ssh": "m2", "ips": ["10.0.0.2"], "memory": "256GB"}]))
+    assert parse_hosts(hostfile=f) == [("m1", 512 * GiB), ("m2", 256 * GiB)]
+    f.write_text(json.dumps([{"ssh": "m1", "ips": ["10.0.0.1"]}]))
+    with pytest.raises(PlanError, match=r"host 0 \(m1\) has no \"memory\" field"):
+        parse_hosts(hostfile=f)
+    with pytest.raises(PlanError, match="not a size"):
+        parse_hosts("512GB,lots")
+
+
 if __name__ == "__main__":
     rank_main(*sys.argv[1:4])
