@@ -32,7 +32,10 @@ ids through the ring (correct, but costs a prefill of that prefix).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
+import sys
 import weakref
 from pathlib import Path
 
@@ -56,13 +59,24 @@ class PipelineError(RuntimeError):
     """Something pipeline mode does not do, or ranks that disagree."""
 
 
+# What mlx.launch (ring, jaccl) or mpirun set in each rank's environment.
+LAUNCH_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def init(backend: str = "any") -> mx.distributed.Group | None:
     """The global group when this process was started with several ranks (`mlx.launch`), else
-    None: one process runs the ordinary model."""
+    None: one process runs the ordinary model. A launched rank whose backend cannot connect
+    raises, rather than quietly running the whole model alone."""
     if not mx.distributed.is_available():
         return None
-    group = mx.distributed.init(backend=backend)
+    group = mx.distributed.init(strict=True, backend=backend)
     return group if group.size() > 1 else None
+
+
+def launched_group() -> mx.distributed.Group | None:
+    """`init()` for a process that a launcher started, None at once for any other (no backend
+    is probed, so a plain `dsv4 chat` never waits on one)."""
+    return init() if any(k in os.environ for k in LAUNCH_ENV) else None
 
 
 class Stage(nn.Module):
@@ -299,4 +313,20 @@ def load_pipeline(path: str | Path, group, splits: list[range] | None = None, la
     load_part(path, stage, stage.owns, lazy=lazy)
     if not lazy:
         stage.fuse()
-    return PipelineModel(stage, args, group, splits) if rank == 0 else stage
+    if rank > 0:
+        return stage
+    model = PipelineModel(stage, args, group, splits)
+    atexit.register(model.close)  # the workers stop with rank 0, so mlx.launch returns
+    return model
+
+
+def serve_rank(path: str | Path) -> int:
+    """What `dsv4 chat`/`serve` do on ranks > 0: load this rank's layers, follow rank 0."""
+    group = launched_group()
+    if group is None or group.rank() == 0:
+        raise PipelineError("serve_rank runs on ranks > 0 of an mlx.launch job.")
+    stage = load_pipeline(path, group)
+    layers = stage.indices
+    print(f"rank {group.rank()}: layers {layers.start}-{layers.stop - 1} loaded, following rank 0",
+          file=sys.stderr, flush=True)
+    return run_worker(stage, group)

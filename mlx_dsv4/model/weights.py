@@ -82,12 +82,19 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
                prefetch: bool = False) -> Model:
     """Build the model of a converted directory and load its weights strictly.
 
-    With `expert_memory` (bytes), the routed experts stay on disk: they are read on demand
-    into a cache of that size (`experts_stream`), the rest of the weights is loaded as usual;
+    Under `mlx.launch` with several ranks this is rank 0's `pipeline.PipelineModel` (ranks > 0
+    run `pipeline.serve_rank`). With `expert_memory` (bytes), the routed experts stay on disk:
+    they are read on demand into a cache of that size (`experts_stream`), the rest of the weights is loaded as usual;
     the store is `model.expert_store`. `prefetch` reads the next layer's guessed experts ahead
     (off by default: on random weights it read more than it saved, see experts_stream).
     """
+    from .pipeline import launched_group, load_pipeline
+
     path = Path(path)
+    if (group := launched_group()) is not None:  # several ranks: this one holds some layers
+        if expert_memory is not None:
+            raise LoadError("Pipeline mode keeps every routed expert in memory: drop --expert-memory.")
+        return load_pipeline(path, group, lazy=lazy)
     args = ModelArgs.from_file(path)
     weights: dict[str, mx.array] = {}
     shards = shard_files(path)
