@@ -35,13 +35,16 @@ def run_rank0(model, out: Path):
     cache = make_cache(model)
     logits = model(mx.array(ids[:100])[None], cache)  # full [1, S, V] logits
     snap = [c.snapshot() for c in cache]
-    tokens = [t for t, _ in generate_step(model, ids[100:], cache, max_tokens=DECODE)]
+    steps = list(generate_step(model, ids[100:], cache, max_tokens=DECODE))
     for c, s in zip(cache, snap):
         c.restore(s)
     again = [t for t, _ in generate_step(model, ids[100:], cache, max_tokens=DECODE)]
     batch = model(mx.array([ids[:20], ids[20:40]]), last_only=True)  # batch 2, a throwaway cache
-    np.savez(out, logits=np.array(logits), tokens=np.array(tokens), again=np.array(again),
-             batch=np.array(batch))
+    # One-token steps ran compiled: Model's whole-trunk graph, or each rank's stage graph.
+    step = model.stage._step if hasattr(model, "stage") else model._decode_step
+    np.savez(out, logits=np.array(logits), tokens=np.array([t for t, _ in steps]),
+             decode=np.stack([np.array(lp) for _, lp in steps]), again=np.array(again),
+             batch=np.array(batch), compiled=np.array(step is not None and len(step.steps) > 0))
 
 
 def rank_main(model_dir: str, out: str, splits: str):
@@ -120,7 +123,6 @@ def reference(model_dir, tmp_path_factory):
     from mlx_dsv4.model.weights import load_model
 
     model = load_model(model_dir)
-    model.compiled_decode = False  # the stages run the eager layers: compare like with like
     out = tmp_path_factory.mktemp("ref") / "ref.npz"
     run_rank0(model, out)
     return dict(np.load(out))
@@ -130,7 +132,8 @@ def reference(model_dir, tmp_path_factory):
 def test_ranks_match_one_process(model_dir, reference, splits, tmp_path):
     launch(model_dir, tmp_path / "out.npz", splits, tmp_path)
     got = np.load(tmp_path / "out.npz")
-    for name in ("logits", "batch"):  # the same ops in the same order: bit for bit
+    assert got["compiled"] and reference["compiled"]
+    for name in ("logits", "batch", "decode"):  # the same ops in the same order: bit for bit
         np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
     np.testing.assert_array_equal(got["tokens"], reference["tokens"])
     # Rewinding rank 0 to a snapshot replays the kept ids into the other ranks' pools.
