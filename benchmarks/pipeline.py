@@ -1,18 +1,18 @@
 """Pipeline overhead on localhost: decode step time at 1, 2 and 3 ranks on one small model.
 
 Writes a random q4 model (synthetic.tiny_config with `--hidden`, `--layers`, quantized as `dsv4
-convert` does; on the CPU its scales and so the streams between ranks are fp32, on a Mac bf16), then times `--steps` greedy
-one-token steps after a `--prompt`-token prefill and `--warmup` steps: in this process with the
-ordinary `Model` (k = 1), and as k ranks of a ring over 127.0.0.1 started with the environment
-`mlx.launch` sets (k = 2, 3; each rank holds an even share of the layers). The k = 1 and k > 1
-runs go through the same loop (model call, argmax, eval), so their difference is the pipeline:
-a k-rank token makes k hops (rank 0 -> 1 -> … -> k-1 -> 0). Reported: ms per token, overhead
-per added rank (t_k - t_1) / (k - 1) as asked in issue 15, per hop (t_k - t_1) / k, and the
-bytes rank 0 sends per token (header + ids + streams; every hop carries the same), and the
-transport alone: a ring ping-pong of one hop's messages without any model.
+convert` does; on the CPU its scales, and so the streams between ranks, are fp32; on a Mac bf16),
+then times `--steps` greedy one-token steps after a `--prompt`-token prefill and `--warmup` steps:
+in this process with the ordinary `Model` (k = 1), and as k ranks of a ring over 127.0.0.1 with
+the environment `mlx.launch` sets (k = 2, 3; an even share of the layers each). Every k runs the
+same loop (model call, argmax, eval; best of `--repeats`, interleaved), so the difference is the
+pipeline: a k-rank token makes k hops (rank 0 -> 1 -> ... -> k-1 -> 0). Reported: ms per token,
+overhead per added rank (t_k - t_1) / (k - 1) as issue 15 asks, per hop (t_k - t_1) / k, the
+bytes rank 0 sends per token (header + ids + streams; every hop carries as many), and the
+transport alone: a ring ping-pong of one hop's messages, no model.
 
-    python benchmarks/pipeline.py                       # CPU, well under a minute
-    python benchmarks/pipeline.py --hidden 4096         # Flash's hop size (32 KB of bf16 streams)
+    python benchmarks/pipeline.py                       # CPU, under a minute
+    python benchmarks/pipeline.py --hidden 4096         # Flash's hop size
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def launch(path: Path, k: int, layers: int, a, work: Path) -> dict:
     hostfile, out = work / f"hosts{k}.json", work / f"out{k}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(k)]))
     argv = [sys.executable, __file__, "--prompt", str(a.prompt), "--warmup", str(a.warmup),
-            "--steps", str(a.steps), "--ping", str(a.ping), "--rank-of", str(path), ",".join(map(str, cuts)), str(out)]
+            "--steps", str(a.steps), "--ping", str(a.ping),
+            "--rank-of", str(path), ",".join(map(str, cuts)), str(out)]
     procs = [subprocess.Popen(argv, env=dict(os.environ, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)),
                               stderr=subprocess.PIPE, text=True) for r in range(k)]
     for r, p in enumerate(procs):

@@ -281,7 +281,7 @@ def _prompt_cache(max_bytes: int, directory: Path | None, disk_bytes: int, off: 
     return {"max_bytes": max_bytes, "directory": directory, "disk_bytes": disk_bytes}
 
 
-def _pipeline(model: str, expert_memory) -> int | None:
+def _pipeline(model: str, expert_memory, max_context, kv_bits, prefill_chunk) -> int | None:
     """Under `mlx.launch` with several ranks: ranks > 0 serve their layers here until rank 0
     stops (returns their rank), rank 0 returns 0 and runs the command; None without a launcher."""
     from .model.pipeline import LAUNCH_ENV
@@ -298,7 +298,7 @@ def _pipeline(model: str, expert_memory) -> int | None:
         raise typer.BadParameter("pipeline mode keeps every routed expert in memory.",
                                  param_hint="--expert-memory")
     if group.rank() > 0:
-        serve_rank(resolve_model(model))
+        serve_rank(resolve_model(model), max_context, kv_bits, prefill_chunk)
     return group.rank()
 
 
@@ -333,7 +333,8 @@ def chat(
 ) -> None:
     """Chat in the terminal; /help lists the commands. Under mlx.launch, one pipeline over the ranks."""
     _check_kv_bits(kv_bits)
-    if (rank := _pipeline(model, expert_memory)) is not None:  # no MTP, no prompt cache
+    rank = _pipeline(model, expert_memory, max_context, kv_bits, prefill_chunk)
+    if rank is not None:  # a pipeline: no MTP, no prompt cache
         if rank:
             return
         no_mtp = no_prompt_cache = True
@@ -383,7 +384,8 @@ def serve(
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
     Under mlx.launch, rank 0 serves and the other ranks hold their share of the layers."""
     _check_kv_bits(kv_bits)
-    if (rank := _pipeline(model, expert_memory)) is not None:  # no MTP, no prompt cache
+    rank = _pipeline(model, expert_memory, max_context, kv_bits, prefill_chunk)
+    if rank is not None:  # a pipeline: no MTP, no prompt cache
         if rank:
             return
         no_mtp = no_prompt_cache = True

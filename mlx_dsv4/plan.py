@@ -354,7 +354,16 @@ def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: i
     """(plan, context to run) for a converted model: the asked context if it fits, else an error;
     with none asked, the largest context that fits this machine, capped by the model's maximum.
     `expert_memory` plans the routed experts streamed through a cache of that size; `other_bytes`
-    comes off the budget (see `plan_memory`)."""
+    comes off the budget (see `plan_memory`). Started by `mlx.launch` with several ranks, it
+    plans this rank's share of a pipeline (`plan_rank`, every rank's budget gathered)."""
+    from .model.pipeline import LAUNCH_ENV
+
+    if any(k in os.environ for k in LAUNCH_ENV):
+        from .model.pipeline import gather_budgets, launched_group
+
+        if (group := launched_group()) is not None:
+            return plan_rank(path, gather_budgets(group), group.rank(), max_context,
+                             kv_bits=kv_bits, prefill_chunk=prefill_chunk)
     limit = ModelArgs.from_file(path).max_position_embeddings
     plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
                        expert_memory=expert_memory, other_bytes=other_bytes)
@@ -558,23 +567,31 @@ def _stage_state(args: ModelArgs, layers: range, context: int, kv_bits: int | No
     return pools, fixed
 
 
+def pipeline_split(model: str | Path | ModelArgs, budgets: list[int],
+                   recipe: str | None = None) -> list[range]:
+    """The layer ranges of a pipeline over hosts with these budgets (rank order): weights in
+    proportion to memory, host 0 also holding the embedding and head. `plan_pipeline` and
+    `pipeline.load_pipeline` both cut here, so the plan describes what is loaded."""
+    per_layer, extra = layer_weight_bytes(model, recipe)
+    return split_layers(per_layer, budgets, extra)
+
+
 def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *, context: int,
                   recipe: str | None = None, kv_bits: int | None = None,
-                  prefill_chunk: int = 512) -> PipelinePlan:
+                  prefill_chunk: int = 512, reserve: bool = True) -> PipelinePlan:
     """Split a model over `hosts` ((name, memory bytes) in rank order) for a pipeline run.
 
-    Layers are cut so that each host's weights and KV at `context` are in proportion to its
-    budget (memory less the OS reserve a Mac keeps); host 0 also holds the embedding and head.
-    Each host pays a forward's activations. The largest context is the one every host fits.
+    Each host's budget is its memory less the OS reserve a Mac keeps (`reserve=False`: the bytes
+    are budgets already); layers are cut by `pipeline_split`. Each host pays its layers' KV at
+    `context` and a forward's activations. The largest context is the one every host fits.
     """
     args, _, recipe, name = _weights(model, recipe)
     if not 1 <= context <= args.max_position_embeddings:
         raise PlanError(f"A context of {context:,} tokens is outside what {name} supports "
                         f"(1 to {args.max_position_embeddings:,}).")
     per_layer, extra = layer_weight_bytes(model, None if is_converted(model) else recipe)
-    budgets = [_with_reserve(m) for _, m in hosts]
-    kv = [sum(_stage_state(args, range(i, i + 1), context, kv_bits)) for i in range(len(per_layer))]
-    split = split_layers([w + k for w, k in zip(per_layer, kv)], budgets, extra)
+    budgets = [_with_reserve(m) if reserve else m for _, m in hosts]
+    split = split_layers(per_layer, budgets, extra)
 
     def stages(ctx: int) -> list[Stage]:
         act = max(activation_bytes(args, min(prefill_chunk, ctx), ctx, kv_bits),
@@ -594,6 +611,33 @@ def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *
         lo, hi = (mid, hi) if all(s.fits for s in stages(mid)) else (lo, mid - 1)
     hop = args.hc_mult * args.hidden_size * 2  # bf16 streams [1, 1, N, D]
     return PipelinePlan(name, recipe, context, stages(context), lo, hop)
+
+
+def plan_rank(path: str | Path, budgets: list[int], rank: int, max_context: int | None = None, *,
+              kv_bits: int | None = None, prefill_chunk: int = 512) -> tuple[Plan, int]:
+    """`plan_context` for one rank of a launched pipeline, given every rank's budget: this
+    rank's share as a `Plan` (its layers' weights and KV, its budget), with the largest context
+    that fits every rank. Refused, naming the rank that does not fit, like `plan_context`."""
+    limit = ModelArgs.from_file(path).max_position_embeddings
+    hosts = [(f"rank {r}", b) for r, b in enumerate(budgets)]
+    kw = dict(kv_bits=kv_bits, prefill_chunk=prefill_chunk, reserve=False)
+    pp = plan_pipeline(path, hosts, context=max_context or limit, **kw)
+    name = Path(path).name
+    if max_context is not None and not pp.fits:
+        raise PlanError(f"{name} with {max_context:,} tokens of context {pp.verdict()}")
+    context = max_context or min(pp.largest_context, limit)
+    if context <= 0:
+        raise PlanError(f"{name} {pp.verdict()}")
+    if context != pp.context:
+        pp = plan_pipeline(path, hosts, context=context, **kw)
+    s, args = pp.stages[rank], ModelArgs.from_file(path)
+    chunk = max(1, min(prefill_chunk, context))
+    source = f"rank {rank} of {len(budgets)}: layers {s.layers.start}-{s.layers.stop - 1}"
+    plan = Plan(name, pp.recipe, context, kv_bits, chunk, s.weight_bytes, s.kv_bytes, s.fixed_bytes,
+                activation_bytes(args, chunk, context, kv_bits), activation_bytes(args, 1, context, kv_bits),
+                s.budget_bytes, source, s.kv_bytes / context, pp.largest_context)
+    plan.max_prefill_chunk = _max_prefill_chunk(args, plan)
+    return plan, context
 
 
 def parse_hosts(hosts: str | None = None, hostfile: str | Path | None = None) -> list[tuple[str, int]]:

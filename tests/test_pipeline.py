@@ -213,6 +213,22 @@ def test_plan_pipeline_for_pro():
     assert "does not fit on 2 host(s)" in small.verdict() and "no context fits" in small.verdict()
 
 
+def test_each_rank_plans_its_share(model_dir):
+    from mlx_dsv4.plan import PlanError, layer_weight_bytes, pipeline_split, plan_rank
+
+    per_layer, extra = layer_weight_bytes(model_dir)
+    budgets = [1 << 30, 1 << 30]
+    split = pipeline_split(model_dir, budgets)
+    plans = [plan_rank(model_dir, budgets, r, 4096)[0] for r in range(2)]
+    assert [p.weight_bytes for p in plans] == [
+        extra + sum(per_layer[i] for i in split[0]), sum(per_layer[i] for i in split[1])]
+    assert all(p.fits and p.context == 4096 for p in plans)
+    assert plans[1].budget_source.startswith(f"rank 1 of 2: layers {split[1].start}-")
+    # A rank too small for its share refuses the whole job, naming it.
+    with pytest.raises(PlanError, match=r"does not fit on 2 host\(s\): rank 1 \(layers"):
+        plan_rank(model_dir, [1 << 30, plans[1].weight_bytes // 2], 0, 4096)
+
+
 def test_hosts_from_hostfile(tmp_path):
     from mlx_dsv4.plan import GiB, PlanError, parse_hosts
 

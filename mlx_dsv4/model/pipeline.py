@@ -360,22 +360,28 @@ def run_worker(stage: Stage, group) -> int:
         mx.eval(out, [c.state for c in cache])
 
 
+def gather_budgets(group) -> list[int]:
+    """Every rank's memory budget (`plan.machine_budget`) in rank order, in whole MiB so that
+    every rank computes the same split from the same numbers."""
+    from ..plan import machine_budget
+
+    mib = mx.array([machine_budget()[0] >> 20], mx.int32)
+    return [b << 20 for b in mx.distributed.all_gather(mib, group=group).tolist()]
+
+
 def load_pipeline(path: str | Path, group, splits: list[range] | None = None, lazy: bool = False):
     """This rank's part of a converted model: `PipelineModel` on rank 0, a `Stage` elsewhere.
 
     Without `splits`, the layers are cut by `plan.split_layers` in proportion to the memory each
     rank reports (gathered over the group), so every rank computes the same cut.
     """
-    from ..plan import layer_weight_bytes, machine_budget, split_layers
+    from ..plan import pipeline_split
     from .weights import load_part
 
     path = Path(path)
     args = ModelArgs.from_file(path)
     if splits is None:
-        budget = mx.array([machine_budget()[0] / 2**20], mx.float32)  # MiB: fp32 holds it exactly enough
-        budgets = mx.distributed.all_gather(budget, group=group).tolist()
-        per_layer, extra = layer_weight_bytes(path)
-        splits = split_layers(per_layer, [int(b * 2**20) for b in budgets], extra)
+        splits = pipeline_split(path, gather_budgets(group))
     rank = group.rank()
     if len(splits) != group.size() or splits[0].start != 0 or splits[-1].stop != args.num_hidden_layers:
         raise PipelineError(f"A split of {args.num_hidden_layers} layers over {group.size()} ranks "
@@ -391,11 +397,17 @@ def load_pipeline(path: str | Path, group, splits: list[range] | None = None, la
     return model
 
 
-def serve_rank(path: str | Path) -> int:
-    """What `dsv4 chat`/`serve` do on ranks > 0: load this rank's layers, follow rank 0."""
+def serve_rank(path: str | Path, max_context: int | None = None, kv_bits: int | None = None,
+               prefill_chunk: int = 512) -> int:
+    """What `dsv4 chat`/`serve` do on ranks > 0: plan as rank 0 does (the same options, so the
+    same collective and the same verdict), load this rank's layers, follow rank 0."""
+    from ..plan import apply_wired_limit, plan_context
+
     group = launched_group()
     if group is None or group.rank() == 0:
         raise PipelineError("serve_rank runs on ranks > 0 of an mlx.launch job.")
+    plan, _ = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    apply_wired_limit(plan)
     stage = load_pipeline(path, group)
     layers = stage.indices
     print(f"rank {group.rank()}: layers {layers.start}-{layers.stop - 1} loaded, following rank 0",

@@ -84,9 +84,10 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
 
     Under `mlx.launch` with several ranks this is rank 0's `pipeline.PipelineModel` (ranks > 0
     run `pipeline.serve_rank`). With `expert_memory` (bytes), the routed experts stay on disk:
-    they are read on demand into a cache of that size (`experts_stream`), the rest of the weights is loaded as usual;
-    the store is `model.expert_store`. `prefetch` reads the next layer's guessed experts ahead
-    (off by default: on random weights it read more than it saved, see experts_stream).
+    they are read on demand into a cache of that size (`experts_stream`), the rest of the
+    weights is loaded as usual; the store is `model.expert_store`. `prefetch` reads the next
+    layer's guessed experts ahead (off by default: on random weights it read more than it
+    saved, see experts_stream).
     """
     from .pipeline import launched_group, load_pipeline
 
