@@ -1,5 +1,6 @@
 """Pipeline parallelism on one machine: 2 and 3 processes over the `ring` backend on 127.0.0.1
-give the logits and greedy tokens of one process, and the layer split arithmetic.
+give the logits and greedy tokens of one process; `dsv4 serve` as 2 ranks answers as one process;
+the layer split arithmetic and the per-rank plans.
 
 Run as a script, this file is one rank of such a run (`rank_main`): the ranks get the
 environment `mlx.launch` sets for the ring backend (MLX_RANK, MLX_HOSTFILE).
@@ -241,6 +242,82 @@ def test_hosts_from_hostfile(tmp_path):
         parse_hosts(hostfile=f)
     with pytest.raises(PlanError, match="not a size"):
         parse_hosts("512GB,lots")
+
+
+def _post(port: int, body: dict, timeout: float = 30.0) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                 json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait_up(port: int, procs, deadline: float):
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return False
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
+            return True
+        except OSError:
+            time.sleep(0.2)  # polling a server that is starting, bounded by the deadline
+    return False
+
+
+def test_dsv4_serve_under_launch_matches_one_process(selftest_model, tmp_path):
+    """`dsv4 serve` started as 2 ranks answers as one process does, and both ranks exit 0 when
+    rank 0 is interrupted."""
+    import signal
+
+    web, web1 = free_ports(2)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    base = [sys.executable, "-m", "mlx_dsv4.cli", "serve", str(selftest_model), "--exact-sampling",
+            "--max-context", "2048"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    logs = [open(tmp_path / f"{n}.log", "w+") for n in ("rank0", "rank1", "single")]
+    runs = [(["--port", str(web)], dict(env, MLX_RANK="0", MLX_HOSTFILE=str(hostfile))),
+            (["--port", str(web)], dict(env, MLX_RANK="1", MLX_HOSTFILE=str(hostfile))),
+            (["--port", str(web1), "--no-mtp", "--no-prompt-cache"], env)]
+    procs = [subprocess.Popen(base + argv, env=e, stdout=log, stderr=subprocess.STDOUT)
+             for (argv, e), log in zip(runs, logs)]
+
+    def report():
+        out = []
+        for name, log, p in zip(("rank 0", "rank 1", "single"), logs, procs):
+            log.seek(0)
+            out.append(f"--- {name} (exit {p.poll()}) ---\n{log.read()[-3000:]}")
+        return "\n".join(out)
+
+    try:
+        deadline = time.monotonic() + RANK_TIMEOUT
+        assert _wait_up(web, procs, deadline) and _wait_up(web1, procs, deadline), report()
+        turns = [[{"role": "user", "content": "hi"}],
+                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                  {"role": "user", "content": "more"}],
+                 [{"role": "user", "content": "hi"}]]  # rewinds to the first prompt's snapshot
+        for messages in turns:
+            body = {"messages": messages, "max_tokens": 12, "temperature": 0}
+            a, b = _post(web, body), _post(web1, body)
+            assert a["choices"][0]["message"] == b["choices"][0]["message"], report()
+            assert a["usage"] == b["usage"]
+        procs[0].send_signal(signal.SIGINT)
+        procs[2].send_signal(signal.SIGINT)
+        for p in procs[:2]:  # rank 1 stops when rank 0 tells it to
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        assert [p.returncode for p in procs[:2]] == [0, 0], report()
+        logs[1].seek(0)
+        assert "rank 1: layers" in logs[1].read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
 
 
 if __name__ == "__main__":
