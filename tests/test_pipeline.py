@@ -187,6 +187,20 @@ def test_refusals_name_what_is_off(model_dir):
         model(ids, cache)
 
 
+def test_ctrl_c_waits_for_the_ring_pass_to_end():
+    import signal
+
+    from mlx_dsv4.model.pipeline import whole_pass
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with whole_pass():
+            signal.raise_signal(signal.SIGINT)
+            done.append("the rest of the pass")
+    assert done == ["the rest of the pass"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_split_follows_memory():
     from mlx_dsv4.plan import PlanError, split_layers
 

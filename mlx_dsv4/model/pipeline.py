@@ -33,9 +33,12 @@ ids through the ring (correct, but costs a prefill of that prefix).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -209,6 +212,23 @@ def _recv(shape, dtype, src: int, group) -> mx.array:
     return x
 
 
+@contextlib.contextmanager
+def whole_pass():
+    """Hold Ctrl-C until the block ends: a ring pass cut in half (header sent, streams not) would
+    leave the ranks out of step for good. Only the main thread receives SIGINT in Python."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # now, to the handler that was there
+
+
 @dataclasses.dataclass
 class _Track:
     key: int
@@ -301,22 +321,24 @@ class PipelineModel(nn.Module):
             cache = make_cache(self, batch=ids.shape[0])
         t = self._track(cache)
         p = cache[0].offset
-        if p < t.offset:
-            self._replay(cache, t)
-        elif p > t.offset:
+        if p > t.offset:
             raise PipelineError(
                 f"This cache holds {p} tokens the other ranks never saw (restored from a prompt "
                 "cache?): pipeline mode cannot load saved state into remote ranks; run without "
                 "the prompt cache (--no-prompt-cache).")
-        self._flush_dead()
-        X = self._ring(ids, cache, t, REPLY | (LAST_ONLY if last_only else 0))
+        with whole_pass():
+            if p < t.offset:
+                self._replay(cache, t)
+            self._flush_dead()
+            X = self._ring(ids, cache, t, REPLY | (LAST_ONLY if last_only else 0))
         return self.stage.logits(X)
 
     def close(self):
         """Tell the workers to stop (they return from `run_worker`)."""
         if not self._closed:
-            self._flush_dead()
-            self._header(STOP)
+            with whole_pass():
+                self._flush_dead()
+                self._header(STOP)
             self._closed = True
 
 
