@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -332,6 +333,44 @@ def test_dsv4_serve_under_launch_matches_one_process(selftest_model, tmp_path):
                 p.wait()
         for log in logs:
             log.close()
+
+
+def test_dsv4_chat_under_launch_survives_ctrl_c(selftest_model, tmp_path, monkeypatch):
+    """Ctrl-C stops a pipelined reply and the chat goes on with its prefix reused (the chat's own
+    SIGINT handler and the pipeline's whole-pass guard nest), and both ranks exit 0 on /quit."""
+    import signal
+
+    import test_chat_terminal as tc
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), MLX_HOSTFILE=str(hostfile))
+    log = open(tmp_path / "rank1.log", "w+")
+    rank1 = subprocess.Popen([sys.executable, "-m", "mlx_dsv4.cli", "chat", str(selftest_model)],
+                             env=dict(env, MLX_RANK="1"), stdout=log, stderr=subprocess.STDOUT)
+    monkeypatch.setenv("MLX_RANK", "0")
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    term = tc.chat(selftest_model, tmp_path, "--max-tokens", "100000")
+    try:
+        term.expect(r"Ctrl-D leaves\n" + tc.PROMPT)
+        for turn in range(2):
+            term.send("write forever\r")
+            term.expect(r"thinking…")
+            term.proc.send_signal(signal.SIGINT)
+            stats = term.expect(tc.STATS + tc.PROMPT)
+            assert "stopped by you" in stats
+        assert re.search(r"\(([1-9][\d,]*) reused\)", stats)  # the second turn reused the first
+        term.send("/quit\r")
+        assert term.proc.wait(timeout=30) == 0
+        assert rank1.wait(timeout=30) == 0
+    finally:
+        term.close()
+        if rank1.poll() is None:
+            rank1.kill()
+            rank1.wait()
+        log.seek(0)
+        print(log.read()[-3000:])  # shown by pytest when the test fails
+        log.close()
 
 
 if __name__ == "__main__":
