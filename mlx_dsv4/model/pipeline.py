@@ -16,12 +16,21 @@ reply) that live with the request on rank 0. Sending logits back would cost V x 
 (517 KB for V4); sending the final streams costs N x D x 2 (Pro: 57 KB, Flash: 32 KB), the same
 as every other hop, and the head's weights sit beside the embedding (rank 0 gets fewer layers
 for it). Per decoded token each hop carries a 32-byte header, B x 4 bytes of token ids (hash
-routing and the router read them on every rank) and B x N x D activation bytes.
+routing reads them on every rank) and the B x N x D streams (2 bytes each in bf16).
+
+Loading: every rank reads its own layers from its copy of the one converted folder
+(`weights.load_part` opens only the shards the index maps them to; `mx.load` reads a tensor only
+when it is evaluated). The converter writes no per-rank shard sets: the split is decided when
+the job starts, from the memory each rank reports (`plan.pipeline_split`), so one folder serves
+any set of Macs, and a single Mac too.
 
 Rank 0's `PipelineModel` is called like `Model` (`model(ids, cache, last_only=...)` -> logits);
 ranks > 0 run `run_worker`, which follows the commands that arrive with the activations. Each
 rank-0 cache list (one per conversation) has a key; workers keep their own layers' pools under
-that key and drop them when rank 0's list is garbage-collected.
+that key and drop them when rank 0's list is garbage-collected. A call sends and receives its
+messages one evaluation at a time and returns after the round trip: the bytes between two ranks
+keep one order, and nothing is left in flight when nobody reads a prefill chunk's logits; it
+gives up the overlap `generate_step`'s `async_eval` gets on one Mac.
 
 Off in pipeline mode, each refused with a sentence: MTP speculation and `return_streams` (the MTP
 block would need the trunk's streams and a second head on rank 0), the prompt cache (it restores
