@@ -245,6 +245,19 @@ def test_each_rank_plans_its_share(model_dir):
         plan_rank(model_dir, [1 << 30, plans[1].weight_bytes // 2], 0, 4096)
 
 
+def test_dsv4_plan_with_hosts():
+    from typer.testing import CliRunner
+
+    from mlx_dsv4.cli import app
+
+    ok = CliRunner().invoke(app, ["plan", "pro", "--hosts", "512GB,512GB"], env={"COLUMNS": "150"})
+    assert ok.exit_code == 0, ok.output
+    assert "0-29 + embed/head" in ok.output and "30-60" in ok.output
+    assert "fits on 2 host(s)" in ok.output and "57,344 bytes" in ok.output
+    small = CliRunner().invoke(app, ["plan", "pro", "--hosts", "256GB,256GB"], env={"COLUMNS": "150"})
+    assert small.exit_code == 2 and "does not fit on 2 host(s)" in small.output
+
+
 def test_hosts_from_hostfile(tmp_path):
     from mlx_dsv4.plan import GiB, PlanError, parse_hosts
 
