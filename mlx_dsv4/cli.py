@@ -281,6 +281,27 @@ def _prompt_cache(max_bytes: int, directory: Path | None, disk_bytes: int, off: 
     return {"max_bytes": max_bytes, "directory": directory, "disk_bytes": disk_bytes}
 
 
+def _pipeline(model: str, expert_memory, max_context, kv_bits, prefill_chunk) -> int | None:
+    """Under `mlx.launch` with several ranks: ranks > 0 serve their layers here until rank 0
+    stops (returns their rank), rank 0 returns 0 and runs the command; None without a launcher."""
+    from .model.pipeline import LAUNCH_ENV
+
+    if not any(k in os.environ for k in LAUNCH_ENV):
+        return None
+    from .model.pipeline import launched_group, serve_rank
+    from .model.weights import resolve_model
+
+    group = launched_group()
+    if group is None:
+        return None
+    if expert_memory is not None:
+        raise typer.BadParameter("pipeline mode keeps every routed expert in memory.",
+                                 param_hint="--expert-memory")
+    if group.rank() > 0:
+        serve_rank(resolve_model(model), max_context, kv_bits, prefill_chunk)
+    return group.rank()
+
+
 def _check_kv_bits(kv_bits: int | None) -> None:
     if kv_bits not in (None, 8):
         raise typer.BadParameter("only 8 is supported (omit the option for bf16 pools).",
@@ -310,8 +331,13 @@ def chat(
     prompt_cache_disk_bytes: CacheDiskBytes = "20GB",
     no_prompt_cache: NoCache = False,
 ) -> None:
-    """Chat in the terminal; /help lists the commands."""
+    """Chat in the terminal; /help lists the commands. Under mlx.launch, one pipeline over the ranks."""
     _check_kv_bits(kv_bits)
+    rank = _pipeline(model, expert_memory, max_context, kv_bits, prefill_chunk)
+    if rank is not None:  # a pipeline: no MTP, no prompt cache
+        if rank:
+            return
+        no_mtp = no_prompt_cache = True
     from rich.console import Console
 
     console = Console()
@@ -355,8 +381,14 @@ def serve(
     prompt_cache_disk_bytes: CacheDiskBytes = "20GB",
     no_prompt_cache: NoCache = False,
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
+    Under mlx.launch, rank 0 serves and the other ranks hold their share of the layers."""
     _check_kv_bits(kv_bits)
+    rank = _pipeline(model, expert_memory, max_context, kv_bits, prefill_chunk)
+    if rank is not None:  # a pipeline: no MTP, no prompt cache
+        if rank:
+            return
+        no_mtp = no_prompt_cache = True
     from rich.console import Console
 
     # Said before the web stack and MLX are imported: the first line comes at once.
@@ -388,11 +420,18 @@ def plan(
     hit_rate: Annotated[float | None, typer.Option(
         min=0, max=1, metavar="FLOAT", help="Expert cache hit rate to estimate SSD reads with "
                                             "(default: the cache's share of the experts).")] = None,
+    hosts: Annotated[str | None, typer.Option(metavar="SIZES", help="Split over several Macs of "
+                                              "these sizes, in rank order: 512GB,512GB.")] = None,
+    hostfile: Annotated[Path | None, typer.Option(metavar="FILE", help="mlx.launch's JSON hostfile, "
+                                                  "each host with a \"memory\" field.")] = None,
 ) -> None:
     """Will this model and context fit? Per recipe for a release; weights, KV, activations for one.
 
-    When no recipe fits with every expert resident, plans streaming them from SSD."""
+    When no recipe fits with every expert resident, plans streaming them from SSD. With --hosts
+    or --hostfile: the layer split over several Macs (pipeline mode) and what each one holds."""
     _check_kv_bits(kv_bits)
+    if hosts is not None or hostfile is not None:
+        return _plan_hosts(model, hosts, hostfile, context, recipe, kv_bits, prefill_chunk)
     from rich.console import Console
 
     from .plan import is_converted, plan_memory, plan_recipes
@@ -417,6 +456,32 @@ def plan(
         if not p.streams:
             console.print("--expert-memory auto plans the routed experts streamed from SSD.",
                           highlight=False)
+        raise typer.Exit(2)
+
+
+def _plan_hosts(model, hosts, hostfile, context, recipe, kv_bits, prefill_chunk) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plan import format_bytes as gib
+    from .plan import parse_hosts, plan_pipeline
+
+    p = plan_pipeline(model, parse_hosts(hosts, hostfile), context=context, recipe=recipe,
+                      kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens · pipeline over "
+                        f"{len(p.stages)} hosts")
+    for col in ("host", "layers", "weights", "KV", "state + activations", "total", "budget", ""):
+        table.add_column(col, justify="left" if col in ("host", "layers", "") else "right")
+    for k, s in enumerate(p.stages):
+        extra = " + embed/head" if k == 0 else ""
+        table.add_row(s.host, f"{s.layers.start}-{s.layers.stop - 1}{extra}", gib(s.weight_bytes),
+                      gib(s.kv_bytes), gib(s.fixed_bytes + s.activation_bytes), gib(s.total_bytes),
+                      gib(s.budget_bytes), "fits" if s.fits else "too big")
+    console = Console()
+    console.print(table)
+    console.print(f"{p.verdict()}. Each hop carries {p.hop_bytes_per_token:,} bytes of activations "
+                  "per decoded token.", highlight=False)
+    if not p.fits:
         raise typer.Exit(2)
 
 

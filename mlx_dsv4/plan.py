@@ -354,7 +354,16 @@ def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: i
     """(plan, context to run) for a converted model: the asked context if it fits, else an error;
     with none asked, the largest context that fits this machine, capped by the model's maximum.
     `expert_memory` plans the routed experts streamed through a cache of that size; `other_bytes`
-    comes off the budget (see `plan_memory`)."""
+    comes off the budget (see `plan_memory`). Started by `mlx.launch` with several ranks, it
+    plans this rank's share of a pipeline (`plan_rank`, every rank's budget gathered)."""
+    from .model.pipeline import LAUNCH_ENV
+
+    if any(k in os.environ for k in LAUNCH_ENV):
+        from .model.pipeline import gather_budgets, launched_group
+
+        if (group := launched_group()) is not None:
+            return plan_rank(path, gather_budgets(group), group.rank(), max_context,
+                             kv_bits=kv_bits, prefill_chunk=prefill_chunk)
     limit = ModelArgs.from_file(path).max_position_embeddings
     plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
                        expert_memory=expert_memory, other_bytes=other_bytes)
@@ -446,3 +455,218 @@ def _weights(model, recipe):
         return args, weight_bytes_from_dir(path), meta.get("recipe", "converted"), str(path)
     recipe = recipe or default_recipe()
     return args, weight_bytes(args, recipe), recipe, str(path)
+
+
+# ----- several Macs: pipeline stages -------------------------------------------------------------
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def layer_weight_bytes(model: str | Path | ModelArgs, recipe: str | None = None) -> tuple[list[int], int]:
+    """(weight bytes of each trunk layer, bytes of the rest a pipeline loads: embedding, final
+    norm, head and its mHC collapse). MTP blocks are left out: pipeline mode does not run them."""
+    args, _, recipe, _ = _weights(model, recipe)
+    per_layer, rest = [0] * args.num_hidden_layers, 0
+    path = Path(model).expanduser() if not isinstance(model, ModelArgs) else None
+    if path is not None and is_converted(path) and recipe not in recipes():
+        items = ((name, v["data_offsets"][1] - v["data_offsets"][0])
+                 for f in sorted(path.glob("*.safetensors")) for name, v in _header(f).items())
+    elif recipe == "official":
+        items = ((n, math.prod(s) * _OFFICIAL_BYTES[r]) for n, s, r in args.tensors(False))
+    else:
+        from .convert.plan import _bytes_by_tensor  # the per-tensor form of recipe_bytes
+
+        items = ((n, b) for n, b, _ in _bytes_by_tensor(args, recipe, False))
+    for name, n in items:
+        if (m := _LAYER.match(name)) is not None:
+            per_layer[int(m.group(1))] += n
+        elif not name.startswith("mtp."):
+            rest += n
+    return [round(b) for b in per_layer], round(rest)
+
+
+def split_layers(layer_bytes: list[int], budgets: list[int], first_extra: int = 0) -> list[range]:
+    """Contiguous layer ranges, one per host in rank order, so that each host's bytes (its
+    layers, plus `first_extra` on host 0) are in proportion to its budget; each gets a layer."""
+    L, n = len(layer_bytes), len(budgets)
+    if n < 1 or L < n:
+        raise PlanError(f"{n} host(s) for {L} layer(s): a pipeline needs one layer per host at least.")
+    if min(budgets) <= 0:
+        raise PlanError("Every host needs a positive memory budget.")
+    total, whole = sum(layer_bytes) + first_extra, sum(budgets)
+    cum = [first_extra]
+    for b in layer_bytes:
+        cum.append(cum[-1] + b)
+    bounds, share = [0], 0
+    for k in range(n - 1):
+        share += budgets[k]
+        target = total * share / whole
+        lo, hi = bounds[-1] + 1, L - (n - 1 - k)
+        # The cut whose cumulative bytes land nearest this host's cumulative share.
+        bounds.append(min(range(lo, hi + 1), key=lambda i: abs(cum[i] - target)))
+    bounds.append(L)
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class Stage:
+    """One host of a pipeline plan: its layers and its bytes at the plan's context."""
+    host: str
+    layers: range
+    weight_bytes: int
+    kv_bytes: int
+    fixed_bytes: int
+    activation_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.fixed_bytes + self.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+
+@dataclass
+class PipelinePlan:
+    model: str
+    recipe: str
+    context: int
+    stages: list[Stage]
+    largest_context: int
+    hop_bytes_per_token: int  # the residual streams one decoded token sends over each hop
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.stages)
+
+    def verdict(self) -> str:
+        n = len(self.stages)
+        if self.fits:
+            return (f"fits on {n} host(s); largest context that fits them all: "
+                    f"{self.largest_context:,} tokens")
+        worst = max(self.stages, key=lambda s: s.total_bytes - s.budget_bytes)
+        where = (f"largest context that fits: {self.largest_context:,} tokens" if self.largest_context
+                 else "no context fits")
+        return (f"does not fit on {n} host(s): {worst.host} (layers {worst.layers.start}-"
+                f"{worst.layers.stop - 1}) needs {format_bytes(worst.total_bytes, 1)} of "
+                f"{format_bytes(worst.budget_bytes, 1)}; {where}")
+
+
+def _stage_state(args: ModelArgs, layers: range, context: int, kv_bits: int | None) -> tuple[int, int]:
+    import mlx.core as mx
+
+    from .model.cache import LayerCache
+
+    pools = fixed = 0
+    for i in layers:  # lazy zeros: nothing is allocated
+        c = LayerCache(args, i, 1, mx.bfloat16, max(context, 1), kv_bits)
+        p = sum(part.nbytes for part in (c.kv_pool, c.index_pool) if part is not None)
+        pools, fixed = pools + p, fixed + c.nbytes - p
+    return pools, fixed
+
+
+def pipeline_split(model: str | Path | ModelArgs, budgets: list[int],
+                   recipe: str | None = None) -> list[range]:
+    """The layer ranges of a pipeline over hosts with these budgets (rank order): weights in
+    proportion to memory, host 0 also holding the embedding and head. `plan_pipeline` and
+    `pipeline.load_pipeline` both cut here, so the plan describes what is loaded."""
+    per_layer, extra = layer_weight_bytes(model, recipe)
+    return split_layers(per_layer, budgets, extra)
+
+
+def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *, context: int,
+                  recipe: str | None = None, kv_bits: int | None = None,
+                  prefill_chunk: int = 512, reserve: bool = True) -> PipelinePlan:
+    """Split a model over `hosts` ((name, memory bytes) in rank order) for a pipeline run.
+
+    Each host's budget is its memory less the OS reserve a Mac keeps (`reserve=False`: the bytes
+    are budgets already); layers are cut by `pipeline_split`. Each host pays its layers' KV at
+    `context` and a forward's activations. The largest context is the one every host fits.
+    """
+    args, _, recipe, name = _weights(model, recipe)
+    if not 1 <= context <= args.max_position_embeddings:
+        raise PlanError(f"A context of {context:,} tokens is outside what {name} supports "
+                        f"(1 to {args.max_position_embeddings:,}).")
+    per_layer, extra = layer_weight_bytes(model, None if is_converted(model) else recipe)
+    budgets = [_with_reserve(m) if reserve else m for _, m in hosts]
+    split = split_layers(per_layer, budgets, extra)
+
+    def stages(ctx: int) -> list[Stage]:
+        act = max(activation_bytes(args, min(prefill_chunk, ctx), ctx, kv_bits),
+                  activation_bytes(args, 1, ctx, kv_bits))
+        out = []
+        for k, ((host, _), layers, budget) in enumerate(zip(hosts, split, budgets)):
+            pools, fixed = _stage_state(args, layers, ctx, kv_bits)
+            w = sum(per_layer[i] for i in layers) + (extra if k == 0 else 0)
+            out.append(Stage(host, layers, w, pools, fixed, act, budget))
+        return out
+
+    lo, hi = 0, args.max_position_embeddings
+    if all(s.fits for s in stages(hi)):
+        lo = hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if all(s.fits for s in stages(mid)) else (lo, mid - 1)
+    hop = args.hc_mult * args.hidden_size * 2  # bf16 streams [1, 1, N, D]
+    return PipelinePlan(name, recipe, context, stages(context), lo, hop)
+
+
+def plan_rank(path: str | Path, budgets: list[int], rank: int, max_context: int | None = None, *,
+              kv_bits: int | None = None, prefill_chunk: int = 512) -> tuple[Plan, int]:
+    """`plan_context` for one rank of a launched pipeline, given every rank's budget: this
+    rank's share as a `Plan` (its layers' weights and KV, its budget), with the largest context
+    that fits every rank. Refused, naming the rank that does not fit, like `plan_context`."""
+    limit = ModelArgs.from_file(path).max_position_embeddings
+    hosts = [(f"rank {r}", b) for r, b in enumerate(budgets)]
+    kw = dict(kv_bits=kv_bits, prefill_chunk=prefill_chunk, reserve=False)
+    pp = plan_pipeline(path, hosts, context=max_context or limit, **kw)
+    name = Path(path).name
+    if max_context is not None and not pp.fits:
+        raise PlanError(f"{name} with {max_context:,} tokens of context {pp.verdict()}")
+    context = max_context or min(pp.largest_context, limit)
+    if context <= 0:
+        raise PlanError(f"{name} {pp.verdict()}")
+    if context != pp.context:
+        pp = plan_pipeline(path, hosts, context=context, **kw)
+    s, args = pp.stages[rank], ModelArgs.from_file(path)
+    chunk = max(1, min(prefill_chunk, context))
+    source = f"rank {rank} of {len(budgets)}: layers {s.layers.start}-{s.layers.stop - 1}"
+    plan = Plan(name, pp.recipe, context, kv_bits, chunk, s.weight_bytes, s.kv_bytes, s.fixed_bytes,
+                activation_bytes(args, chunk, context, kv_bits), activation_bytes(args, 1, context, kv_bits),
+                s.budget_bytes, source, s.kv_bytes / context, pp.largest_context)
+    plan.max_prefill_chunk = _max_prefill_chunk(args, plan)
+    return plan, context
+
+
+def parse_hosts(hosts: str | None = None, hostfile: str | Path | None = None) -> list[tuple[str, int]]:
+    """Hosts as (name, memory bytes) from '512GB,256GB' or from an `mlx.launch` JSON hostfile whose
+    entries carry a "memory" field (mlx.launch ignores it), e.g.
+    [{"ssh": "mac1", "ips": ["10.0.0.1"], "memory": "512GB"}, ...]."""
+    if (hosts is None) == (hostfile is None):
+        raise PlanError("Give the hosts' memory as --hosts 512GB,512GB or a --hostfile, not both.")
+    if hosts is not None:
+        sizes = [s for s in hosts.split(",") if s.strip()]
+        try:
+            return [(f"host {k}", parse_size(s)) for k, s in enumerate(sizes)]
+        except ValueError as e:
+            raise PlanError(f"--hosts: {e}") from e
+    try:
+        data = json.loads(Path(hostfile).read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{hostfile}: cannot read it as JSON ({e}).") from e
+    entries = data.get("hosts", []) if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise PlanError(f"{hostfile}: expected a JSON list of hosts (mlx.launch's hostfile format).")
+    out = []
+    for k, h in enumerate(entries):
+        name = h.get("ssh", f"host {k}") if isinstance(h, dict) else f"host {k}"
+        if not isinstance(h, dict) or "memory" not in h:
+            raise PlanError(f"{hostfile}: host {k} ({name}) has no \"memory\" field, e.g. "
+                            f"\"memory\": \"512GB\".")
+        try:
+            out.append((name, parse_size(str(h["memory"]))))
+        except ValueError as e:
+            raise PlanError(f"{hostfile}: host {k} ({name}): {e}") from e
+    return out

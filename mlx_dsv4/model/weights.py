@@ -82,12 +82,20 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
                prefetch: bool = False) -> Model:
     """Build the model of a converted directory and load its weights strictly.
 
-    With `expert_memory` (bytes), the routed experts stay on disk: they are read on demand
-    into a cache of that size (`experts_stream`), the rest of the weights is loaded as usual;
-    the store is `model.expert_store`. `prefetch` reads the next layer's guessed experts ahead
-    (off by default: on random weights it read more than it saved, see experts_stream).
+    Under `mlx.launch` with several ranks this is rank 0's `pipeline.PipelineModel` (ranks > 0
+    run `pipeline.serve_rank`). With `expert_memory` (bytes), the routed experts stay on disk:
+    they are read on demand into a cache of that size (`experts_stream`), the rest of the
+    weights is loaded as usual; the store is `model.expert_store`. `prefetch` reads the next
+    layer's guessed experts ahead (off by default: on random weights it read more than it
+    saved, see experts_stream).
     """
+    from .pipeline import launched_group, load_pipeline
+
     path = Path(path)
+    if (group := launched_group()) is not None:  # several ranks: this one holds some layers
+        if expert_memory is not None:
+            raise LoadError("Pipeline mode keeps every routed expert in memory: drop --expert-memory.")
+        return load_pipeline(path, group, lazy=lazy)
     args = ModelArgs.from_file(path)
     weights: dict[str, mx.array] = {}
     shards = shard_files(path)
@@ -108,6 +116,31 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
         mx.eval(model.parameters())
         model.fuse()
     return model
+
+
+def load_part(path: str | Path, module: nn.Module, keep, lazy: bool = False) -> nn.Module:
+    """Load into `module` the tensors `keep(name)` selects, strictly: a pipeline rank's layers.
+
+    Only the shards the index maps those names to are opened, and `mx.load` reads a tensor only
+    when it is evaluated, so a rank reads its own layers' bytes and no others.
+    """
+    path = Path(path)
+    args = ModelArgs.from_file(path)
+    shards = shard_files(path)
+    if (path / INDEX).exists():
+        wanted = {f for n, f in load_json(path / INDEX, LoadError)["weight_map"].items() if keep(n)}
+        shards = [f for f in shards if f.name in wanted]
+    weights = {}
+    for f in shards:
+        weights.update({k: v for k, v in mx.load(str(f)).items() if keep(k)})
+    if args.quantization:
+        nn.quantize(module, class_predicate=quantization_predicate(args.quantization, weights))
+    check_tensors(module, weights)
+    module.load_weights(list(weights.items()), strict=False)
+    del weights
+    if not lazy:
+        mx.eval(module.parameters())
+    return module
 
 
 def model_dirs() -> list[Path]:

@@ -1,0 +1,446 @@
+"""Pipeline parallelism over `mx.distributed`: the trunk's layers split across ranks (Macs).
+
+Rank r holds a contiguous run of layers (`plan.split_layers`, in proportion to each host's
+memory) and only those layers' weights and decode pools. Rank 0 also holds the embedding and
+the head (final norm, `hc_head` collapse, vocabulary projection), so the first and last steps of
+a forward happen where the generator runs. A forward goes round the ring once:
+
+    rank 0: embed, its layers ─streams─▶ rank 1: its layers ─▶ … ─▶ rank n-1: its layers
+      ▲                                                                        │
+      └──────────── last position's streams [B, 1, N, D] ◀────────────────────┘
+    rank 0: head -> logits -> the generator samples (processors, grammar, seed: all unchanged)
+
+Why the head sits on rank 0 rather than sampling on the last rank: `generation/generate.py`
+samples with per-request logits processors (penalties, logit bias, a grammar that follows the
+reply) that live with the request on rank 0. Sending logits back would cost V x 4 bytes a token
+(517 KB for V4); sending the final streams costs N x D x 2 (Pro: 57 KB, Flash: 32 KB), the same
+as every other hop, and the head's weights sit beside the embedding (rank 0 gets fewer layers
+for it). Per decoded token each hop carries a 32-byte header, B x 4 bytes of token ids (hash
+routing reads them on every rank) and the B x N x D streams (2 bytes each in bf16).
+
+Loading: every rank reads its own layers from its copy of the one converted folder
+(`weights.load_part` opens only the shards the index maps them to; `mx.load` reads a tensor only
+when it is evaluated). The converter writes no per-rank shard sets: the split is decided when
+the job starts, from the memory each rank reports (`plan.pipeline_split`), so one folder serves
+any set of Macs, and a single Mac too.
+
+Rank 0's `PipelineModel` is called like `Model` (`model(ids, cache, last_only=...)` -> logits);
+ranks > 0 run `run_worker`, which follows the commands that arrive with the activations. Each
+rank-0 cache list (one per conversation) has a key; workers keep their own layers' pools under
+that key and drop them when rank 0's list is garbage-collected. A call sends and receives its
+messages one evaluation at a time and returns after the round trip: the bytes between two ranks
+keep one order, and nothing is left in flight when nobody reads a prefill chunk's logits; it
+gives up the overlap `generate_step`'s `async_eval` gets on one Mac.
+
+Off in pipeline mode, each refused with a sentence: MTP speculation and `return_streams` (the MTP
+block would need the trunk's streams and a second head on rank 0), the prompt cache (it restores
+pools rank 0 cannot hand to the others) and SSD expert streaming. A session's own snapshots still
+work: when rank 0's cache is rewound, the workers' pools are rebuilt by replaying the kept token
+ids through the ring (correct, but costs a prefill of that prefix).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import weakref
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..config import ModelArgs
+from . import decode, kernels
+from .cache import LayerCache, make_cache
+from .model import Block, _collapse, _init_head, _f32
+from .layers import RMSNorm
+
+HEADER = 8  # int32 slots: command, key, B, S, flags, offset, kv_bits, dtypes (streams + 4 x pools)
+FORWARD, DROP, STOP = 1, 2, 3
+LAST_ONLY, REPLY = 1, 2  # flags
+DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+REPLAY_CHUNK = 512
+
+
+class PipelineError(RuntimeError):
+    """Something pipeline mode does not do, or ranks that disagree."""
+
+
+# What mlx.launch (ring, jaccl) or mpirun set in each rank's environment.
+LAUNCH_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def init(backend: str = "any") -> mx.distributed.Group | None:
+    """The global group when this process was started with several ranks (`mlx.launch`), else
+    None: one process runs the ordinary model. A launched rank whose backend cannot connect
+    raises, rather than quietly running the whole model alone."""
+    if not mx.distributed.is_available():
+        return None
+    group = mx.distributed.init(strict=True, backend=backend)
+    return group if group.size() > 1 else None
+
+
+def launched_group() -> mx.distributed.Group | None:
+    """`init()` for a process that a launcher started, None at once for any other (no backend
+    is probed, so a plain `dsv4 chat` never waits on one)."""
+    return init() if any(k in os.environ for k in LAUNCH_ENV) else None
+
+
+class Stage(nn.Module):
+    """Layers `layers` of the trunk (attribute paths as in `Model`, so checkpoint names load as
+    they are), plus the embedding and head on the first stage."""
+
+    def __init__(self, args: ModelArgs, layers: range, first: bool):
+        super().__init__()
+        self.args, self.indices, self.first = args, layers, first
+        # One-token steps replay a compiled graph of this stage's layers, as Model's do.
+        self.compiled_decode, self._step = True, None
+        # Placeholders below `layers.start` keep `layers.{i}` the checkpoint's own index.
+        self.layers = [nn.Module() for _ in range(layers.start)] + [Block(args, i) for i in layers]
+        if first:
+            self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+            self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            _init_head(self, args)
+
+    def owns(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to this stage."""
+        if name.startswith("layers."):
+            return int(name.split(".")[1]) in self.indices
+        return self.first and not name.startswith("mtp.")
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        e = self.embed
+        return e["scales"].dtype if "scales" in e else e.weight.dtype
+
+    def fuse(self):
+        for i in self.indices:
+            self.layers[i].ffn.experts.fuse()
+            self.layers[i].ffn.shared_experts.fuse()
+            mx.clear_cache()
+        self._step = None  # compiled steps captured the unfused weights
+
+    def make_cache(self, batch: int, dtype: mx.Dtype, kv_bits: int | None) -> list[LayerCache]:
+        return [LayerCache(self.args, i, batch, dtype, None, kv_bits) for i in self.indices]
+
+    def __call__(self, X: mx.array | None, ids: mx.array, cache: list[LayerCache]) -> mx.array:
+        """Streams `[B, S, N, D]` after this stage's layers; the first stage embeds `ids`."""
+        if self.compiled_decode and _one_token(cache, ids):
+            if self._step is None:
+                self._step = StageStep(self)
+            return self._step(X, ids, cache)
+        if X is None:
+            h = self.embed(ids)
+            X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
+        for i, c in zip(self.indices, cache):
+            X = self.layers[i](X, ids, c)
+        return X
+
+    def logits(self, X: mx.array) -> mx.array:
+        return _f32(self.head(self.norm(_collapse(self, X))))
+
+
+def _one_token(cache: list[LayerCache], ids: mx.array) -> bool:
+    """What `decode.supported` checks, for a stage's layers: one new token, one offset."""
+    if ids.ndim != 2 or ids.shape[1] != 1 or not cache:
+        return False
+    p = cache[0].offset
+    return all(c.offset == p and (c.kv_pool is None or c.kv_pool.n == p // c.ratio) for c in cache)
+
+
+class StageStep:
+    """A stage's one-token step compiled per variant key, from decode.py's pieces (the same
+    key, block maths and state layout), so a rank decodes as fast as its share of `Model`."""
+
+    def __init__(self, stage: Stage):
+        self.stage, self.steps, self._aranges = stage, {}, {}
+        a = stage.args
+        kernels.prepare(a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)  # its check cannot run in a trace
+        mx.eval(stage.parameters())
+
+    def _arange(self, n: int) -> mx.array:
+        if n not in self._aranges:  # evaluated first, so a trace captures it as a constant
+            self._aranges[n] = mx.arange(n)
+            mx.eval(self._aranges[n])
+        return self._aranges[n]
+
+    def _build(self, key: tuple, sizes: tuple[int, ...]):
+        stage = self.stage
+        for n in {stage.args.sliding_window} | {spec[3] for spec in key if spec[3]}:
+            self._arange(n)
+        ar = self._aranges.__getitem__
+        layers = [stage.layers[i] for i in stage.indices]
+
+        def step(ids, p, X, *flat):
+            if stage.first:
+                h = stage.embed(ids)
+                X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], stage.args.hc_mult, h.shape[-1]))
+            new, i = [], 0
+            for layer, size, spec in zip(layers, sizes, key):
+                X, st = decode._block(layer, X, ids, list(flat[i : i + size]), p, spec, ar)
+                new += st
+                i += size
+            return (X, *new)
+
+        return mx.compile(step)
+
+    def __call__(self, X: mx.array | None, ids: mx.array, cache: list[LayerCache]) -> mx.array:
+        p = cache[0].offset
+        key = decode._plan(self.stage, cache, p)
+        layouts = [decode.state_arrays(c) for c in cache]
+        sizes = tuple(len(a) for a in layouts)
+        if key not in self.steps:
+            self.steps[key] = self._build(key, sizes)
+        flat = [a for arrays in layouts for a in arrays]
+        del layouts
+        X = mx.zeros((0,)) if X is None else X
+        out = self.steps[key](ids, mx.array(p, mx.int32), X, *flat)
+        del flat  # only the graph holds the old state now, so its updates run in place
+        i = 0
+        for c, size, spec in zip(cache, sizes, key):
+            decode._set_state(c, list(out[1 + i : 1 + i + size]), spec[1])
+            i += size
+        return out[0]
+
+
+def _send(x: mx.array, dst: int, group) -> None:
+    # Each message is evaluated on its own, so the byte stream between two ranks keeps one order.
+    mx.eval(mx.distributed.send(x, dst, group=group))
+
+
+def _recv(shape, dtype, src: int, group) -> mx.array:
+    x = mx.distributed.recv(shape, dtype, src, group=group)
+    mx.eval(x)
+    return x
+
+
+@contextlib.contextmanager
+def whole_pass():
+    """Hold Ctrl-C until the block ends: a ring pass cut in half (header sent, streams not) would
+    leave the ranks out of step for good. Only the main thread receives SIGINT in Python."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # now, to the handler that was there
+
+
+@dataclasses.dataclass
+class _Track:
+    key: int
+    offset: int = 0  # where the workers' pools are
+    ids: list = dataclasses.field(default_factory=list)  # [B, S] chunks they consumed
+
+
+class PipelineModel(nn.Module):
+    """Rank 0's model: called like `Model`, it runs its own layers and the others' through the ring.
+
+    `args` is the model's config cut to rank 0's layers, so `make_cache(pipeline_model)` (as the
+    generator and session call it) builds the pools of those layers only; `full_args` is the
+    whole model's.
+    """
+
+    def __init__(self, stage: Stage, full_args: ModelArgs, group, splits: list[range]):
+        super().__init__()
+        self.stage = stage
+        self.full_args, self.group, self.splits = full_args, group, splits
+        self.args = dataclasses.replace(full_args, num_hidden_layers=stage.indices.stop,
+                                        num_nextn_predict_layers=0)
+        self.mtp: list = []  # no MTP block: speculation stays off (resolve_draft reads this)
+        self.compiled_decode = False
+        self.bytes_sent = 0  # activation and id bytes rank 0 sent to rank 1 (benchmarks)
+        self._tracks: weakref.WeakKeyDictionary[LayerCache, _Track] = weakref.WeakKeyDictionary()
+        self._next_key, self._dead, self._closed = 1, [], False
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.stage.dtype
+
+    def fuse(self):
+        self.stage.fuse()
+
+    def _track(self, cache: list[LayerCache]) -> _Track:
+        t = self._tracks.get(cache[0])
+        if t is None:
+            t = self._tracks[cache[0]] = _Track(self._next_key)
+            self._next_key += 1
+            # The workers' pools go when this cache does (told with the next command).
+            weakref.finalize(cache[0], self._dead.append, t.key)
+        return t
+
+    def _header(self, cmd, key=0, B=0, S=0, flags=0, offset=0, kv_bits=0, dtype=0):
+        _send(mx.array([cmd, key, B, S, flags, offset, kv_bits, dtype], mx.int32), 1, self.group)
+
+    def _flush_dead(self):
+        while self._dead:
+            self._header(DROP, self._dead.pop())
+
+    def _ring(self, ids: mx.array, cache: list[LayerCache], t: _Track, flags: int) -> mx.array | None:
+        """One pass of `ids` round the ring; the last stage's streams come back with REPLY."""
+        B, S = ids.shape
+        X = self.stage(None, ids, cache)
+        kv_bits = next((c.kv_pool.bits or 0 for c in cache if c.kv_pool is not None), 0)
+        dtypes = DTYPES.index(X.dtype) + 4 * DTYPES.index(cache[0].window.keys.dtype)
+        self._header(FORWARD, t.key, B, S, flags, t.offset, kv_bits, dtypes)
+        _send(ids.astype(mx.int32), 1, self.group)
+        _send(X, 1, self.group)
+        self.bytes_sent += HEADER * 4 + B * S * 4 + X.nbytes
+        t.ids.append(np.array(ids))
+        t.offset += S
+        if not flags & REPLY:
+            return None
+        rows = 1 if flags & LAST_ONLY else S
+        return _recv((B, rows, *X.shape[2:]), X.dtype, self.group.size() - 1, self.group)
+
+    def _replay(self, cache: list[LayerCache], t: _Track):
+        """Rank 0's cache was rewound to a snapshot: rebuild the workers' pools up to it."""
+        p = cache[0].offset
+        kept = np.concatenate(t.ids, axis=1)[:, :p] if t.ids else None
+        self._dead.append(t.key)
+        self._flush_dead()
+        t.offset, t.ids = 0, []
+        keys = cache[0].window.keys
+        kv_bits = next((c.kv_pool.bits for c in cache if c.kv_pool is not None), None)
+        scratch = make_cache(self, batch=keys.shape[0], dtype=keys.dtype, kv_bits=kv_bits)
+        for start in range(0, p, REPLAY_CHUNK):
+            self._ring(mx.array(kept[:, start : start + REPLAY_CHUNK]), scratch, t, 0)
+
+    def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None,
+                 last_only: bool = False, return_streams: bool = False):
+        """Logits `[B, S, V]` (`[B, 1, V]` with `last_only`) in fp32; advances every rank's cache."""
+        if return_streams:
+            raise PipelineError("Pipeline mode does not run the MTP block or hand out the trunk's "
+                                "streams: use --no-mtp (speculative decoding is off).")
+        if self._closed:
+            raise PipelineError("The pipeline was closed: its worker ranks have stopped.")
+        if cache is None:
+            cache = make_cache(self, batch=ids.shape[0])
+        t = self._track(cache)
+        p = cache[0].offset
+        if p > t.offset:
+            raise PipelineError(
+                f"This cache holds {p} tokens the other ranks never saw (restored from a prompt "
+                "cache?): pipeline mode cannot load saved state into remote ranks; run without "
+                "the prompt cache (--no-prompt-cache).")
+        with whole_pass():
+            if p < t.offset:
+                self._replay(cache, t)
+            self._flush_dead()
+            X = self._ring(ids, cache, t, REPLY | (LAST_ONLY if last_only else 0))
+        return self.stage.logits(X)
+
+    def close(self):
+        """Tell the workers to stop (they return from `run_worker`)."""
+        if not self._closed:
+            with whole_pass():
+                self._flush_dead()
+                self._header(STOP)
+            self._closed = True
+
+
+def run_worker(stage: Stage, group) -> int:
+    """Rank > 0: follow rank 0's commands until it sends STOP; returns the commands served."""
+    rank, size = group.rank(), group.size()
+    src, dst, last = rank - 1, rank + 1, rank == size - 1
+    caches: dict[int, list[LayerCache]] = {}
+    served = 0
+    while True:
+        h = _recv((HEADER,), mx.int32, src, group)
+        if not last:
+            _send(h, dst, group)
+        cmd, key, B, S, flags, offset, kv_bits, dtype = h.tolist()
+        served += 1
+        if cmd == STOP:
+            return served
+        if cmd == DROP:
+            caches.pop(key, None)
+            continue
+        if cmd != FORWARD:
+            raise PipelineError(f"rank {rank}: unknown pipeline command {cmd} (ranks out of step?)")
+        ids = _recv((B, S), mx.int32, src, group)
+        if not last:
+            _send(ids, dst, group)
+        N, D = stage.args.hc_mult, stage.args.hidden_size
+        X = _recv((B, S, N, D), DTYPES[dtype % 4], src, group)
+        cache = caches.get(key)
+        if cache is None:
+            cache = caches[key] = stage.make_cache(B, DTYPES[dtype // 4], kv_bits or None)
+        if cache[0].offset != offset:
+            raise PipelineError(f"rank {rank}: cache {key} is at {cache[0].offset} tokens, rank 0 "
+                                f"sent position {offset} (ranks out of step)")
+        Y = stage(X, ids, cache)
+        if not last:
+            out = mx.distributed.send(Y, dst, group=group)
+        elif flags & REPLY:
+            out = mx.distributed.send(Y[:, -1:] if flags & LAST_ONLY else Y, 0, group=group)
+        else:
+            out = Y[:, :0]
+        mx.eval(out, [c.state for c in cache])
+
+
+def gather_budgets(group) -> list[int]:
+    """Every rank's memory budget (`plan.machine_budget`) in rank order, in whole MiB so that
+    every rank computes the same split from the same numbers."""
+    from ..plan import machine_budget
+
+    mib = mx.array([machine_budget()[0] >> 20], mx.int32)
+    return [b << 20 for b in mx.distributed.all_gather(mib, group=group).tolist()]
+
+
+def load_pipeline(path: str | Path, group, splits: list[range] | None = None, lazy: bool = False):
+    """This rank's part of a converted model: `PipelineModel` on rank 0, a `Stage` elsewhere.
+
+    Without `splits`, the layers are cut by `plan.split_layers` in proportion to the memory each
+    rank reports (gathered over the group), so every rank computes the same cut.
+    """
+    from ..plan import pipeline_split
+    from .weights import load_part
+
+    path = Path(path)
+    args = ModelArgs.from_file(path)
+    if splits is None:
+        splits = pipeline_split(path, gather_budgets(group))
+    rank = group.rank()
+    if len(splits) != group.size() or splits[0].start != 0 or splits[-1].stop != args.num_hidden_layers:
+        raise PipelineError(f"A split of {args.num_hidden_layers} layers over {group.size()} ranks "
+                            f"is needed, not {splits}.")
+    stage = Stage(args, splits[rank], first=rank == 0)
+    load_part(path, stage, stage.owns, lazy=lazy)
+    if not lazy:
+        stage.fuse()
+    if rank > 0:
+        return stage
+    model = PipelineModel(stage, args, group, splits)
+    atexit.register(model.close)  # the workers stop with rank 0, so mlx.launch returns
+    return model
+
+
+def serve_rank(path: str | Path, max_context: int | None = None, kv_bits: int | None = None,
+               prefill_chunk: int = 512) -> int:
+    """What `dsv4 chat`/`serve` do on ranks > 0: plan as rank 0 does (the same options, so the
+    same collective and the same verdict), load this rank's layers, follow rank 0."""
+    from ..plan import apply_wired_limit, plan_context
+
+    group = launched_group()
+    if group is None or group.rank() == 0:
+        raise PipelineError("serve_rank runs on ranks > 0 of an mlx.launch job.")
+    plan, _ = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+    apply_wired_limit(plan)
+    stage = load_pipeline(path, group)
+    layers = stage.indices
+    print(f"rank {group.rank()}: layers {layers.start}-{layers.stop - 1} loaded, following rank 0",
+          file=sys.stderr, flush=True)
+    return run_worker(stage, group)
