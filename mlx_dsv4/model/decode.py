@@ -44,7 +44,7 @@ def _bucket(n: int, capacity: int) -> int:
     return min(b, capacity)
 
 
-def _plan(model, cache: list[LayerCache], p: int) -> tuple:
+def plan(model, cache: list[LayerCache], p: int) -> tuple:
     """Per layer (ratio, close, mode, bucket, pool quantization) for the token at position p;
     grows pools first. The quantization is None or ((bits, group) of the KV pool, of the index
     pool), so 8-bit pools (`--kv-bits 8`) trace their own variants."""
@@ -87,7 +87,7 @@ def state_arrays(c: LayerCache) -> list[mx.array]:
     return out
 
 
-def _set_state(c: LayerCache, arrays: list[mx.array], close: bool):
+def set_state(c: LayerCache, arrays: list[mx.array], close: bool):
     it = iter(arrays)
     c.window.keys = next(it)
     parts = [(c.compressor, c.kv_pool)] if c.ratio else []
@@ -142,14 +142,22 @@ def _rows(pool: list[mx.array], quant, dtype, bucket: int | None = None, idx=Non
     return mx.dequantize(*pool, group_size=quant[1], bits=quant[0]).astype(dtype)
 
 
-def _attention(att, x, st: list[mx.array], p, spec, ar):
-    m, close, mode, bucket, quant = spec
+def project(att, x, p):
+    """Latent query, roped queries `[B, H, 1, c]` and the roped KV row `[B, 1, c]` for tokens at
+    positions `p` (a scalar, or one position per row `[B]`: `mx.fast.rope` takes either)."""
     B = x.shape[0]
-    H, c, W, dtype = att.n_heads, att.head_dim, att.window, x.dtype
     q_lat = att.q_norm(att.wq_a(x))
-    q = att.wq_b(q_lat).reshape(B, 1, H, c)
+    q = att.wq_b(q_lat).reshape(B, 1, att.n_heads, att.head_dim)
     q = rope(mx.fast.rms_norm(q, None, att.eps).transpose(0, 2, 1, 3), att._periods, p)
     kv = rope(att.kv_norm(att.wkv(x)), att._periods, p)
+    return q_lat, q, kv
+
+
+def core(att, x, q_lat, q, kv, st: list[mx.array], p, spec, ar):
+    """Everything that reads or writes one layer's state, for tokens all at position `p`:
+    the fp32 attention output `[B, H, 1, c]` (not yet inverse-roped) and the new state."""
+    m, close, mode, bucket, quant = spec
+    c, W, dtype = att.head_dim, att.window, x.dtype
     ring = mx.slice_update(st[0], kv, (p % W).reshape(1), axes=(1,))
     out = [ring]
     parts = [(ring.astype(F32), (ar(W) <= p)[None], False)]
@@ -175,10 +183,21 @@ def _attention(att, x, st: list[mx.array], p, spec, ar):
             keys = _rows(ipool, qix, dtype, bucket)
             idx = _select(att.indexer, x, q_lat, keys, n, p, att._index_periods, ar)
             parts.append((_rows(pool, qkv, F32, idx=idx), None, True))
-    o = _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink)
+    return _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink), out
+
+
+def output(att, o, p, dtype):
+    """Inverse rope at positions `p` (scalar or `[B]`) and the grouped output projection."""
+    B = o.shape[0]
     o = rope(o.astype(dtype), att._periods, p, inverse=True)
     o = o.transpose(0, 2, 1, 3).reshape(B, 1, att.groups, -1)
-    return att.wo_b(att.wo_a(o).reshape(B, 1, -1)), out
+    return att.wo_b(att.wo_a(o).reshape(B, 1, -1))
+
+
+def _attention(att, x, st: list[mx.array], p, spec, ar):
+    q_lat, q, kv = project(att, x, p)
+    o, out = core(att, x, q_lat, q, kv, st, p, spec, ar)
+    return output(att, o, p, x.dtype), out
 
 
 def _select(ix, x, q_lat, keys, n, p, periods, ar):
@@ -249,7 +268,7 @@ class DecodeStep:
     def __call__(self, ids: mx.array, cache: list[LayerCache]):
         """Logits `[B, 1, V]` (fp32) and the final streams for one token per sequence."""
         p = cache[0].offset
-        key = _plan(self.model, cache, p)
+        key = plan(self.model, cache, p)
         layouts = [state_arrays(c) for c in cache]
         sizes = tuple(len(a) for a in layouts)
         if key not in self.steps:
@@ -262,6 +281,6 @@ class DecodeStep:
         logits, X, new = out[0], out[1], out[2:]
         i = 0
         for c, size, spec in zip(cache, sizes, key):
-            _set_state(c, new[i : i + size], spec[1])
+            set_state(c, new[i : i + size], spec[1])
             i += size
         return logits, X
