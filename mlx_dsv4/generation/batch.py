@@ -1,8 +1,8 @@
 """Continuous batching: several requests decode together, one batched forward per step.
 
 A `Batcher` owns the running sequences of one model. Each `step()` admits waiting requests
-(a fresh cache each, or the longest prefix the shared `PromptCache` holds), feeds at most one
-prefill chunk of one request, then runs one batched one-token step (`model/batch_decode.py`)
+(a fresh cache each, or the longest prefix the shared `PromptCache` holds), feeds at most
+`prefill_chunk` prompt tokens (of one long prompt, or of several short ones), then runs one batched one-token step (`model/batch_decode.py`)
 for every sequence whose prompt is in, samples each row with that request's own sampler and
 processors, and hands each request its `Chunk` through its `sink`. A new prompt is thus
 prefilled between the running streams' tokens, a chunk at a time, and a finished or cancelled
@@ -102,6 +102,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._step = None
         self.steps = 0
+        self.peak = 0  # the most sequences one step has decoded
 
     def add(self, request: Request) -> Request:
         with self._lock:
@@ -124,11 +125,14 @@ class Batcher:
         for r in admitted:
             self._admit(r)
         self.active += [r for r in admitted if not r.finished]
-        pending = [r for r in self.active if r.next is None]
-        if pending:
-            self._prefill(pending[0])
+        budget = self.prefill_chunk
+        for r in [r for r in self.active if r.next is None]:
+            if budget <= 0:
+                break
+            budget -= self._prefill(r, budget)
         ready = [r for r in self.active if r.next is not None and not r.finished]
         if ready:
+            self.peak = max(self.peak, len(ready))
             self._decode(ready)
         self.active = [r for r in self.active if not r.finished]
         self.steps += 1
@@ -182,9 +186,11 @@ class Batcher:
             return hit.n
         return 0
 
-    def _prefill(self, r: Request):
-        """One chunk of `r`'s prompt (all but its last token, which the decode step feeds)."""
-        end = min(r.fed + self.prefill_chunk, len(r.ids) - 1)
+    def _prefill(self, r: Request, budget: int) -> int:
+        """Up to `budget` more tokens of `r`'s prompt (all but its last token, which the decode
+        step feeds); returns how many it fed."""
+        start = r.fed
+        end = min(r.fed + budget, len(r.ids) - 1)
         try:
             self.model(mx.array(r.ids[r.fed : end])[None], r.cache, last_only=True)
             mx.eval([c.state for c in r.cache])
@@ -192,10 +198,12 @@ class Batcher:
             if r.progress:
                 r.progress(end, len(r.ids))
         except Cancelled as e:
-            return r.leave(e)
+            r.leave(e)
+            return end - start
         except Exception as e:  # this request's failure, not the batch's
             log.exception("prefill failed")
-            return r.leave(e)
+            r.leave(e)
+            return end - start
         if end == len(r.ids) - 1:
             r.next = r.ids[-1]
             if self.prompt_cache is not None:
@@ -203,6 +211,7 @@ class Batcher:
                     self.prompt_cache.store(r.ids[:-1], r.cache)
                 except Exception as e:  # the reply matters more than caching it
                     log.warning("prompt cache: could not keep this prompt's state: %s", e)
+        return end - start
 
     def _decode(self, ready: list[Request]):
         if self._step is None:
