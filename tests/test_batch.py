@@ -221,3 +221,17 @@ def test_a_job_whose_reader_leaves_frees_its_slot_within_a_step(served):
 
 def served_prompt() -> list[int]:
     return prompt(30, 9)
+
+
+def test_plan_shows_a_batch_and_refuses_one_that_does_not_fit():
+    from typer.testing import CliRunner
+
+    from mlx_dsv4.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["plan", "flash", "--recipe", "q4", "--context", "262144", "--memory", "256GB",
+                             "--batch", "8"], env={"COLUMNS": "200"})
+    assert ok.exit_code == 0 and "8 sequences" in ok.output and "decode activations (8 rows)" in ok.output
+    no = runner.invoke(app, ["plan", "flash", "--recipe", "q4", "--context", "262144", "--memory", "256GB",
+                             "--batch", "64"], env={"COLUMNS": "200"})
+    assert no.exit_code == 2 and "does not fit" in no.output
