@@ -17,7 +17,7 @@ from conftest import build_model
 from fakes import ByteTokenizer
 from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.generation.batch import DONE, Batcher, Cancelled, Request
-from mlx_dsv4.generation.generate import ContextError, stream_generate
+from mlx_dsv4.generation.generate import Chunk, ContextError, stream_generate
 from mlx_dsv4.serve.app import create_app
 from mlx_dsv4.serve.engine import Engine, Job
 from mlx_dsv4.serve.protocol import ServerConfig
@@ -235,3 +235,74 @@ def test_plan_shows_a_batch_and_refuses_one_that_does_not_fit():
     no = runner.invoke(app, ["plan", "flash", "--recipe", "q4", "--context", "262144", "--memory", "256GB",
                              "--batch", "64"], env={"COLUMNS": "200"})
     assert no.exit_code == 2 and "does not fit" in no.output
+
+
+class BrokenBatch:
+    """A batch backend whose second step breaks: the engine must fail its jobs, not hang."""
+
+    max_context = 4096
+
+    def __init__(self):
+        self.requests, self.steps = [], 0
+
+    @property
+    def busy(self):
+        return bool(self.requests)
+
+    def add(self, request):
+        self.requests.append(request)
+
+    def step(self):
+        if self.steps == 0 and len(self.requests) < 3:
+            return  # the three jobs' requests are on their way
+        self.steps += 1
+        if self.steps == 2:
+            raise RuntimeError("the device went away")
+        for r in self.requests:
+            r.sink(Chunk(text="a", token=97, prompt_tokens=len(r.ids), generation_tokens=1))
+
+    def fail(self, error):
+        requests, self.requests = self.requests, []
+        for r in requests:
+            r.leave(error)
+
+
+def test_a_broken_batch_step_fails_its_jobs_and_the_engine_goes_on():
+    backend = BrokenBatch()
+    engine = Engine(lambda: backend, max_batch=4).start()
+
+    async def run(n):
+        async def one(i):
+            got = []
+            try:
+                async for chunk in engine.submit(Job([1, 2, 3 + i], {"max_tokens": 5})):
+                    got.append(chunk.text)
+            except RuntimeError as e:
+                return got, str(e)
+            return got, None
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    try:
+        assert engine.loaded.wait(30)
+        results = asyncio.run(run(3))
+        assert results == [(["a"], "the device went away")] * 3
+        assert backend.steps == 2 and not backend.requests and engine._thread.is_alive()
+    finally:
+        engine.stop()
+
+
+def test_serve_batches_with_max_batch_and_serves_one_at_a_time_with_1(selftest_model):
+    from mlx_dsv4.generation.session import Session
+    from mlx_dsv4.serve import create_server
+
+    for max_batch, kind in ((3, Batcher), (1, Session)):
+        engine, _, config = create_server(selftest_model, max_batch=max_batch, max_context=256,
+                                          wire_memory=False)
+        engine.start()
+        try:
+            assert engine.loaded.wait(60) and engine.error is None
+            assert isinstance(engine.backend, kind) and engine.max_batch == max_batch
+            if kind is Batcher:
+                assert engine.backend.max_batch == 3 and engine.backend.max_context == 256
+        finally:
+            engine.stop()

@@ -113,6 +113,14 @@ class Batcher:
     def busy(self) -> bool:
         return bool(self.active or self.waiting)
 
+    def fail(self, error: BaseException):
+        """Every request, running or waiting, leaves with `error` (the batch cannot go on)."""
+        with self._lock:
+            requests, self.waiting = self.active + self.waiting, []
+        self.active = []
+        for r in requests:
+            r.leave(error)
+
     def step(self):
         """Admit, feed one prefill chunk, decode one token for every sequence that is ready."""
         for r in self.active:

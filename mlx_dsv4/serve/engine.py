@@ -246,7 +246,11 @@ class Engine:
                     if batch.busy:
                         break
                     self._changed.wait()
-            batch.step()
+            try:
+                batch.step()
+            except Exception as e:  # a broken step must not leave jobs waiting on it forever
+                log.exception("batched step failed")
+                batch.fail(e)
 
     def submit(self, job: Job) -> AsyncIterator[Chunk]:
         """Queue `job` and return its chunks; leaving the iterator early, or dropping it unread,
