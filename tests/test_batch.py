@@ -90,6 +90,20 @@ def test_batched_equals_alone_with_staggered_arrivals(model):
     assert not batcher.active and not batcher.waiting
 
 
+def test_an_eagerly_decoding_model_batches_too(tiny_args, tiny_official):
+    """Experts streamed from disk make the model decode eagerly (no compiled MoE); the batch then
+    runs its shared halves eagerly as well, and each request still gets its own tokens."""
+    eager = build_model(tiny_args, tiny_official)
+    eager.compiled_decode = False
+    cases = CASES[1:4]
+    expected = [alone(eager, ids, kw) for ids, kw in cases]
+    outs = run_batch(Batcher(eager, TOK, max_batch=3, max_context=CONTEXT, prefill_chunk=64), cases, [0, 0, 2])
+    for want, got in zip(expected, outs):
+        assert [c.token for c in got[:-1]] == [c.token for c in want]
+        # Summed in another order than the eager attention (ring order): equal to fp32 rounding.
+        assert np.allclose([c.logprob or 0 for c in got[:-1]], [c.logprob or 0 for c in want], atol=1e-4)
+
+
 def test_cancelled_request_leaves_within_a_step_and_frees_its_slot(model):
     batcher = Batcher(model, TOK, max_batch=2, max_context=CONTEXT, prefill_chunk=64)
     flag = {"a": False}

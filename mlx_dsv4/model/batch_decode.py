@@ -7,7 +7,8 @@ the indexer's top-k and the attention over them) runs per sequence, through `dec
 compiled once per (layer, variant key): sequences sit at different positions, so their keys
 differ, and a graph keyed on the whole batch would need every combination of them.
 
-Each layer's batched halves are compiled once (MLX retraces them per batch size). A one-sequence
+Each layer's batched halves are compiled once (MLX retraces them per batch size), unless the
+model decodes eagerly (`Model.compiled_decode` False, as with experts streamed from disk). A one-sequence
 step through here computes what `decode.DecodeStep` computes, split into the same pieces.
 """
 
@@ -30,9 +31,12 @@ class BatchStep(decode.DecodeStep):
     def __init__(self, model):
         super().__init__(model)
         self.cores: dict[tuple, object] = {}
-        self._before = [mx.compile(self._attn_in(layer)) for layer in model.layers]
-        self._after = [mx.compile(self._attn_out(layer)) for layer in model.layers]
-        self._head = mx.compile(self._head_fn)
+        # Experts streamed from disk read the routing on the host (experts_stream.py): a graph
+        # holding the MoE cannot be compiled then, the attention cores still can.
+        wrap = mx.compile if model.compiled_decode else (lambda f: f)
+        self._before = [wrap(self._attn_in(layer)) for layer in model.layers]
+        self._after = [wrap(self._attn_out(layer)) for layer in model.layers]
+        self._head = wrap(self._head_fn)
 
     @staticmethod
     def _attn_in(block):
