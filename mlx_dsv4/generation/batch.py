@@ -6,7 +6,9 @@ A `Batcher` owns the running sequences of one model. Each `step()` admits waitin
 for every sequence whose prompt is in, samples each row with that request's own sampler and
 processors, and hands each request its `Chunk` through its `sink`. A new prompt is thus
 prefilled between the running streams' tokens, a chunk at a time, and a finished or cancelled
-sequence leaves the batch (and frees its cache) at the next step.
+sequence leaves the batch (and frees its cache) at the next step. Steps are pipelined: a step's
+forward is queued before the previous step's tokens are read and handed out, so the device does
+not wait on Python; a request's chunk thus comes one step after its token is computed.
 
 A request's tokens are those it would get alone: its prompt's last token goes through the same
 batched step as the others' next tokens, each sequence keeps its own pools, and a seeded request
@@ -76,14 +78,15 @@ class Request:
         self.extra_processors = list(logits_processors)
         self.cache = self.sample = self.make = None
         self.fed = 0  # prompt tokens in the cache
-        self.next: int | None = None  # the token the next decode step feeds
+        self.next: int | mx.array | None = None  # the token the next decode step feeds
+        self.pending: tuple[mx.array, mx.array] | None = None  # sampled, not yet handed out
         self.finished = False
 
     def leave(self, item=DONE):
         """Hand the caller its last item (DONE or an exception) and free the decode state."""
         if not self.finished:
             self.finished = True
-            self.cache = self.sample = None
+            self.cache = self.sample = self.pending = None
             self.sink(item)
 
 
@@ -93,8 +96,9 @@ class Batcher:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 4, max_context: int | None = None,
                  largest_context: int | None = None, kv_bits: int | None = None,
-                 prefill_chunk: int = 512, prompt_cache=None):
+                 prefill_chunk: int = 512, prompt_cache=None, pipeline: bool = True):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.pipeline = pipeline
         self.max_context, self.largest_context = max_context, largest_context
         self.kv_bits, self.prefill_chunk, self.prompt_cache = kv_bits, prefill_chunk, prompt_cache
         self.waiting: list[Request] = []
@@ -222,32 +226,40 @@ class Batcher:
         return end - start
 
     def _decode(self, ready: list[Request]):
+        """One token for each of `ready`; with `pipeline`, the previous step's tokens are read
+        and handed out while this step computes (as `generate_step` does for one request)."""
         if self._step is None:
             from ..model.batch_decode import BatchStep
 
             self._step = BatchStep(self.model)
         try:
-            ids = mx.array([r.next for r in ready], mx.int32)[:, None]
+            # A sampled token is fed still unread; a prompt's last token is a number.
+            ids = mx.concatenate([r.next.astype(mx.int32) if isinstance(r.next, mx.array)
+                                  else mx.array([r.next], mx.int32) for r in ready])[:, None]
             if len(ready) == 1:  # alone: the model's own whole-trunk compiled step is faster
                 logits = self.model(ids, ready[0].cache, last_only=True)
             else:
                 logits = self._step(ids, [r.cache for r in ready])
             picks = [r.sample(logits[b : b + 1, -1, :]) for b, r in enumerate(ready)]
-            mx.eval([y for y, _ in picks])
+            mx.async_eval([y for y, _ in picks])
         except Exception as e:  # a failed forward leaves every sequence in it unusable
             log.exception("batched decode failed")
             for r in ready:
                 r.leave(e)
             return
-        for r, (y, lp) in zip(ready, picks):
-            token = y.item()
-            try:
-                chunk = r.make(token, lp)
-            except Exception as e:
-                r.leave(e)
-                continue
-            r.sink(chunk)
-            if chunk.finish_reason:
-                r.leave()
-            else:
-                r.next = token
+        for r, pick in zip(ready, picks):
+            if self.pipeline:
+                pick, r.pending = r.pending, pick
+            r.next = r.pending[0] if self.pipeline else pick[0]
+            if pick is not None:
+                self._hand_out(r, *pick)
+
+    def _hand_out(self, r: Request, y: mx.array, lp: mx.array):
+        try:
+            chunk = r.make(y.item(), lp)
+        except Exception as e:
+            log.exception("decode failed")
+            return r.leave(e)
+        r.sink(chunk)
+        if chunk.finish_reason:
+            r.leave()  # a token computed past the end, if any, goes with the state
