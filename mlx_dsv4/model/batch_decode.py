@@ -42,8 +42,8 @@ class BatchStep(decode.DecodeStep):
     def _attn_in(block):
         def run(X, P):
             x, post, comb = block._mix(X, "attn")
-            x = block.attn_norm(x)
-            return (x, *decode.project(block.attn, x, P), post, comb)
+            q, kv, side = decode.project(block.attn, block.attn_norm(x), P)
+            return q, kv, post, comb, *side
 
         return run
 
@@ -69,8 +69,8 @@ class BatchStep(decode.DecodeStep):
                 self._arange(n)
             ar = self._aranges.__getitem__
 
-            def run(x, q_lat, q, kv, p, *st):
-                o, new = decode.core(att, x, q_lat, q, kv, list(st), p, spec, ar)
+            def run(q, kv, p, side, *st):
+                o, new = decode.core(att, q, kv, side, list(st), p, spec, ar)
                 return (o, *new)
 
             self.cores[key] = mx.compile(run)
@@ -87,13 +87,14 @@ class BatchStep(decode.DecodeStep):
         h = model.embed(ids)
         X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], model.args.hc_mult, h.shape[-1]))
         for i in range(len(model.layers)):
-            x, q_lat, q, kv, post, comb = self._before[i](X, P)
+            q, kv, post, comb, *side = self._before[i](X, P)
             outs = []
             for b, (cache, key) in enumerate(zip(caches, keys)):
                 c = cache[i]
                 state = decode.state_arrays(c)
                 r = slice(b, b + 1)
-                res = self._core(i, key[i], len(state))(x[r], q_lat[r], q[r], kv[r], pos[b], *state)
+                res = self._core(i, key[i], len(state))(q[r], kv[r], pos[b], [a[r] for a in side],
+                                                        *state)
                 del state
                 decode.set_state(c, list(res[1:]), key[i][1])
                 outs.append(res[0])

@@ -101,12 +101,12 @@ def set_state(c: LayerCache, arrays: list[mx.array], close: bool):
     c.offset += 1
 
 
-def _compress(comp, x, st: list[mx.array], p, close: bool, periods, dtype):
-    """One token into a compressor's rows; with `close`, also the window's entry `[B, 1, w]`."""
+def _compress(comp, kv, gate, st: list[mx.array], p, close: bool, periods, dtype):
+    """One token's projections `kv`, `gate` into a compressor's rows; with `close`, also the
+    window's entry `[B, 1, w]`."""
     m, c = comp.ratio, comp.width
     r = p % m
-    kv = project_f32(comp.wkv, x)
-    gate = project_f32(comp.wgate, x) + comp.ape.astype(F32)[r]
+    gate = gate + comp.ape.astype(F32)[r]
     st = list(st)
     st[0] = mx.slice_update(st[0], kv, r.reshape(1), axes=(1,))
     st[1] = mx.slice_update(st[1], gate, r.reshape(1), axes=(1,))
@@ -143,21 +143,34 @@ def _rows(pool: list[mx.array], quant, dtype, bucket: int | None = None, idx=Non
 
 
 def project(att, x, p):
-    """Latent query, roped queries `[B, H, 1, c]` and the roped KV row `[B, 1, c]` for tokens at
-    positions `p` (a scalar, or one position per row `[B]`: `mx.fast.rope` takes either)."""
+    """Roped queries `[B, H, 1, c]`, the roped KV row `[B, 1, c]` and the side projections for
+    tokens at positions `p` (a scalar, or one per row `[B]`: `mx.fast.rope` takes either)."""
     B = x.shape[0]
     q_lat = att.q_norm(att.wq_a(x))
     q = att.wq_b(q_lat).reshape(B, 1, att.n_heads, att.head_dim)
     q = rope(mx.fast.rms_norm(q, None, att.eps).transpose(0, 2, 1, 3), att._periods, p)
     kv = rope(att.kv_norm(att.wkv(x)), att._periods, p)
-    return q_lat, q, kv
+    return q, kv, side_projections(att, x, q_lat)
 
 
-def core(att, x, q_lat, q, kv, st: list[mx.array], p, spec, ar):
+def side_projections(att, x, q_lat) -> list[mx.array]:
+    """The compressors' and the indexer's projections of the token (they read weights, not
+    state): compressor kv and gate, then for CSA the indexer's compressor kv and gate, its
+    queries and head weights. A step that never reads one (no sparse read yet) drops it."""
+    if not att.ratio:
+        return []
+    comps = [att.compressor] + ([att.indexer.compressor] if att.kind == CSA else [])
+    out = [project_f32(lin, x) for comp in comps for lin in (comp.wkv, comp.wgate)]
+    if att.kind == CSA:
+        out += [att.indexer.wq_b(q_lat), att.indexer.weights_proj(x)]
+    return out
+
+
+def core(att, q, kv, side: list[mx.array], st: list[mx.array], p, spec, ar):
     """Everything that reads or writes one layer's state, for tokens all at position `p`:
     the fp32 attention output `[B, H, 1, c]` (not yet inverse-roped) and the new state."""
     m, close, mode, bucket, quant = spec
-    c, W, dtype = att.head_dim, att.window, x.dtype
+    c, W, dtype = att.head_dim, att.window, kv.dtype
     ring = mx.slice_update(st[0], kv, (p % W).reshape(1), axes=(1,))
     out = [ring]
     parts = [(ring.astype(F32), (ar(W) <= p)[None], False)]
@@ -168,12 +181,12 @@ def core(att, x, q_lat, q, kv, st: list[mx.array], p, spec, ar):
         width = 1 if quant is None else 3  # arrays per pool
         ncomp = 4 if att.compressor.overlap else 2
         i = 1 + ncomp
-        entry, comp = _compress(att.compressor, x, st[1:i], p, close, att._periods, dtype)
+        entry, comp = _compress(att.compressor, *side[:2], st[1:i], p, close, att._periods, dtype)
         pool = _append(st[i : i + width], entry, n_before, qkv)
         out += comp + pool
         if att.kind == CSA:
             i += width
-            ientry, icomp = _compress(att.indexer.compressor, x, st[i : i + 4], p, close,
+            ientry, icomp = _compress(att.indexer.compressor, *side[2:4], st[i : i + 4], p, close,
                                       att._index_periods, dtype)
             ipool = _append(st[i + 4 : i + 4 + width], ientry, n_before, qix)
             out += icomp + ipool
@@ -181,7 +194,7 @@ def core(att, x, q_lat, q, kv, st: list[mx.array], p, spec, ar):
             parts.append((_rows(pool, qkv, F32, bucket), (ar(bucket) < n)[None], False))
         elif mode == "sparse":
             keys = _rows(ipool, qix, dtype, bucket)
-            idx = _select(att.indexer, x, q_lat, keys, n, p, att._index_periods, ar)
+            idx = _select(att.indexer, *side[4:6], keys, n, p, att._index_periods, ar)
             parts.append((_rows(pool, qkv, F32, idx=idx), None, True))
     return _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink), out
 
@@ -195,17 +208,18 @@ def output(att, o, p, dtype):
 
 
 def _attention(att, x, st: list[mx.array], p, spec, ar):
-    q_lat, q, kv = project(att, x, p)
-    o, out = core(att, x, q_lat, q, kv, st, p, spec, ar)
+    q, kv, side = project(att, x, p)
+    o, out = core(att, q, kv, side, st, p, spec, ar)
     return output(att, o, p, x.dtype), out
 
 
-def _select(ix, x, q_lat, keys, n, p, periods, ar):
-    """The indexer's top-k over the first `bucket` index keys, of which `n` are live."""
-    B, rows = x.shape[0], keys.shape[1]
-    q = ix.wq_b(q_lat).reshape(B, 1, ix.n_heads, ix.head_dim).transpose(0, 2, 1, 3)
+def _select(ix, q, w, keys, n, p, periods, ar):
+    """The indexer's top-k over the first `bucket` index keys, of which `n` are live, from its
+    query projection `q` and head-weight projection `w` of the token."""
+    B, rows = q.shape[0], keys.shape[1]
+    q = q.reshape(B, 1, ix.n_heads, ix.head_dim).transpose(0, 2, 1, 3)
     q = rope(q, periods, p)  # [B, H_I, 1, c_I]
-    w = ix.weights_proj(x).astype(F32) * (ix.head_dim * ix.n_heads) ** -0.5  # [B, 1, H_I]
+    w = w.astype(F32) * (ix.head_dim * ix.n_heads) ** -0.5  # [B, 1, H_I]
     z = q[:, :, 0] @ keys.astype(q.dtype).swapaxes(1, 2)  # [B, H_I, rows]
     z = mx.maximum(z.astype(F32), 0)
     scores = (w[..., None] * z[:, None]).sum(axis=2)  # [B, 1, rows]
