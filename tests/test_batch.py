@@ -90,6 +90,17 @@ def test_batched_equals_alone_with_staggered_arrivals(model):
     assert not batcher.active and not batcher.waiting
 
 
+def test_a_prompt_another_request_prefilled_is_reused_and_decodes_the_same(model):
+    from mlx_dsv4.generation.prompt_cache import PromptCache
+
+    cache = PromptCache("test", max_bytes=1 << 30)
+    first, second = prompt(200, 7), prompt(200, 7) + prompt(30, 8)
+    batcher = Batcher(model, TOK, max_batch=2, max_context=CONTEXT, prefill_chunk=64, prompt_cache=cache)
+    a, b = run_batch(batcher, [(first, dict(max_tokens=4)), (second, dict(max_tokens=12))], [0, 20])
+    assert a[0].reused_tokens == 0 and b[0].reused_tokens == 199  # all but the first's last token
+    assert [c.token for c in b[:-1]] == [c.token for c in alone(model, second, dict(max_tokens=12))]
+
+
 def test_an_eagerly_decoding_model_batches_too(tiny_args, tiny_official):
     """Experts streamed from disk make the model decode eagerly (no compiled MoE); the batch then
     runs its shared halves eagerly as well, and each request still gets its own tokens."""

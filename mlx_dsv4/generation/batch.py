@@ -126,7 +126,8 @@ class Batcher:
             r.leave(error)
 
     def step(self):
-        """Admit, feed one prefill chunk, decode one token for every sequence that is ready."""
+        """Admit, feed up to `prefill_chunk` prompt tokens, decode one token for every sequence
+        whose prompt is in (and hand out the previous step's tokens)."""
         for r in self.active:
             if r.cancelled():
                 r.leave(Cancelled())
