@@ -368,11 +368,12 @@ def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: i
                        expert_memory=expert_memory, other_bytes=other_bytes, batch=batch)
     name = Path(path).name
     what = f"{batch} sequences of" if batch > 1 else "with"
+    fewer = "; fewer sequences (--max-batch) need less" if batch > 1 else ""
     if max_context is not None and not plan.fits:
-        raise PlanError(f"{name} {what} {max_context:,} tokens of context {plan.verdict()}")
+        raise PlanError(f"{name} {what} {max_context:,} tokens of context {plan.verdict()}{fewer}")
     context = max_context or min(plan.largest_context, limit)
     if context <= 0:
-        raise PlanError(f"{name} {f'with {batch} sequences ' if batch > 1 else ''}{plan.verdict()}")
+        raise PlanError(f"{name} {f'with {batch} sequences ' if batch > 1 else ''}{plan.verdict()}{fewer}")
     if context != plan.context:  # size the wired limit and prefill chunk for what will run
         plan = plan_memory(path, context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
                            expert_memory=expert_memory, other_bytes=other_bytes, batch=batch)

@@ -320,6 +320,10 @@ def test_serve_batches_with_max_batch_and_serves_one_at_a_time_with_1(selftest_m
     from mlx_dsv4.generation.session import Session
     from mlx_dsv4.serve import create_server
 
+    from mlx_dsv4.plan import PlanError
+
+    with pytest.raises(PlanError, match=r"100000000 sequences of 256 tokens .* fewer sequences"):
+        create_server(selftest_model, max_batch=10**8, max_context=256, wire_memory=False)
     for max_batch, kind in ((3, Batcher), (1, Session)):
         engine, _, config = create_server(selftest_model, max_batch=max_batch, max_context=256,
                                           wire_memory=False)
