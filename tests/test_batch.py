@@ -178,23 +178,28 @@ def test_a_burst_of_100_requests_is_answered_or_refused_and_none_is_lost(served)
     async def burst():
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=served.url, timeout=120, limits=limits) as client:
-            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body(i))
+            # Every other one streams: its reply is the whole event stream, read to the end.
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body(i, stream=i % 2 == 1))
                                           for i in range(100)))
 
     replies = asyncio.run(burst())
     codes = [r.status_code for r in replies]
     assert set(codes) <= {200, 429} and len(codes) == 100
     assert codes.count(200) >= 16  # at least a full queue
-    for r in replies:
+    for i, r in enumerate(replies):
         if r.status_code == 429:
             assert r.json()["error"]["type"] == "rate_limit_error"
+        elif i % 2:
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
         else:
             choice = r.json()["choices"][0]
             assert choice["finish_reason"] in ("stop", "length") and r.json()["usage"]["completion_tokens"] >= 1
     assert httpx.get(served.url + "/health", timeout=10).json() == {"status": "ok"}
     assert served.batcher.peak >= 3  # they did decode together
     # Greedy replies are those the request gets alone, whatever shared the batch with it.
-    for i, r in list(enumerate(replies))[:40:7]:
+    for i, r in list(enumerate(replies))[:40:6]:  # the non-streamed ones
         if r.status_code == 200:
             again = httpx.post(served.url + "/v1/chat/completions", json=body(i), timeout=60).json()
             assert again["choices"][0]["message"] == r.json()["choices"][0]["message"]
