@@ -380,6 +380,9 @@ def serve(
     prompt_cache_dir: CacheDir = None,
     prompt_cache_disk_bytes: CacheDiskBytes = "20GB",
     no_prompt_cache: NoCache = False,
+    max_batch: Annotated[int | None, typer.Option(
+        min=1, metavar="N", help="Requests decoding together (default: as many as fit, up to 8; "
+                                 "1 serves one at a time, with MTP speculation).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
     Under mlx.launch, rank 0 serves and the other ranks hold their share of the layers."""
@@ -389,6 +392,7 @@ def serve(
         if rank:
             return
         no_mtp = no_prompt_cache = True
+        max_batch = 1  # the ranks step one sequence at a time
     from rich.console import Console
 
     # Said before the web stack and MLX are imported: the first line comes at once.
@@ -400,7 +404,7 @@ def serve(
         model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
         exact_sampling=exact_sampling, draft=0 if no_mtp else draft, expert_memory=expert_memory,
         prompt_cache=_prompt_cache(prompt_cache_bytes, prompt_cache_dir, prompt_cache_disk_bytes,
-                                   no_prompt_cache))
+                                   no_prompt_cache), max_batch=max_batch)
 
 
 @command()
@@ -424,6 +428,8 @@ def plan(
                                               "these sizes, in rank order: 512GB,512GB.")] = None,
     hostfile: Annotated[Path | None, typer.Option(metavar="FILE", help="mlx.launch's JSON hostfile, "
                                                   "each host with a \"memory\" field.")] = None,
+    batch: Annotated[int, typer.Option(min=1, metavar="N", help="Sequences decoding together "
+                                                                "(serve --max-batch), each at --context.")] = 1,
 ) -> None:
     """Will this model and context fit? Per recipe for a release; weights, KV, activations for one.
 
@@ -431,12 +437,16 @@ def plan(
     or --hostfile: the layer split over several Macs (pipeline mode) and what each one holds."""
     _check_kv_bits(kv_bits)
     if hosts is not None or hostfile is not None:
+        if batch > 1:
+            raise typer.BadParameter("a pipeline over several Macs decodes one sequence at a time; "
+                                     "leave out --batch with --hosts/--hostfile.", param_hint="--batch")
         return _plan_hosts(model, hosts, hostfile, context, recipe, kv_bits, prefill_chunk)
     from rich.console import Console
 
     from .plan import is_converted, plan_memory, plan_recipes
 
-    options = dict(context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk, memory=memory)
+    options = dict(context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk, memory=memory,
+                   batch=batch)
     console = Console()
     if recipe is None and not is_converted(model):
         plans = plan_recipes(model, **options, expert_memory=expert_memory)
@@ -491,7 +501,8 @@ def _plan_memory_table(p, kv_bits, hit_rate=None):
     from .plan import format_bytes as gib
 
     pools = "8-bit" if kv_bits == 8 else "bf16"
-    table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens", show_header=False)
+    seqs = f" · {p.batch} sequences" if p.batch > 1 else ""
+    table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens{seqs}", show_header=False)
     table.add_column()
     table.add_column(justify="right")
     table.add_row("weights", gib(p.weight_bytes))
@@ -500,9 +511,10 @@ def _plan_memory_table(p, kv_bits, hit_rate=None):
         table.add_row(f"expert cache ({p.cache_share:.0%} of the routed experts)", gib(p.expert_memory))
         table.add_row(_ssd_label(p, hit_rate), _gb(p.ssd_bytes_per_token(hit_rate)))
     table.add_row(f"KV pools ({pools}, {p.kv_bytes_per_token:,.0f} B/token)", gib(p.kv_bytes))
-    table.add_row("fixed per-sequence state", gib(p.fixed_bytes))
+    each = f", {p.batch} sequences" if p.batch > 1 else ""
+    table.add_row(f"fixed per-sequence state{each}", gib(p.fixed_bytes))
     table.add_row(f"prefill activations ({p.prefill_chunk:,}-token chunk)", gib(p.prefill_bytes))
-    table.add_row("decode activations", gib(p.decode_bytes))
+    table.add_row(f"decode activations{f' ({p.batch} rows)' if p.batch > 1 else ''}", gib(p.decode_bytes))
     table.add_row("total", gib(p.total_bytes))
     table.add_row(f"budget ({p.budget_source})", gib(p.budget_bytes))
     return table

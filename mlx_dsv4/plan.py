@@ -71,6 +71,7 @@ class Plan:
     max_prefill_chunk: int = 0  # largest prefill chunk whose activations fit what is left
     experts: ExpertBytes | None = None  # routed experts' share of the weights
     expert_memory: int | None = None  # streaming: the resident-expert cache; None: all resident
+    batch: int = 1  # sequences decoding together, each with its own state of `context` tokens
 
     @property
     def streams(self) -> bool:
@@ -290,7 +291,7 @@ def parse_size(text: str, *, decimal: bool = False) -> int:
 def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | None = None,
                 kv_bits: int | None = None, prefill_chunk: int = 512,
                 memory: int | None = None, expert_memory: int | str | None = None,
-                other_bytes: int = 0) -> Plan:
+                other_bytes: int = 0, batch: int = 1) -> Plan:
     """Plan a model (converted dir, config.json, or ModelArgs) at `context` tokens.
 
     `memory` is a what-if machine size (e.g. a 256 GiB Mac); the plan then keeps the same OS
@@ -298,6 +299,8 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
     routed experts from disk through a cache of that many bytes; "auto" streams only when the
     weights do not fit resident, with the largest cache that fits beside the rest. `other_bytes`
     is memory the runtime keeps besides the model (the prompt cache): it comes off the budget.
+    `batch` plans that many sequences decoding together (`serve --max-batch`), each with the
+    state of a full context, and the activations of a decode step over all of them.
     """
     args, wbytes, recipe, name = _weights(model, recipe)
     if not 1 <= context <= args.max_position_embeddings:
@@ -310,18 +313,21 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
     if other_bytes:
         budget -= other_bytes
         source += f", less {other_bytes / GiB:.1f} GiB kept for the prompt cache"
+    if batch < 1:
+        raise PlanError(f"A batch of {batch} sequences is not a batch; give 1 or more.")
     pools, fixed = state_bytes(args, context, kv_bits)
     per_token = pools / max(context, 1)
     chunk = max(1, min(prefill_chunk, context))
-    plan = Plan(name, recipe, context, kv_bits, chunk, wbytes, pools, fixed,
+    plan = Plan(name, recipe, context, kv_bits, chunk, wbytes, batch * pools, batch * fixed,
                 activation_bytes(args, chunk, context, kv_bits),
-                activation_bytes(args, 1, context, kv_bits), budget, source, per_token, 0)
+                batch * activation_bytes(args, 1, context, kv_bits), budget, source, per_token, 0,
+                batch=batch)
     if expert_memory is not None:
         plan.experts = e = _experts(model, args, recipe)
         if expert_memory != "auto" or (not plan.fits and e.total):
             # A step stacks the experts it picks, on top of the cache: all of them in a prefill chunk.
             plan.prefill_bytes += min(args.n_routed_experts, chunk * args.num_experts_per_tok) * e.each
-            plan.decode_bytes += args.num_experts_per_tok * e.each
+            plan.decode_bytes += min(args.n_routed_experts, batch * args.num_experts_per_tok) * e.each
             plan.expert_memory = expert_cache_bytes(plan) if expert_memory == "auto" else int(expert_memory)
     plan.largest_context = _largest_context(args, plan)
     plan.max_prefill_chunk = _max_prefill_chunk(args, plan)
@@ -338,23 +344,25 @@ def is_converted(model: str | Path | ModelArgs) -> bool:
 
 def plan_recipes(model: str | Path | ModelArgs, *, context: int, kv_bits: int | None = None,
                  prefill_chunk: int = 512, memory: int | None = None,
-                 expert_memory: int | str | None = None) -> list[Plan]:
+                 expert_memory: int | str | None = None, batch: int = 1) -> list[Plan]:
     """One plan per conversion recipe for a release or a config (not a converted directory,
     whose recipe is fixed): which recipes fit this machine, and the context each leaves."""
     if is_converted(model):
         raise PlanError(f"{model} is a converted model, its recipe is fixed; plan its release "
                         "(flash, pro) or a config.json to compare recipes.")
     return [plan_memory(model, context=context, recipe=r, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                        memory=memory, expert_memory=expert_memory) for r in recipes() if r != "official"]
+                        memory=memory, expert_memory=expert_memory, batch=batch)
+            for r in recipes() if r != "official"]
 
 
 def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: int | None = None,
                  prefill_chunk: int = 512, expert_memory: int | None = None,
-                 other_bytes: int = 0) -> tuple[Plan, int]:
+                 other_bytes: int = 0, batch: int = 1) -> tuple[Plan, int]:
     """(plan, context to run) for a converted model: the asked context if it fits, else an error;
     with none asked, the largest context that fits this machine, capped by the model's maximum.
     `expert_memory` plans the routed experts streamed through a cache of that size; `other_bytes`
-    comes off the budget (see `plan_memory`). Started by `mlx.launch` with several ranks, it
+    comes off the budget (see `plan_memory`); `batch` plans that many sequences at that context
+    each, and is refused when they do not fit. Started by `mlx.launch` with several ranks, it
     plans this rank's share of a pipeline (`plan_rank`, every rank's budget gathered)."""
     from .model.pipeline import LAUNCH_ENV
 
@@ -366,17 +374,33 @@ def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: i
                              kv_bits=kv_bits, prefill_chunk=prefill_chunk)
     limit = ModelArgs.from_file(path).max_position_embeddings
     plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                       expert_memory=expert_memory, other_bytes=other_bytes)
+                       expert_memory=expert_memory, other_bytes=other_bytes, batch=batch)
     name = Path(path).name
+    what = f"{batch} sequences of" if batch > 1 else "with"
+    fewer = "; fewer sequences (--max-batch) need less" if batch > 1 else ""
     if max_context is not None and not plan.fits:
-        raise PlanError(f"{name} with {max_context:,} tokens of context {plan.verdict()}")
+        raise PlanError(f"{name} {what} {max_context:,} tokens of context {plan.verdict()}{fewer}")
     context = max_context or min(plan.largest_context, limit)
     if context <= 0:
-        raise PlanError(f"{name} {plan.verdict()}")
+        raise PlanError(f"{name} {f'with {batch} sequences ' if batch > 1 else ''}{plan.verdict()}{fewer}")
     if context != plan.context:  # size the wired limit and prefill chunk for what will run
         plan = plan_memory(path, context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                           expert_memory=expert_memory, other_bytes=other_bytes)
+                           expert_memory=expert_memory, other_bytes=other_bytes, batch=batch)
     return plan, context
+
+
+MAX_DEFAULT_BATCH = 8  # past this, decode gains little per added sequence (benchmarks/batch.py)
+
+
+def default_batch(plan: Plan, path: str | Path | ModelArgs, **options) -> int:
+    """The most sequences (up to MAX_DEFAULT_BATCH) that fit at the plan's context: what
+    `serve` batches when no `--max-batch` is given."""
+    n = 1
+    while n < MAX_DEFAULT_BATCH and plan_memory(
+            path, context=plan.context, kv_bits=plan.kv_bits, prefill_chunk=plan.prefill_chunk,
+            batch=n + 1, **options).fits:
+        n += 1
+    return n
 
 
 def _max_prefill_chunk(args: ModelArgs, plan: Plan) -> int:
@@ -412,8 +436,8 @@ def _largest_context(args: ModelArgs, plan: Plan) -> int:
     def fits(ctx: int) -> bool:
         pools, fixed = state_bytes(args, ctx, plan.kv_bits)
         act = max(activation_bytes(args, min(plan.prefill_chunk, ctx), ctx, plan.kv_bits),
-                  activation_bytes(args, 1, ctx, plan.kv_bits))
-        return plan.resident_weight_bytes + pools + fixed + act <= plan.budget_bytes
+                  plan.batch * activation_bytes(args, 1, ctx, plan.kv_bits))
+        return plan.resident_weight_bytes + plan.batch * (pools + fixed) + act <= plan.budget_bytes
 
     lo, hi = 0, args.max_position_embeddings
     if fits(hi):

@@ -149,3 +149,33 @@ def test_memory_kept_for_the_prompt_cache_comes_off_the_budget():
     assert kept.budget_bytes == base.budget_bytes - 4 * GiB
     assert "prompt cache" in kept.budget_source
     assert kept.largest_context <= base.largest_context
+
+
+# ----- several sequences (serve --max-batch) -------------------------------------------------------
+
+def test_a_batch_plans_each_sequence_state_and_the_step_over_all_rows():
+    one, eight = (plan_memory(released("flash"), context=1 << 18, recipe="q4", memory=parse_size("256GB"),
+                              batch=n) for n in (1, 8))
+    assert eight.kv_bytes == 8 * one.kv_bytes and eight.fixed_bytes == 8 * one.fixed_bytes
+    assert eight.decode_bytes == 8 * one.decode_bytes and eight.prefill_bytes == one.prefill_bytes
+    assert eight.weight_bytes == one.weight_bytes
+    assert eight.total_bytes - one.total_bytes == 7 * (one.kv_bytes + one.fixed_bytes)  # prefill peaks
+    assert eight.fits and eight.largest_context == 1 << 20
+
+
+def test_a_batch_that_does_not_fit_is_refused_and_the_default_is_what_fits():
+    from mlx_dsv4.plan import default_batch
+
+    many = plan_memory(released("flash"), context=1 << 18, recipe="q4", memory=parse_size("256GB"), batch=64)
+    assert not many.fits and 0 < many.largest_context < 1 << 18  # each of 64 would fit less
+    # 1M tokens a sequence: ~6.9 GiB of state each beside ~145 GiB of weights in ~230 GiB.
+    p = plan_memory(released("flash"), context=1 << 20, recipe="q4", memory=parse_size("256GB"))
+    n = default_batch(p, released("flash"), memory=parse_size("256GB"), recipe="q4")
+    assert 1 < n < 64
+    assert plan_memory(released("flash"), context=1 << 20, recipe="q4", memory=parse_size("256GB"),
+                       batch=n).fits
+    if n < 8:
+        assert not plan_memory(released("flash"), context=1 << 20, recipe="q4",
+                               memory=parse_size("256GB"), batch=n + 1).fits
+    with pytest.raises(PlanError, match="A batch of 0 sequences"):
+        plan_memory(released("flash"), context=1024, batch=0)

@@ -309,7 +309,7 @@ def test_dsv4_serve_under_launch_matches_one_process(selftest_model, tmp_path):
     logs = [open(tmp_path / f"{n}.log", "w+") for n in ("rank0", "rank1", "single")]
     runs = [(["--port", str(web)], dict(env, MLX_RANK="0", MLX_HOSTFILE=str(hostfile))),
             (["--port", str(web)], dict(env, MLX_RANK="1", MLX_HOSTFILE=str(hostfile))),
-            (["--port", str(web1), "--no-mtp", "--no-prompt-cache"], env)]
+            (["--port", str(web1), "--no-mtp", "--no-prompt-cache", "--max-batch", "1"], env)]
     procs = [subprocess.Popen(base + argv, env=e, stdout=log, stderr=subprocess.STDOUT)
              for (argv, e), log in zip(runs, logs)]
 

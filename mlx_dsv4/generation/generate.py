@@ -97,6 +97,27 @@ def prefill(model, ids: Sequence[int], cache: list[LayerCache], chunk: int = 512
     return (out[0][:, -1, :], out[1]) if streams else out[:, -1, :]
 
 
+class TokenSampler:
+    """One request's sampling: its logits processors, then its sampler; `logits [1, V]` ->
+    `(token [1], logprobs [V])`. Processors see only the recent tokens (mlx-lm's penalties read
+    the last 20): a bounded tail avoids copying the whole, growing history on every step."""
+
+    def __init__(self, sampler: Callable[[mx.array], mx.array] | None,
+                 processors: Sequence[Callable] | None, context: Sequence[int]):
+        self.sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+        self.processors = list(processors or [])
+        self.tokens = mx.array(list(context)[-PROCESSOR_CONTEXT:]) if self.processors else None
+
+    def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        for proc in self.processors:
+            logits = proc(self.tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = self.sampler(logprobs)
+        if self.processors:
+            self.tokens = mx.concatenate([self.tokens[-(PROCESSOR_CONTEXT - 1):], y])
+        return y, logprobs[0]
+
+
 def generate_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], *,
                   sampler: Callable[[mx.array], mx.array] | None = None,
                   logits_processors: list | None = None, max_tokens: int = 256,
@@ -111,23 +132,7 @@ def generate_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], *,
     """
     if not prompt_ids:
         raise ValueError("generate_step needs at least one new prompt token.")
-    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    processors = logits_processors or []
-    # Processors see only the recent tokens (mlx-lm's penalties read the last 20): keeping a
-    # bounded tail avoids copying the whole, growing history on every step.
-    tail = (list(history) + list(prompt_ids))[-PROCESSOR_CONTEXT:]
-    tokens = mx.array(tail) if processors else None
-
-    def sample(logits):
-        nonlocal tokens
-        for proc in processors:
-            logits = proc(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        y = sampler(logprobs)
-        if processors:
-            tokens = mx.concatenate([tokens[-(PROCESSOR_CONTEXT - 1):], y])
-        return y, logprobs[0]
-
+    sample = TokenSampler(sampler, logits_processors, list(history) + list(prompt_ids))
     y, logprobs = sample(prefill(model, prompt_ids, cache, prefill_chunk, progress, on_prefilled))
     mx.async_eval(y, logprobs)
     n = 0
@@ -212,8 +217,6 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     processors = make_logits_processors(
         logit_bias=logit_bias, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty) + list(logits_processors)
-    eos = set(tokenizer.eos_token_ids) | set(getattr(model.args, "eos_token_ids", [])) | set(stop_token_ids)
-    detok, matcher = tokenizer.detokenizer(), StopMatcher(stop)
     mx.reset_peak_memory()
     # A processor that follows the reply token by token (a grammar) cannot be shown drafts.
     sequential = any(getattr(p, "sequential", False) for p in logits_processors)
@@ -233,42 +236,63 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
         steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=processors,
                               max_tokens=max_tokens, prefill_chunk=prefill_chunk, history=history,
                               progress=progress, on_prefilled=on_prefilled)
+    make = ChunkMaker(tokenizer, stop_ids(model, tokenizer, stop_token_ids), stop, stop_token_ids,
+                      logprobs, max_tokens, len(ids), total_prompt, reused_tokens,
+                      spec_stats if speculating else None)
     with contextlib.closing(steps):  # closed on any exit, so a speculative round rolls back
-        yield from _chunks(steps, tokenizer, detok, matcher, eos, stop_token_ids, logprobs,
-                           max_tokens, len(ids), total_prompt, reused_tokens,
-                           spec_stats if speculating else None)
-
-
-def _chunks(steps, tokenizer, detok, matcher, eos, stop_token_ids, logprobs, max_tokens,
-            new_tokens, total_prompt, reused_tokens, spec_stats) -> Iterator[Chunk]:
-    start, prompt_time, n = time.perf_counter(), None, 0
-    for n, (token, lp) in enumerate(steps, start=1):
-        if prompt_time is None:
-            prompt_time = time.perf_counter() - start
-            start = time.perf_counter()
-        chunk = Chunk(token=token, prompt_tokens=total_prompt, reused_tokens=reused_tokens,
-                      generation_tokens=n, prompt_tps=new_tokens / max(prompt_time, 1e-9),
-                      generation_tps=n / max(time.perf_counter() - start, 1e-9),
-                      peak_memory=mx.get_peak_memory() / 1e9)
-        if spec_stats is not None:
-            chunk.acceptance, chunk.tokens_per_forward = (spec_stats.acceptance,
-                                                          spec_stats.tokens_per_forward)
-        if logprobs:
-            chunk.logprob, chunk.top_logprobs = _top(lp, token, logprobs)
-        if token in eos:
-            chunk.text, chunk.finish_reason = matcher.flush() + detok.finalize(), "stop"
-            chunk.stop = tokenizer.decode([token]) if token in stop_token_ids else None
+        for token, lp in steps:
+            chunk = make(token, lp)
             yield chunk
-            return
+            if chunk.finish_reason:
+                return
+
+
+def stop_ids(model, tokenizer, stop_token_ids: Sequence[int]) -> set[int]:
+    """The ids that end a reply: the tokenizer's and the model's EOS, and the request's own."""
+    return set(tokenizer.eos_token_ids) | set(getattr(model.args, "eos_token_ids", [])) | set(stop_token_ids)
+
+
+class ChunkMaker:
+    """Turns one request's tokens into `Chunk`s: streaming detokenization, stop ids and strings,
+    the length limit, logprobs and rates. The chunk that ends the reply has a `finish_reason`."""
+
+    def __init__(self, tokenizer, eos: set[int], stop: Sequence[str], stop_token_ids: Sequence[int],
+                 logprobs: int, max_tokens: int, new_tokens: int, total_prompt: int,
+                 reused_tokens: int, spec_stats=None):
+        self.tokenizer, self.eos, self.stop_token_ids = tokenizer, eos, stop_token_ids
+        self.detok, self.matcher = tokenizer.detokenizer(), StopMatcher(stop)
+        self.logprobs, self.max_tokens, self.spec_stats = logprobs, max_tokens, spec_stats
+        self.new_tokens, self.total_prompt, self.reused_tokens = new_tokens, total_prompt, reused_tokens
+        self.start, self.prompt_time, self.n = time.perf_counter(), None, 0
+
+    def __call__(self, token: int, lp: mx.array) -> Chunk:
+        self.n += 1
+        n = self.n
+        if self.prompt_time is None:
+            self.prompt_time = time.perf_counter() - self.start
+            self.start = time.perf_counter()
+        chunk = Chunk(token=token, prompt_tokens=self.total_prompt, reused_tokens=self.reused_tokens,
+                      generation_tokens=n, prompt_tps=self.new_tokens / max(self.prompt_time, 1e-9),
+                      generation_tps=n / max(time.perf_counter() - self.start, 1e-9),
+                      peak_memory=mx.get_peak_memory() / 1e9)
+        if self.spec_stats is not None:
+            chunk.acceptance, chunk.tokens_per_forward = (self.spec_stats.acceptance,
+                                                          self.spec_stats.tokens_per_forward)
+        if self.logprobs:
+            chunk.logprob, chunk.top_logprobs = _top(lp, token, self.logprobs)
+        detok, matcher = self.detok, self.matcher
+        if token in self.eos:
+            chunk.text, chunk.finish_reason = matcher.flush() + detok.finalize(), "stop"
+            chunk.stop = self.tokenizer.decode([token]) if token in self.stop_token_ids else None
+            return chunk
         chunk.text, hit = matcher.feed(detok.add(token))
         if hit is not None:
             chunk.finish_reason, chunk.stop = "stop", hit
-            yield chunk
-            return
-        if n == max_tokens:
+            return chunk
+        if n == self.max_tokens:
             chunk.text += matcher.feed(detok.finalize())[0] + matcher.flush()
             chunk.finish_reason = "length"
-        yield chunk
+        return chunk
 
 
 def _top(logprobs: mx.array, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:

@@ -28,7 +28,12 @@ MIN_BUCKET = 64  # pool rows read at the least; a bucket doubles as the pool fil
 
 def supported(model, cache: list[LayerCache], ids: mx.array) -> bool:
     """The compiled step covers one new token per sequence with all layers at one offset."""
-    if ids.ndim != 2 or ids.shape[1] != 1 or not cache or len(cache) != len(model.layers):
+    return len(cache) == len(model.layers) and one_token(cache, ids)
+
+
+def one_token(cache: list[LayerCache], ids: mx.array) -> bool:
+    """One new token per sequence, every layer of `cache` at one offset."""
+    if ids.ndim != 2 or ids.shape[1] != 1 or not cache:
         return False
     offset = cache[0].offset
     # The step derives each pool's count from the offset; a cache where they disagree (filled
@@ -44,7 +49,7 @@ def _bucket(n: int, capacity: int) -> int:
     return min(b, capacity)
 
 
-def _plan(model, cache: list[LayerCache], p: int) -> tuple:
+def plan(model, cache: list[LayerCache], p: int) -> tuple:
     """Per layer (ratio, close, mode, bucket, pool quantization) for the token at position p;
     grows pools first. The quantization is None or ((bits, group) of the KV pool, of the index
     pool), so 8-bit pools (`--kv-bits 8`) trace their own variants."""
@@ -87,7 +92,7 @@ def state_arrays(c: LayerCache) -> list[mx.array]:
     return out
 
 
-def _set_state(c: LayerCache, arrays: list[mx.array], close: bool):
+def set_state(c: LayerCache, arrays: list[mx.array], close: bool):
     it = iter(arrays)
     c.window.keys = next(it)
     parts = [(c.compressor, c.kv_pool)] if c.ratio else []
@@ -101,12 +106,12 @@ def _set_state(c: LayerCache, arrays: list[mx.array], close: bool):
     c.offset += 1
 
 
-def _compress(comp, x, st: list[mx.array], p, close: bool, periods, dtype):
-    """One token into a compressor's rows; with `close`, also the window's entry `[B, 1, w]`."""
+def _compress(comp, kv, gate, st: list[mx.array], p, close: bool, periods, dtype):
+    """One token's projections `kv`, `gate` into a compressor's rows; with `close`, also the
+    window's entry `[B, 1, w]`."""
     m, c = comp.ratio, comp.width
     r = p % m
-    kv = project_f32(comp.wkv, x)
-    gate = project_f32(comp.wgate, x) + comp.ape.astype(F32)[r]
+    gate = gate + comp.ape.astype(F32)[r]
     st = list(st)
     st[0] = mx.slice_update(st[0], kv, r.reshape(1), axes=(1,))
     st[1] = mx.slice_update(st[1], gate, r.reshape(1), axes=(1,))
@@ -142,14 +147,35 @@ def _rows(pool: list[mx.array], quant, dtype, bucket: int | None = None, idx=Non
     return mx.dequantize(*pool, group_size=quant[1], bits=quant[0]).astype(dtype)
 
 
-def _attention(att, x, st: list[mx.array], p, spec, ar):
-    m, close, mode, bucket, quant = spec
+def project(att, x, p):
+    """Roped queries `[B, H, 1, c]`, the roped KV row `[B, 1, c]` and the side projections for
+    tokens at positions `p` (a scalar, or one per row `[B]`: `mx.fast.rope` takes either)."""
     B = x.shape[0]
-    H, c, W, dtype = att.n_heads, att.head_dim, att.window, x.dtype
     q_lat = att.q_norm(att.wq_a(x))
-    q = att.wq_b(q_lat).reshape(B, 1, H, c)
+    q = att.wq_b(q_lat).reshape(B, 1, att.n_heads, att.head_dim)
     q = rope(mx.fast.rms_norm(q, None, att.eps).transpose(0, 2, 1, 3), att._periods, p)
     kv = rope(att.kv_norm(att.wkv(x)), att._periods, p)
+    return q, kv, side_projections(att, x, q_lat)
+
+
+def side_projections(att, x, q_lat) -> list[mx.array]:
+    """The compressors' and the indexer's projections of the token (they read weights, not
+    state): compressor kv and gate, then for CSA the indexer's compressor kv and gate, its
+    queries and head weights. A step that never reads one (no sparse read yet) drops it."""
+    if not att.ratio:
+        return []
+    comps = [att.compressor] + ([att.indexer.compressor] if att.kind == CSA else [])
+    out = [project_f32(lin, x) for comp in comps for lin in (comp.wkv, comp.wgate)]
+    if att.kind == CSA:
+        out += [att.indexer.wq_b(q_lat), att.indexer.weights_proj(x)]
+    return out
+
+
+def core(att, q, kv, side: list[mx.array], st: list[mx.array], p, spec, ar):
+    """Everything that reads or writes one layer's state, for tokens all at position `p`:
+    the fp32 attention output `[B, H, 1, c]` (not yet inverse-roped) and the new state."""
+    m, close, mode, bucket, quant = spec
+    c, W, dtype = att.head_dim, att.window, kv.dtype
     ring = mx.slice_update(st[0], kv, (p % W).reshape(1), axes=(1,))
     out = [ring]
     parts = [(ring.astype(F32), (ar(W) <= p)[None], False)]
@@ -160,12 +186,12 @@ def _attention(att, x, st: list[mx.array], p, spec, ar):
         width = 1 if quant is None else 3  # arrays per pool
         ncomp = 4 if att.compressor.overlap else 2
         i = 1 + ncomp
-        entry, comp = _compress(att.compressor, x, st[1:i], p, close, att._periods, dtype)
+        entry, comp = _compress(att.compressor, *side[:2], st[1:i], p, close, att._periods, dtype)
         pool = _append(st[i : i + width], entry, n_before, qkv)
         out += comp + pool
         if att.kind == CSA:
             i += width
-            ientry, icomp = _compress(att.indexer.compressor, x, st[i : i + 4], p, close,
+            ientry, icomp = _compress(att.indexer.compressor, *side[2:4], st[i : i + 4], p, close,
                                       att._index_periods, dtype)
             ipool = _append(st[i + 4 : i + 4 + width], ientry, n_before, qix)
             out += icomp + ipool
@@ -173,20 +199,32 @@ def _attention(att, x, st: list[mx.array], p, spec, ar):
             parts.append((_rows(pool, qkv, F32, bucket), (ar(bucket) < n)[None], False))
         elif mode == "sparse":
             keys = _rows(ipool, qix, dtype, bucket)
-            idx = _select(att.indexer, x, q_lat, keys, n, p, att._index_periods, ar)
+            idx = _select(att.indexer, *side[4:6], keys, n, p, att._index_periods, ar)
             parts.append((_rows(pool, qkv, F32, idx=idx), None, True))
-    o = _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink)
+    return _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink), out
+
+
+def output(att, o, p, dtype):
+    """Inverse rope at positions `p` (scalar or `[B]`) and the grouped output projection."""
+    B = o.shape[0]
     o = rope(o.astype(dtype), att._periods, p, inverse=True)
     o = o.transpose(0, 2, 1, 3).reshape(B, 1, att.groups, -1)
-    return att.wo_b(att.wo_a(o).reshape(B, 1, -1)), out
+    return att.wo_b(att.wo_a(o).reshape(B, 1, -1))
 
 
-def _select(ix, x, q_lat, keys, n, p, periods, ar):
-    """The indexer's top-k over the first `bucket` index keys, of which `n` are live."""
-    B, rows = x.shape[0], keys.shape[1]
-    q = ix.wq_b(q_lat).reshape(B, 1, ix.n_heads, ix.head_dim).transpose(0, 2, 1, 3)
+def _attention(att, x, st: list[mx.array], p, spec, ar):
+    q, kv, side = project(att, x, p)
+    o, out = core(att, q, kv, side, st, p, spec, ar)
+    return output(att, o, p, x.dtype), out
+
+
+def _select(ix, q, w, keys, n, p, periods, ar):
+    """The indexer's top-k over the first `bucket` index keys, of which `n` are live, from its
+    query projection `q` and head-weight projection `w` of the token."""
+    B, rows = q.shape[0], keys.shape[1]
+    q = q.reshape(B, 1, ix.n_heads, ix.head_dim).transpose(0, 2, 1, 3)
     q = rope(q, periods, p)  # [B, H_I, 1, c_I]
-    w = ix.weights_proj(x).astype(F32) * (ix.head_dim * ix.n_heads) ** -0.5  # [B, 1, H_I]
+    w = w.astype(F32) * (ix.head_dim * ix.n_heads) ** -0.5  # [B, 1, H_I]
     z = q[:, :, 0] @ keys.astype(q.dtype).swapaxes(1, 2)  # [B, H_I, rows]
     z = mx.maximum(z.astype(F32), 0)
     scores = (w[..., None] * z[:, None]).sum(axis=2)  # [B, 1, rows]
@@ -194,7 +232,7 @@ def _select(ix, x, q_lat, keys, n, p, periods, ar):
     return mx.argpartition(-scores, ix.topk - 1, axis=-1)[..., : ix.topk]
 
 
-def _block(block, X, ids, st, p, spec, ar):
+def block_step(block, X, ids, st, p, spec, ar):
     x, post, comb = block._mix(X, "attn")
     y, st = _attention(block.attn, block.attn_norm(x), st, p, spec, ar)
     X = mhc.expand(y, X, post, comb)
@@ -206,7 +244,8 @@ class DecodeStep:
     """Compiled steps of one model, one per variant key, built on first use.
 
     The model's weights are captured when a variant is traced; reloading weights into the same
-    model object needs a new `DecodeStep`.
+    model object needs a new `DecodeStep`. Subclasses step other runs of layers (a pipeline
+    stage) by overriding `_blocks`, `_begin` and `_end`.
     """
 
     def __init__(self, model):
@@ -225,43 +264,58 @@ class DecodeStep:
             mx.eval(self._aranges[n])
         return self._aranges[n]
 
+    def _blocks(self) -> list:
+        return self.model.layers
+
+    def _begin(self, ids: mx.array, X: mx.array) -> mx.array:
+        """The streams entering the first block: the embedded ids, broadcast to the N streams."""
+        h = self.model.embed(ids)
+        return mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], self.model.args.hc_mult, h.shape[-1]))
+
+    def _end(self, X: mx.array) -> tuple:
+        """What a step returns besides the state: fp32 logits and the final streams."""
+        m = self.model
+        X1 = mhc.head(X, m.hc_head_fn, m.hc_head_base, m.hc_head_scale, *m._head_eps)
+        return m.head(m.norm(X1)).astype(F32), X
+
     def _build(self, key: tuple, sizes: tuple[int, ...]):
-        model = self.model
-        N = model.args.hc_mult
-        for n in {model.args.sliding_window} | {spec[3] for spec in key if spec[3]}:
+        for n in {self.model.args.sliding_window} | {spec[3] for spec in key if spec[3]}:
             self._arange(n)
         ar = self._aranges.__getitem__
+        blocks = self._blocks()
 
-        def step(ids, p, *flat):
-            h = model.embed(ids)
-            X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], N, h.shape[-1]))
+        def step(ids, p, X, *flat):
+            X = self._begin(ids, X)
             new, i = [], 0
-            for layer, size, spec in zip(model.layers, sizes, key):
-                X, st = _block(layer, X, ids, list(flat[i : i + size]), p, spec, ar)
+            for layer, size, spec in zip(blocks, sizes, key):
+                X, st = block_step(layer, X, ids, list(flat[i : i + size]), p, spec, ar)
                 new += st
                 i += size
-            X1 = mhc.head(X, model.hc_head_fn, model.hc_head_base, model.hc_head_scale,
-                          *model._head_eps)
-            return (model.head(model.norm(X1)).astype(F32), X, *new)
+            return (*self._end(X), *new)
 
         return mx.compile(step)
 
-    def __call__(self, ids: mx.array, cache: list[LayerCache]):
-        """Logits `[B, 1, V]` (fp32) and the final streams for one token per sequence."""
+    def run(self, ids: mx.array, X: mx.array, cache: list[LayerCache]) -> tuple:
+        """Replay the variant for `cache`'s position (tracing it on first use), advance the
+        cache by one token and return what `_end` returns."""
         p = cache[0].offset
-        key = _plan(self.model, cache, p)
+        key = plan(self.model, cache, p)
         layouts = [state_arrays(c) for c in cache]
         sizes = tuple(len(a) for a in layouts)
         if key not in self.steps:
             self.steps[key] = self._build(key, sizes)
         flat = [a for arrays in layouts for a in arrays]
         del layouts
-        out = self.steps[key](ids, mx.array(p, mx.int32), *flat)
+        out = self.steps[key](ids, mx.array(p, mx.int32), X, *flat)
         # Only the graph may hold the old state now, so its slice updates run in place.
         del flat
-        logits, X, new = out[0], out[1], out[2:]
-        i = 0
+        n = len(out) - sum(sizes)
+        i = n
         for c, size, spec in zip(cache, sizes, key):
-            _set_state(c, new[i : i + size], spec[1])
+            set_state(c, list(out[i : i + size]), spec[1])
             i += size
-        return logits, X
+        return out[:n]
+
+    def __call__(self, ids: mx.array, cache: list[LayerCache]):
+        """Logits `[B, 1, V]` (fp32) and the final streams for one token per sequence."""
+        return self.run(ids, mx.zeros((0,)), cache)

@@ -56,7 +56,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import ModelArgs
-from . import decode, kernels
+from . import decode
 from .cache import LayerCache, make_cache
 from .model import Block, _collapse, _init_head, _f32
 from .layers import RMSNorm
@@ -132,7 +132,7 @@ class Stage(nn.Module):
 
     def __call__(self, X: mx.array | None, ids: mx.array, cache: list[LayerCache]) -> mx.array:
         """Streams `[B, S, N, D]` after this stage's layers; the first stage embeds `ids`."""
-        if self.compiled_decode and _one_token(cache, ids):
+        if self.compiled_decode and decode.one_token(cache, ids):
             if self._step is None:
                 self._step = StageStep(self)
             return self._step(X, ids, cache)
@@ -147,67 +147,21 @@ class Stage(nn.Module):
         return _f32(self.head(self.norm(_collapse(self, X))))
 
 
-def _one_token(cache: list[LayerCache], ids: mx.array) -> bool:
-    """What `decode.supported` checks, for a stage's layers: one new token, one offset."""
-    if ids.ndim != 2 or ids.shape[1] != 1 or not cache:
-        return False
-    p = cache[0].offset
-    return all(c.offset == p and (c.kv_pool is None or c.kv_pool.n == p // c.ratio) for c in cache)
+class StageStep(decode.DecodeStep):
+    """A stage's one-token step: decode.py's compiled variants over this stage's layers only,
+    so a rank decodes as fast as its share of `Model`."""
 
+    def _blocks(self) -> list:
+        return [self.model.layers[i] for i in self.model.indices]
 
-class StageStep:
-    """A stage's one-token step compiled per variant key, from decode.py's pieces (the same
-    key, block maths and state layout), so a rank decodes as fast as its share of `Model`."""
+    def _begin(self, ids: mx.array, X: mx.array) -> mx.array:
+        return super()._begin(ids, X) if self.model.first else X
 
-    def __init__(self, stage: Stage):
-        self.stage, self.steps, self._aranges = stage, {}, {}
-        a = stage.args
-        kernels.prepare(a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)  # its check cannot run in a trace
-        mx.eval(stage.parameters())
-
-    def _arange(self, n: int) -> mx.array:
-        if n not in self._aranges:  # evaluated first, so a trace captures it as a constant
-            self._aranges[n] = mx.arange(n)
-            mx.eval(self._aranges[n])
-        return self._aranges[n]
-
-    def _build(self, key: tuple, sizes: tuple[int, ...]):
-        stage = self.stage
-        for n in {stage.args.sliding_window} | {spec[3] for spec in key if spec[3]}:
-            self._arange(n)
-        ar = self._aranges.__getitem__
-        layers = [stage.layers[i] for i in stage.indices]
-
-        def step(ids, p, X, *flat):
-            if stage.first:
-                h = stage.embed(ids)
-                X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], stage.args.hc_mult, h.shape[-1]))
-            new, i = [], 0
-            for layer, size, spec in zip(layers, sizes, key):
-                X, st = decode._block(layer, X, ids, list(flat[i : i + size]), p, spec, ar)
-                new += st
-                i += size
-            return (X, *new)
-
-        return mx.compile(step)
+    def _end(self, X: mx.array) -> tuple:
+        return (X,)
 
     def __call__(self, X: mx.array | None, ids: mx.array, cache: list[LayerCache]) -> mx.array:
-        p = cache[0].offset
-        key = decode._plan(self.stage, cache, p)
-        layouts = [decode.state_arrays(c) for c in cache]
-        sizes = tuple(len(a) for a in layouts)
-        if key not in self.steps:
-            self.steps[key] = self._build(key, sizes)
-        flat = [a for arrays in layouts for a in arrays]
-        del layouts
-        X = mx.zeros((0,)) if X is None else X
-        out = self.steps[key](ids, mx.array(p, mx.int32), X, *flat)
-        del flat  # only the graph holds the old state now, so its updates run in place
-        i = 0
-        for c, size, spec in zip(cache, sizes, key):
-            decode._set_state(c, list(out[1 + i : 1 + i + size]), spec[1])
-            i += size
-        return out[0]
+        return self.run(ids, mx.zeros((0,)) if X is None else X, cache)[0]
 
 
 def _send(x: mx.array, dst: int, group) -> None:

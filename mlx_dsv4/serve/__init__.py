@@ -20,13 +20,15 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
                   kv_bits: int | None = None, prefill_chunk: int = 512, thinking: bool = True,
                   exact_sampling: bool = False, wire_memory: bool = True,
                   draft: int | None = None, expert_memory: int | str | None = None,
-                  prompt_cache: dict | None = None):
+                  prompt_cache: dict | None = None, max_batch: int | None = None):
     """Plan memory and build `(engine, app, config)` for a converted model; the engine is not
     started (it loads the model on its own thread when it is). `draft`: MTP draft tokens per
     step (None: the default when the checkpoint has an MTP block; 0: no speculation).
     `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache.
     `prompt_cache`: `prompt_cache.open_prompt_cache`'s options (`max_bytes`, `directory`,
     `disk_bytes`) for the states kept across requests and restarts (None: the live cache only).
+    `max_batch`: requests decoding together (None: as many as the planner fits, up to 8); above
+    1 the engine batches them (`generation.batch`), without speculative decoding.
 
     `max_context` defaults to the largest context that fits this machine, capped by the model's
     maximum; a given value that does not fit is refused with the planner's verdict.
@@ -34,7 +36,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     from ..text.chat_format import load_encoding
     from ..config import ModelArgs
     from ..generation.constrain import grammar_tokenizer
-    from ..plan import apply_wired_limit, plan_context
+    from ..plan import apply_wired_limit, default_batch, plan_context
     from ..generation.prompt_cache import DEFAULT_BYTES
     from ..generation.session import Session
     from ..text.tokenizer import Tokenizer
@@ -44,9 +46,11 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     from .protocol import ServerConfig
 
     path = Path(model_path).expanduser()
+    kept = prompt_cache.get("max_bytes", DEFAULT_BYTES) if prompt_cache else 0
     plan, max_context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                                     expert_memory=expert_memory,
-                                     other_bytes=prompt_cache.get("max_bytes", DEFAULT_BYTES) if prompt_cache else 0)
+                                     expert_memory=expert_memory, other_bytes=kept, batch=max_batch or 1)
+    if max_batch is None:
+        max_batch = default_batch(plan, path, expert_memory=expert_memory, other_bytes=kept)
     wired = apply_wired_limit(plan) if wire_memory else None
     if wired:
         log.warning("%s", wired)
@@ -62,18 +66,25 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
         from ..generation.speculative import resolve_draft
 
         model = load_model(path, expert_memory=plan.expert_memory)
-        k = resolve_draft(model, draft)
+        k = resolve_draft(model, draft) if max_batch == 1 else 0
         if k:
             log.info("speculative decoding: the MTP block drafts %d token(s) per step", k)
         cache = open_prompt_cache(path, kv_bits=kv_bits, **prompt_cache) if prompt_cache else None
         if cache is not None:
             log.info("prompt cache: %.1f GB in memory%s", cache.max_bytes / 1e9,
                      f", {cache.disk_bytes / 1e9:.0f} GB in {cache.directory}" if cache.directory else "")
+        if max_batch > 1:
+            from ..generation.batch import Batcher
+
+            log.info("batching up to %d requests (speculative decoding is off when batching)", max_batch)
+            return Batcher(model, tokenizer, max_batch=max_batch, max_context=max_context,
+                           largest_context=plan.largest_context, kv_bits=kv_bits,
+                           prefill_chunk=plan.run_chunk, prompt_cache=cache)
         return Session(model, tokenizer, max_context=max_context,
                        largest_context=plan.largest_context, kv_bits=kv_bits,
                        prefill_chunk=plan.run_chunk, draft=k, prompt_cache=cache)
 
-    engine = Engine(load)
+    engine = Engine(load, max_batch=max_batch)
     # The grammar engine's view of the vocabulary takes about a second to build: do it now, not
     # in the first request that asks for a tool call or JSON.
     threading.Thread(target=grammar_tokenizer, args=(tokenizer, args.vocab_size), daemon=True).start()
@@ -84,7 +95,8 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
           max_context: int | None = None, *, model_id: str | None = None, kv_bits: int | None = None,
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
           log_level: str = "info", draft: int | None = None,
-          expert_memory: int | str | None = None, prompt_cache: dict | None = None):
+          expert_memory: int | str | None = None, prompt_cache: dict | None = None,
+          max_batch: int | None = None):
     """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
     to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound."""
     import uvicorn
@@ -97,7 +109,8 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
                                         model_id=model_id, kv_bits=kv_bits,
                                         prefill_chunk=prefill_chunk, thinking=thinking,
                                         exact_sampling=exact_sampling, draft=draft,
-                                        expert_memory=expert_memory, prompt_cache=prompt_cache)
+                                        expert_memory=expert_memory, prompt_cache=prompt_cache,
+                                        max_batch=max_batch)
     log.info("loading %s", model_path)
     engine.start()
     try:

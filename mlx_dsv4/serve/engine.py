@@ -1,11 +1,16 @@
 """The engine: one thread that owns the model, the session and all MLX work.
 
 MLX streams are thread-local, so the generator never runs on the event loop or in a threadpool.
-Requests (`Job`s) are queued when submitted (at most `max_queue` waiting) and served one at a
-time, in order; each carries the event loop and an `asyncio.Queue` that the thread fills with
+Requests (`Job`s) are queued when submitted (at most `max_queue` waiting) and served in order;
+each carries the event loop and an `asyncio.Queue` that the thread fills with
 `loop.call_soon_threadsafe`. Cancellation is a per-job `threading.Event` (set when the consumer
 goes away, or is dropped unread), checked between tokens and between prefill chunks. The engine
 knows token ids and `Chunk`s, not HTTP or the chat format.
+
+With a backend that batches (`generation.batch.Batcher`) and `max_batch > 1`, up to `max_batch`
+jobs run at once: each job's own code (`Job.run`, which may chain generations) runs on a small
+thread of its own that does no MLX work, and its `generate` calls become requests in the batch,
+whose chunks the engine thread, stepping the batch, hands back through a queue.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ import asyncio
 import collections
 import contextlib
 import logging
+import queue
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
+from ..generation.batch import DONE, Cancelled, Request
 from ..generation.generate import Chunk
 
 log = logging.getLogger("mlx_dsv4.serve")
@@ -33,10 +40,6 @@ class Backend(Protocol):
     def generate(self, ids: Sequence[int], **sampling) -> Iterator[Chunk]:
         """Chunks for the full prompt `ids` (`max_tokens`, `temperature`, `stop`, `stop_token_ids`,
         `logit_bias`, `logprobs`, `seed`, `progress`, ... as in `stream_generate`)."""
-
-
-class Cancelled(Exception):
-    pass
 
 
 class Busy(Exception):
@@ -89,9 +92,33 @@ class PrefillLog:
                      (total - done) / rate)
 
 
+class _BatchedBackend:
+    """What a job's `run` sees in batched mode: `generate` hands the request to the batch and
+    yields its chunks as the engine thread produces them; leaving early cancels the request."""
+
+    def __init__(self, engine: "Engine", job: Job):
+        self.engine, self.job = engine, job
+        self.max_context = engine.backend.max_context
+
+    def generate(self, ids: Sequence[int], **sampling) -> Iterator[Chunk]:
+        inbox: queue.Queue = queue.Queue()
+        left = threading.Event()
+        request = Request(ids, inbox.put, cancelled=lambda: left.is_set() or self.job.cancel.is_set(),
+                          **sampling)
+        self.engine._add(request)
+        try:
+            while (item := inbox.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            left.set()
+
+
 class Engine:
-    def __init__(self, load: Callable[[], Backend], max_queue: int = 64):
-        self._load, self.max_queue = load, max_queue
+    def __init__(self, load: Callable[[], Backend], max_queue: int = 64, max_batch: int = 1):
+        self._load, self.max_queue, self.max_batch = load, max_queue, max_batch
+        self._running = 0  # jobs on their own threads (batched mode)
         self._waiting: collections.deque[Job] = collections.deque()
         self._changed = threading.Condition()
         self._stopping = False
@@ -139,14 +166,16 @@ class Engine:
             log.debug("loading the model failed", exc_info=e)
             self.error = e
         self.loaded.set()
+        if self.error is None and self.max_batch > 1 and hasattr(self.backend, "step"):
+            return self._run_batched()
         while (job := self._next()) is not None:
             if self.error is not None:
                 job.emit(self.error)
             elif not job.cancel.is_set():
-                self._serve(job)
+                self._serve(job, self.backend)
             job.emit(_END)
 
-    def _serve(self, job: Job):
+    def _serve(self, job: Job, backend: Backend):
         report = PrefillLog()
 
         def progress(done: int, total: int):
@@ -156,7 +185,7 @@ class Engine:
 
         generated, last = False, None
         try:
-            with contextlib.closing(iter(job.run(self.backend, progress=progress))) as chunks:
+            with contextlib.closing(iter(job.run(backend, progress=progress))) as chunks:
                 for chunk in chunks:
                     generated, last = generated or chunk.token is not None, chunk
                     job.emit(chunk)
@@ -176,6 +205,52 @@ class Engine:
         except Exception as e:
             log.exception("generation failed")
             job.emit(e)
+
+    # ----- batched mode
+
+    def _add(self, request: Request):
+        with self._changed:
+            self.backend.add(request)
+            self._changed.notify()
+
+    def _job_thread(self, job: Job):
+        try:
+            self._serve(job, _BatchedBackend(self, job))
+        finally:
+            job.emit(_END)
+            with self._changed:
+                self._running -= 1
+                self._changed.notify()
+
+    def _run_batched(self):
+        """Start jobs while fewer than `max_batch` run; step the batch while it has work."""
+        batch = self.backend
+        while True:
+            with self._changed:
+                while True:
+                    while self._waiting and self._running < self.max_batch and not self._stopping:
+                        job = self._waiting.popleft()
+                        if job.cancel.is_set():
+                            job.emit(_END)
+                            continue
+                        self._running += 1
+                        threading.Thread(target=self._job_thread, args=(job,), daemon=True,
+                                         name="dsv4-job").start()
+                    if self._stopping:
+                        for job in self._waiting:
+                            job.emit(Stopped("The server is shutting down."))
+                            job.emit(_END)
+                        self._waiting.clear()
+                        if not self._running and not batch.busy:
+                            return
+                    if batch.busy:
+                        break
+                    self._changed.wait()
+            try:
+                batch.step()
+            except Exception as e:  # a broken step must not leave jobs waiting on it forever
+                log.exception("batched step failed")
+                batch.fail(e)
 
     def submit(self, job: Job) -> AsyncIterator[Chunk]:
         """Queue `job` and return its chunks; leaving the iterator early, or dropping it unread,

@@ -1,0 +1,266 @@
+"""Continuous batching: several requests decode together, one batched forward per step.
+
+A `Batcher` owns the running sequences of one model. Each `step()` admits waiting requests
+(a fresh cache each, or the longest prefix the shared `PromptCache` holds), feeds at most
+`prefill_chunk` prompt tokens (of one long prompt, or of several short ones), then runs one batched one-token step (`model/batch_decode.py`)
+for every sequence whose prompt is in, samples each row with that request's own sampler and
+processors, and hands each request its `Chunk` through its `sink`. A new prompt is thus
+prefilled between the running streams' tokens, a chunk at a time, and a finished or cancelled
+sequence leaves the batch (and frees its cache) at the next step. Steps are pipelined: a step's
+forward is queued before the previous step's tokens are read and handed out, so the device does
+not wait on Python; a request's chunk thus comes one step after its token is computed.
+
+A request's tokens are those it would get alone: its prompt's last token goes through the same
+batched step as the others' next tokens, each sequence keeps its own pools, and a seeded request
+draws from its own key. Speculative decoding is not used here (its verify step takes several
+tokens of one sequence at once). Knows no HTTP; the engine drives `step()` from its thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Sequence
+
+import mlx.core as mx
+
+from ..model.cache import make_cache
+from . import sampling
+from .generate import (CLEAR_EVERY, Chunk, ChunkMaker, ContextError, TokenSampler, check_token_ids,
+                       stop_ids)
+
+log = logging.getLogger("mlx_dsv4.generation.batch")
+
+DONE = object()  # the item a sink receives after a request's last chunk
+
+
+class Cancelled(Exception):
+    """A request left the batch because its caller went away."""
+
+
+def seeded_sampler(seed: int | None, temperature: float = 0.0, top_p: float = 0.0,
+                   min_p: float = 0.0, top_k: int = 0):
+    """`sampling.make_sampler`, drawing from the request's own key when it has a seed: the
+    draws are then those of `mx.random.seed(seed)` followed by the request alone, whatever
+    else the batch samples in between."""
+    sampler = sampling.make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    if seed is None or temperature == 0:
+        return sampler
+    tempered = sampling._filters(temperature, top_p, min_p, top_k)
+    key = mx.random.key(seed)
+
+    def sample(logprobs):
+        nonlocal key
+        key, sub = mx.random.split(key)  # what the global key sequence does on each draw
+        return mx.random.categorical(tempered(logprobs), key=sub)
+
+    return sample
+
+
+class Request:
+    """One generation in the batch: its prompt, options and, once admitted, its decode state."""
+
+    def __init__(self, ids: Sequence[int], sink: Callable[[object], None], *,
+                 cancelled: Callable[[], bool] = lambda: False, max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                 frequency_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
+                 seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+                 logprobs: int = 0, logits_processors: Sequence[Callable] = (),
+                 progress: Callable[[int, int], None] | None = None, draft: int = 0):
+        self.ids, self.sink = list(ids), sink
+        self.cancelled = cancelled  # polled at every step
+        self.options = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        self.penalties = dict(logit_bias=logit_bias, repetition_penalty=repetition_penalty,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        self.seed, self.stop, self.stop_token_ids = seed, list(stop), list(stop_token_ids)
+        self.max_tokens, self.logprobs, self.progress = max_tokens, logprobs, progress
+        self.extra_processors = list(logits_processors)
+        self.cache = self.sample = self.make = None
+        self.fed = 0  # prompt tokens in the cache
+        self.next: int | mx.array | None = None  # the token the next decode step feeds
+        self.pending: tuple[mx.array, mx.array] | None = None  # sampled, not yet handed out
+        self.finished = False
+
+    def leave(self, item=DONE):
+        """Hand the caller its last item (DONE or an exception) and free the decode state."""
+        if not self.finished:
+            self.finished = True
+            self.cache = self.sample = self.pending = None
+            self.sink(item)
+
+
+class Batcher:
+    """The running sequences of one model; `add` requests from any thread, `step` on the
+    thread that owns MLX. `max_batch` sequences decode together; more wait their turn."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 4, max_context: int | None = None,
+                 largest_context: int | None = None, kv_bits: int | None = None,
+                 prefill_chunk: int = 512, prompt_cache=None, pipeline: bool = True):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.pipeline = pipeline
+        self.max_context, self.largest_context = max_context, largest_context
+        self.kv_bits, self.prefill_chunk, self.prompt_cache = kv_bits, prefill_chunk, prompt_cache
+        self.waiting: list[Request] = []
+        self.active: list[Request] = []
+        self._lock = threading.Lock()
+        self._step = None
+        self.steps = 0
+        self.peak = 0  # the most sequences one step has decoded
+
+    def add(self, request: Request) -> Request:
+        with self._lock:
+            self.waiting.append(request)
+        return request
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    def fail(self, error: BaseException):
+        """Every request, running or waiting, leaves with `error` (the batch cannot go on)."""
+        with self._lock:
+            requests, self.waiting = self.active + self.waiting, []
+        self.active = []
+        for r in requests:
+            r.leave(error)
+
+    def step(self):
+        """Admit, feed up to `prefill_chunk` prompt tokens, decode one token for every sequence
+        whose prompt is in (and hand out the previous step's tokens)."""
+        for r in self.active:
+            if r.cancelled():
+                r.leave(Cancelled())
+        self.active = [r for r in self.active if not r.finished]
+        with self._lock:
+            room = self.max_batch - len(self.active)
+            admitted, self.waiting = self.waiting[:room], self.waiting[room:]
+        for r in admitted:
+            self._admit(r)
+        self.active += [r for r in admitted if not r.finished]
+        budget = self.prefill_chunk
+        for r in [r for r in self.active if r.next is None]:
+            if budget <= 0:
+                break
+            budget -= self._prefill(r, budget)
+        ready = [r for r in self.active if r.next is not None and not r.finished]
+        if ready:
+            self.peak = max(self.peak, len(ready))
+            self._decode(ready)
+        self.active = [r for r in self.active if not r.finished]
+        self.steps += 1
+        if self.steps % CLEAR_EVERY == 0:
+            mx.clear_cache()
+
+    # ----- the steps
+
+    def _admit(self, r: Request):
+        """Refuse what cannot run (before any work, as `Session` does); else give it state."""
+        if r.cancelled():
+            return r.leave(Cancelled())
+        try:
+            if not r.ids:
+                raise ValueError("An empty prompt cannot be continued.")
+            check_token_ids(r.ids, self.model.args.vocab_size)
+            if self.max_context is not None and len(r.ids) + r.max_tokens > self.max_context:
+                raise ContextError(len(r.ids), r.max_tokens, self.max_context, self.largest_context)
+            sampler = seeded_sampler(r.seed, **r.options)
+            processors = sampling.make_logits_processors(**r.penalties) + r.extra_processors
+        except ValueError as e:
+            return r.leave(e)
+        reused = self._restore(r)
+        if r.max_tokens <= 0:
+            r.sink(Chunk(finish_reason="length", prompt_tokens=len(r.ids), reused_tokens=reused))
+            return r.leave()
+        r.sample = TokenSampler(sampler, processors, r.ids)
+        eos = stop_ids(self.model, self.tokenizer, r.stop_token_ids)
+        r.make = ChunkMaker(self.tokenizer, eos, r.stop, r.stop_token_ids, r.logprobs, r.max_tokens,
+                            len(r.ids) - reused, len(r.ids), reused)
+        if r.fed == len(r.ids) - 1:
+            r.next = r.ids[-1]
+
+    def _restore(self, r: Request) -> int:
+        """A fresh cache, holding the prompt cache's longest prefix of the prompt if any."""
+        fresh = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
+        r.cache = fresh
+        if self.prompt_cache is None:
+            return 0
+        from .prompt_cache import check, restore
+
+        while (hit := self.prompt_cache.lookup(r.ids, len(r.ids) - 1)) is not None:
+            try:
+                check(fresh, hit.state)
+            except ValueError as e:  # stored by a build whose layout differs: never load it
+                log.warning("prompt cache: a state of %d tokens does not fit this model (%s)", hit.n, e)
+                self.prompt_cache.discard(hit.state)
+                continue
+            restore(fresh, hit.state)
+            r.fed = hit.n
+            return hit.n
+        return 0
+
+    def _prefill(self, r: Request, budget: int) -> int:
+        """Up to `budget` more tokens of `r`'s prompt (all but its last token, which the decode
+        step feeds); returns how many it fed."""
+        start = r.fed
+        end = min(r.fed + budget, len(r.ids) - 1)
+        try:
+            self.model(mx.array(r.ids[r.fed : end])[None], r.cache, last_only=True)
+            mx.eval([c.state for c in r.cache])
+            r.fed = end
+            if r.progress:
+                r.progress(end, len(r.ids))
+        except Cancelled as e:
+            r.leave(e)
+            return end - start
+        except Exception as e:  # this request's failure, not the batch's
+            log.exception("prefill failed")
+            r.leave(e)
+            return end - start
+        if end == len(r.ids) - 1:
+            r.next = r.ids[-1]
+            if self.prompt_cache is not None:
+                try:
+                    self.prompt_cache.store(r.ids[:-1], r.cache)
+                except Exception as e:  # the reply matters more than caching it
+                    log.warning("prompt cache: could not keep this prompt's state: %s", e)
+        return end - start
+
+    def _decode(self, ready: list[Request]):
+        """One token for each of `ready`; with `pipeline`, the previous step's tokens are read
+        and handed out while this step computes (as `generate_step` does for one request)."""
+        if self._step is None:
+            from ..model.batch_decode import BatchStep
+
+            self._step = BatchStep(self.model)
+        try:
+            # A sampled token is fed still unread; a prompt's last token is a number.
+            ids = mx.concatenate([r.next.astype(mx.int32) if isinstance(r.next, mx.array)
+                                  else mx.array([r.next], mx.int32) for r in ready])[:, None]
+            if len(ready) == 1:  # alone: the model's own whole-trunk compiled step is faster
+                logits = self.model(ids, ready[0].cache, last_only=True)
+            else:
+                logits = self._step(ids, [r.cache for r in ready])
+            picks = [r.sample(logits[b : b + 1, -1, :]) for b, r in enumerate(ready)]
+            mx.async_eval([y for y, _ in picks])
+        except Exception as e:  # a failed forward leaves every sequence in it unusable
+            log.exception("batched decode failed")
+            for r in ready:
+                r.leave(e)
+            return
+        for r, pick in zip(ready, picks):
+            if self.pipeline:
+                pick, r.pending = r.pending, pick
+            r.next = r.pending[0] if self.pipeline else pick[0]
+            if pick is not None:
+                self._hand_out(r, *pick)
+
+    def _hand_out(self, r: Request, y: mx.array, lp: mx.array):
+        try:
+            chunk = r.make(y.item(), lp)
+        except Exception as e:
+            log.exception("decode failed")
+            return r.leave(e)
+        r.sink(chunk)
+        if chunk.finish_reason:
+            r.leave()  # a token computed past the end, if any, goes with the state
