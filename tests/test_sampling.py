@@ -68,3 +68,18 @@ def test_processors_match_mlx_lm(kw):
         b = p(tokens, b)
     assert not np.allclose(np.array(a), before)
     np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-6)
+
+
+def test_a_seeded_sampler_draws_as_the_global_seed_would_whatever_draws_between():
+    logprobs = mx.log(mx.softmax(mx.array(np.random.default_rng(1).normal(0, 1, (1, 50)),
+                                          mx.float32), axis=-1))
+    mx.random.seed(7)
+    alone = [make_sampler(0.9, top_p=0.95)(logprobs).item() for _ in range(12)]
+    own = make_sampler(0.9, top_p=0.95, seed=7)
+    mx.random.seed(123)
+    interleaved = []
+    for _ in range(12):
+        mx.random.categorical(logprobs)  # another request's draw in the same batch
+        interleaved.append(own(logprobs).item())
+    assert interleaved == alone
+    assert len(set(alone)) > 1  # sampled, not greedy

@@ -38,25 +38,6 @@ class Cancelled(Exception):
     """A request left the batch because its caller went away."""
 
 
-def seeded_sampler(seed: int | None, temperature: float = 0.0, top_p: float = 0.0,
-                   min_p: float = 0.0, top_k: int = 0):
-    """`sampling.make_sampler`, drawing from the request's own key when it has a seed: the
-    draws are then those of `mx.random.seed(seed)` followed by the request alone, whatever
-    else the batch samples in between."""
-    sampler = sampling.make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
-    if seed is None or temperature == 0:
-        return sampler
-    tempered = sampling._filters(temperature, top_p, min_p, top_k)
-    key = mx.random.key(seed)
-
-    def sample(logprobs):
-        nonlocal key
-        key, sub = mx.random.split(key)  # what the global key sequence does on each draw
-        return mx.random.categorical(tempered(logprobs), key=sub)
-
-    return sample
-
-
 class Request:
     """One generation in the batch: its prompt, options and, once admitted, its decode state."""
 
@@ -164,7 +145,7 @@ class Batcher:
             check_token_ids(r.ids, self.model.args.vocab_size)
             if self.max_context is not None and len(r.ids) + r.max_tokens > self.max_context:
                 raise ContextError(len(r.ids), r.max_tokens, self.max_context, self.largest_context)
-            sampler = seeded_sampler(r.seed, **r.options)
+            sampler = sampling.make_sampler(**r.options, seed=r.seed)
             processors = sampling.make_logits_processors(**r.penalties) + r.extra_processors
         except ValueError as e:
             return r.leave(e)
@@ -181,23 +162,17 @@ class Batcher:
 
     def _restore(self, r: Request) -> int:
         """A fresh cache, holding the prompt cache's longest prefix of the prompt if any."""
-        fresh = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
-        r.cache = fresh
-        if self.prompt_cache is None:
+        fresh = lambda: make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)  # noqa: E731
+        found = None if self.prompt_cache is None else self.prompt_cache.lookup_for(r.ids, fresh)
+        if found is None:
+            r.cache = fresh()
             return 0
-        from .prompt_cache import check, restore
+        from .prompt_cache import restore
 
-        while (hit := self.prompt_cache.lookup(r.ids, len(r.ids) - 1)) is not None:
-            try:
-                check(fresh, hit.state)
-            except ValueError as e:  # stored by a build whose layout differs: never load it
-                log.warning("prompt cache: a state of %d tokens does not fit this model (%s)", hit.n, e)
-                self.prompt_cache.discard(hit.state)
-                continue
-            restore(fresh, hit.state)
-            r.fed = hit.n
-            return hit.n
-        return 0
+        hit, r.cache = found
+        restore(r.cache, hit.state)
+        r.fed = hit.n
+        return hit.n
 
     def _prefill(self, r: Request, budget: int) -> int:
         """Up to `budget` more tokens of `r`'s prompt (all but its last token, which the decode

@@ -319,6 +319,22 @@ class PromptCache:
             return found
         return Hit(len(best[1].tokens), best[1], "memory") if best else None
 
+    def lookup_for(self, ids: Sequence[int], make_fresh, floor: int = 0):
+        """`(hit, fresh cache)` for the longest stored prefix of `ids` (all but its last token,
+        which must be fed) holding more than `floor` tokens and laid out as `make_fresh()`'s
+        cache is, or None. A state stored by a build whose layout differs is discarded with a
+        warning, never loaded. The caller `restore`s the hit into the fresh cache."""
+        while (hit := self.lookup(ids, len(ids) - 1, floor=floor)) is not None:
+            fresh = make_fresh()
+            try:
+                check(fresh, hit.state)
+            except ValueError as e:
+                log.warning("prompt cache: a state of %d tokens does not fit this model (%s)", hit.n, e)
+                self.discard(hit.state)
+                continue
+            return hit, fresh
+        return None
+
     def discard(self, state: State):
         key = token_hash(state.tokens)
         self.states.pop(key, None)

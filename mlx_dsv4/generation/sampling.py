@@ -70,15 +70,26 @@ def _filters(temperature: float, top_p: float, min_p: float, top_k: int):
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
-                 top_k: int = 0) -> Sampler:
+                 top_k: int = 0, seed: int | None = None) -> Sampler:
     """Greedy at temperature 0; otherwise categorical over the filtered, tempered distribution.
 
     `top_p` outside (0, 1), `min_p` 0 and `top_k` 0 (or not below the vocabulary) filter nothing.
+    With `seed`, draws come from a key of the sampler's own: those of `mx.random.seed(seed)`
+    followed by this sampler alone, whatever else draws in between (a batch of requests).
     """
     tempered = _filters(temperature, top_p, min_p, top_k)
     if temperature == 0:
         return greedy
-    return lambda logprobs: mx.random.categorical(tempered(logprobs))
+    if seed is None:
+        return lambda logprobs: mx.random.categorical(tempered(logprobs))
+    key = mx.random.key(seed)
+
+    def sample(logprobs):
+        nonlocal key
+        key, sub = mx.random.split(key)  # what the global key does on each draw
+        return mx.random.categorical(tempered(logprobs), key=sub)
+
+    return sample
 
 
 def make_distribution(temperature: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,

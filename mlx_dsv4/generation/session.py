@@ -52,7 +52,7 @@ class Session:
     def _prepare(self, ids: Sequence[int]) -> int:
         """Put the cache at the longest reusable prefix of `ids`; return its length."""
         if self.cache is None or len({c.offset for c in self.cache}) != 1:
-            self.cache = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
+            self.cache = self._fresh()
             self.tokens, self.snapshots = [], []
         # At least one token must be fed to get the next token's logits.
         usable = min(common_prefix(self.tokens, ids), len(ids) - 1)
@@ -63,7 +63,7 @@ class Session:
         if usable == len(self.tokens):
             return usable
         if not fitting:
-            self.cache = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
+            self.cache = self._fresh()
             self.tokens, self.snapshots = [], []
             return 0
         n, snaps = fitting[-1]
@@ -76,23 +76,21 @@ class Session:
 
     def _restore(self, ids: Sequence[int], live: int) -> int | None:
         """Restore the prompt cache's longest prefix of `ids` if it beats `live` tokens."""
-        from .prompt_cache import check, restore
+        from .prompt_cache import restore
 
-        while (hit := self.prompt_cache.lookup(ids, len(ids) - 1, floor=live)) is not None:
-            fresh = make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
-            try:
-                check(fresh, hit.state)
-            except ValueError as e:  # stored by a build whose layout differs: never load it
-                log.warning("prompt cache: a state of %d tokens does not fit this model (%s)", hit.n, e)
-                self.prompt_cache.discard(hit.state)
-                continue
-            self.cache = None  # the old pools go before the new ones fill
-            restore(fresh, hit.state)
-            self.cache, self.tokens, self.snapshots = fresh, list(ids[: hit.n]), []
-            self._snapshot()
-            log.info("prompt cache: %d of %d prompt tokens restored from %s", hit.n, len(ids), hit.source)
-            return hit.n
-        return None
+        found = self.prompt_cache.lookup_for(ids, self._fresh, floor=live)
+        if found is None:
+            return None
+        hit, fresh = found
+        self.cache = None  # the old pools go before the new ones fill
+        restore(fresh, hit.state)
+        self.cache, self.tokens, self.snapshots = fresh, list(ids[: hit.n]), []
+        self._snapshot()
+        log.info("prompt cache: %d of %d prompt tokens restored from %s", hit.n, len(ids), hit.source)
+        return hit.n
+
+    def _fresh(self) -> list[LayerCache]:
+        return make_cache(self.model, max_tokens=self.max_context, kv_bits=self.kv_bits)
 
     def _remember(self):
         """Snapshot the prompt boundary, and keep its state in the prompt cache."""
