@@ -586,7 +586,7 @@ def test_shutdown_mid_stream_ends_the_stream_with_an_error(selftest_model, tmp_p
                     events.append(line[6:])
                     if len(events) == 1:
                         proc.send_signal(signal.SIGINT)  # as Ctrl-C does
-        assert proc.wait(30) is not None
+        assert proc.wait(30) == 0, (tmp_path / "server.log").read_text(errors="replace")[-2000:]
     finally:
         stop_server(proc)
     assert len(events) < CONTEXT - 8

@@ -337,12 +337,7 @@ def test_dsv4_serve_under_launch_matches_one_process(selftest_model, tmp_path):
         for p in procs[:2]:  # rank 1 stops when rank 0 tells it to
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
         assert procs[1].returncode == 0, report()
-        logs[0].seek(0)
-        # MLX used from a thread (the engine's) can abort as the interpreter exits (ml-explore/mlx
-        # #3126); one process's `dsv4 serve` does it too. That comes after the server finished
-        # and rank 0 told the others to stop, which is what this test is about.
-        aborted = procs[0].returncode == -signal.SIGABRT and "Finished server process" in logs[0].read()
-        assert procs[0].returncode == 0 or aborted, report()
+        assert procs[0].returncode == 0, report()
         logs[1].seek(0)
         assert "rank 1: layers" in logs[1].read()
     finally:
