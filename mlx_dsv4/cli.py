@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -405,23 +404,7 @@ def serve(
         model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
         exact_sampling=exact_sampling, draft=0 if no_mtp else draft, expert_memory=expert_memory,
         prompt_cache=_prompt_cache(prompt_cache_bytes, prompt_cache_dir, prompt_cache_disk_bytes,
-                                   no_prompt_cache), max_batch=max_batch)
-    _exit_now()
-
-
-def _exit_now():
-    """Exit 0 without tearing the interpreter down. MLX, once used from a thread other than the
-    main one (the engine's), can abort during that teardown ("terminate called without an active
-    exception", exit 134) after a clean stop. Exit handlers (pending prompt-cache writes, telling
-    pipeline ranks to stop) run first."""
-    import atexit
-    import logging
-
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+                                   no_prompt_cache), max_batch=max_batch, exit_process=True)
 
 
 @command()

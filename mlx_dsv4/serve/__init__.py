@@ -96,9 +96,10 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
           log_level: str = "info", draft: int | None = None,
           expert_memory: int | str | None = None, prompt_cache: dict | None = None,
-          max_batch: int | None = None):
+          max_batch: int | None = None, exit_process: bool = False):
     """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
-    to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound."""
+    to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound.
+    `exit_process` (the CLI) ends the process with status 0 once the server has stopped."""
     import uvicorn
 
     from ..config import ConfigError
@@ -124,6 +125,24 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.stop()
+    if exit_process:
+        _exit_now()
+
+
+def _exit_now():
+    """Exit 0 without tearing the interpreter down. MLX, once used from a thread other than the
+    main one (the engine's), can abort during that teardown ("terminate called without an active
+    exception", exit 134) after a clean stop. Exit handlers (pending prompt-cache writes, telling
+    pipeline ranks to stop) run first."""
+    import atexit
+    import os
+    import sys
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _log_to_stderr(level: str):
