@@ -209,7 +209,7 @@ def _arrays(tree):
 
 
 @contextmanager
-def shims(times: dict, pkg: str):
+def shims(times: dict, pkg: str, peaks: dict | None = None):
     """Patch each module's call so it is timed alone (outermost shim only)."""
     attention, layers, mhc, model_mod = (importlib.import_module(f"{pkg}.model.{m}")
                                          for m in ("attention", "layers", "mhc", "model"))
@@ -224,6 +224,9 @@ def shims(times: dict, pkg: str):
                 return orig(*a, **kw)
             mx.eval(_arrays(list(a)) + _arrays(list(kw.values())))
             active.append(label)
+            if peaks is not None:
+                before = mx.get_active_memory()
+                mx.reset_peak_memory()
             t = time.perf_counter()
             try:
                 out = orig(*a, **kw)
@@ -231,6 +234,8 @@ def shims(times: dict, pkg: str):
             finally:
                 active.pop()
             times[label] = times.get(label, 0.0) + time.perf_counter() - t
+            if peaks is not None:
+                peaks[label] = max(peaks.get(label, 0), mx.get_peak_memory() - before)
             return out
 
         patched.append((owner, attr, orig))
@@ -255,15 +260,16 @@ def shims(times: dict, pkg: str):
             setattr(owner, attr, orig)
 
 
-def breakdown(impl: Impl, offset: int, C: int, vocab: int, P: int) -> dict:
+def breakdown(impl: Impl, offset: int, C: int, vocab: int, P: int) -> tuple[dict, dict]:
+    """(ms per module, peak bytes each module's call adds over what was live before it)."""
     times: dict[str, float] = {}
-    time_chunk_at(impl, offset, C, vocab, P)  # warm-up at this shape
-    with shims(times, impl.pkg):
+    peaks: dict[str, int] = {}
+    with shims(times, impl.pkg, peaks):
         total = time_chunk_at(impl, offset, C, vocab, P)
     ms = {k: 1e3 * v for k, v in sorted(times.items())}
     ms["other"] = 1e3 * total - sum(ms.values())
     ms["total"] = 1e3 * total
-    return ms
+    return ms, dict(sorted(peaks.items()))
 
 
 # ----- main -------------------------------------------------------------------------------------
@@ -342,12 +348,16 @@ def main():
         for impl in impls:
             if impl.pkg is None:
                 continue
+            time_chunk_at(impl, 0, 64, V, 64)  # compile once; chunk shapes then run as measured
             for off in offsets:
                 for C in a.chunks:
-                    ms = breakdown(impl, off, C, V, off + C)
-                    res["breakdown"].append({"impl": impl.name, "offset": off, "chunk": C, "ms": ms})
+                    ms, peaks = breakdown(impl, off, C, V, off + C)
+                    res["breakdown"].append({"impl": impl.name, "offset": off, "chunk": C,
+                                             "ms": ms, "peak_added_bytes": peaks})
                     log(f"breakdown {impl.name} offset {off} chunk {C}: "
                         + ", ".join(f"{k} {v:.0f}" for k, v in ms.items()))
+                    log("   peak MB added: " + ", ".join(f"{k} {v / 1e6:.0f}"
+                                                         for k, v in peaks.items()))
                     write()
     write()
 

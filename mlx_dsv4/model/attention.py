@@ -6,8 +6,9 @@ output projection), the compressor of §2.6, the Lightning Indexer of §2.8 and 
 window + compressed keys of §2.7. The state itself lives in `cache.LayerCache`.
 
 Queries of a chunk are processed in blocks of `QUERY_BLOCK` so a prefill chunk never builds a
-score tensor over the whole chunk: the window part then costs `[H, Bq, W + Bq]` and the indexer
-`[Bq, T/4]` per block, whatever the chunk size.
+score tensor over the whole chunk: the window part then costs `[H, Bq, W]` (each query against
+its own W keys) and the indexer `[Bq, T/4]` per block, whatever the chunk size; each block's
+output is projected back to the hidden size before the next.
 """
 
 from __future__ import annotations
@@ -241,22 +242,33 @@ class Attention(nn.Module):
         outs = []
         for i0 in range(0, S, QUERY_BLOCK):
             i1 = min(S, i0 + QUERY_BLOCK)
-            parts = [(window[:, i0 : i1 + W], _window_mask(p0, i0, i1, W), False)]
+            parts = [_window_part(window, p0, i0, i1, W)]
             if dense:
                 parts.append((pool, _visible_entries(p0 + i0, i1 - i0, n, self.ratio), False))
             elif n:
                 idx, valid = self.indexer.select(x[:, i0:i1], q_lat[:, i0:i1], index_keys,
                                                  p0 + i0, self._index_periods)
                 parts.append((cache.kv_pool.gather(idx, mx.float32), valid, True))
-            outs.append(_attend(q[:, :, i0:i1], parts, self.attn_sink))
-        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-        o = rope(o.astype(dtype), self._periods, p0, inverse=True)
-        o = o.transpose(0, 2, 1, 3).reshape(B, S, self.groups, -1)
+            # Project each block's output at once: the fp32 head outputs of the whole chunk
+            # [B, H, S, c] are then never held together.
+            o = _attend(q[:, :, i0:i1], parts, self.attn_sink)
+            o = rope(o.astype(dtype), self._periods, p0 + i0, inverse=True)
+            o = o.transpose(0, 2, 1, 3).reshape(B, i1 - i0, self.groups, -1)
+            outs.append(self.wo_b(self.wo_a(o).reshape(B, i1 - i0, -1)))
         cache.offset += S
-        return self.wo_b(self.wo_a(o).reshape(B, S, -1))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
-def _window_mask(p0: int, i0: int, i1: int, W: int) -> mx.array:
-    """Visibility of window keys E[i0 : i1+W] (E[k] holds position p0-W+k) for queries i0…i1-1."""
-    r = mx.arange(i1 - i0)[:, None]
-    j = mx.arange(i1 - i0 + W)[None, :]
-    return (j > r) & (j <= r + W) & (j + i0 >= W - p0)
+
+def _window_part(window: mx.array, p0: int, i0: int, i1: int, W: int):
+    """Queries i0…i1-1's own W window keys, `[B, Sq, W, c]` (a strided view of E, where E[k]
+    holds position p0-W+k), and their validity (positions >= 0), as a per-query part.
+
+    Shared keys E[i0 : i1+W] would score every query against W + Sq keys, half of them masked.
+    """
+    B, T, c = window.shape
+    keys = mx.contiguous(mx.as_strided(window, (B, i1 - i0, W, c), (T * c, c, c, 1), (i0 + 1) * c))
+    first = p0 + i0 - W + 1  # position of query i0's first key; each next query starts one later
+    if first >= 0:
+        return keys, None, True
+    mask = (mx.arange(i1 - i0)[:, None] + mx.arange(W)[None, :]) >= -first
+    return keys, mask[None], True
