@@ -23,8 +23,8 @@ from ..config import CSA, HCA, ModelArgs
 from .layers import GroupedLinear, RMSNorm
 
 QUERY_BLOCK = 128
-# Upper bound for one block of indexer scores [Bq, H_I, entries] in fp32.
-INDEX_SCORE_BYTES = 1 << 28
+# Upper bound for one block of indexer scores [Bq, H_I, entries] in fp32 (a prefill transient).
+INDEX_SCORE_BYTES = 1 << 26
 
 
 def rope_periods(inv_freq: list[float], dim: int) -> mx.array:
@@ -128,14 +128,15 @@ class Indexer(nn.Module):
         q = self.wq_b(q_lat).reshape(B, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = rope(q, periods, offset).transpose(0, 2, 1, 3)  # [B, S, H_I, c_I]
         scale = (self.head_dim * self.n_heads) ** -0.5
-        w = self.weights_proj(x).astype(mx.float32) * scale  # [B, S, H_I]
+        w = (self.weights_proj(x).astype(mx.float32) * scale)[:, :, None]  # [B, S, 1, H_I]
         keys = keys.astype(q.dtype)
         step = max(1, INDEX_SCORE_BYTES // (4 * B * S * self.n_heads))
         blocks = []
         for s0 in range(0, n, step):
             z = (q.reshape(B, S * self.n_heads, -1) @ keys[:, s0 : s0 + step].swapaxes(1, 2))
             z = mx.maximum(z.reshape(B, S, self.n_heads, -1).astype(mx.float32), 0)
-            blocks.append((w[..., None] * z).sum(axis=2))
+            # The head-weighted sum as a product: no [S, H_I, entries] temporary of w * z.
+            blocks.append((w @ z)[:, :, 0])
         scores = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
         visible = _visible_entries(offset, S, n, 4)
         if visible is not None:
