@@ -39,6 +39,7 @@ import argparse
 import copy
 import importlib
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -272,6 +273,25 @@ def breakdown(impl: Impl, offset: int, C: int, vocab: int, P: int) -> tuple[dict
     return ms, dict(sorted(peaks.items()))
 
 
+def indexer_scaling(impl: Impl, args: ModelArgs, T: int, queries: int, reps: int = 2) -> float:
+    """Seconds for the first CSA layer's `Indexer.select` of `queries` queries at offset T
+    against T/4 random index keys (scoring and top-k; its projections included)."""
+    i = args.layer_kinds.index("csa")
+    att = impl.model.layers[i].attn
+    dt = impl.model.dtype
+    D, R = args.hidden_size, args.q_lora_rank
+    x = mx.random.normal((1, queries, D)).astype(dt)
+    q_lat = mx.random.normal((1, queries, R)).astype(dt)
+    keys = mx.random.normal((1, T // 4, args.index_head_dim)).astype(dt)
+    mx.eval(x, q_lat, keys)
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval(att.indexer.select(x, q_lat, keys, T, att._index_periods))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 # ----- main -------------------------------------------------------------------------------------
 
 
@@ -293,6 +313,8 @@ def main():
     ap.add_argument("--no-runs", action="store_true", help="breakdown only (prompts set offsets)")
     ap.add_argument("--breakdown-at", type=int, nargs="*", default=None,
                     help="offsets for the breakdown (default 0 and the largest prompt's last)")
+    ap.add_argument("--indexer", action="store_true",
+                    help="time the indexer alone for one query block at each prompt length")
     ap.add_argument("--baseline", default=None, help="dir with an older package as mlx_dsv4_base")
     ap.add_argument("--pr1192", default=None, help="dir with mlx-lm PR #1192 as mlx_lm_pr1192")
     ap.add_argument("--others-max", type=int, default=2048,
@@ -337,11 +359,21 @@ def main():
                     row = run_chunks(impl, P, C, V)
                 else:
                     row = run_sampled(impl, P, C, V, a.samples)
-                row.update(impl=impl.name, prompt=P, chunk=C, peak_over_weights=row["peak_bytes"] / W)
+                row.update(impl=impl.name, prompt=P, chunk=C,
+                           peak_over_weights=row["peak_bytes"] / W)
                 res["runs"].append(row)
                 log(f"{impl.name:>9} {P:>7} {C:>6} {row['tokens_per_s']:>8.2f} "
                     f"{row.get('at_length_tokens_per_s', float('nan')):>8.2f} "
                     f"{row['peak_over_weights']:>7.3f}  {row['how']}")
+                write()
+    if a.indexer:
+        res["indexer"] = []
+        for P in prompts:  # implementations alternate at each size: contention drifts
+            for impl in [i for i in impls if i.pkg is not None]:
+                sec = indexer_scaling(impl, args, P, 128)
+                res["indexer"].append({"impl": impl.name, "prompt": P, "queries": 128,
+                                       "seconds": sec})
+                log(f"indexer {impl.name} at {P}: {1e3 * sec:.0f} ms per 128 queries")
                 write()
     if a.breakdown:
         offsets = a.breakdown_at if a.breakdown_at is not None else [0, max(prompts) - a.chunks[0]]
