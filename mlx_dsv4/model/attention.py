@@ -22,7 +22,7 @@ from .cache import CompressorState, LayerCache
 from ..config import CSA, HCA, ModelArgs
 from .layers import GroupedLinear, RMSNorm
 
-QUERY_BLOCK = 128
+QUERY_BLOCK = 64  # per block: per-query window and top-k keys [Bq, W + k, c] in fp32
 # Upper bound for one block of indexer scores [Bq, H_I, entries] in fp32 (a prefill transient).
 INDEX_SCORE_BYTES = 1 << 26
 
