@@ -92,10 +92,8 @@ class ExpertLinear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((experts, out_dims, in_dims))
 
-    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False,
-                 rows: mx.array | None = None) -> mx.array:
-        """`rows` picks x's rows per product (lhs_indices), so no gathered copy of x is made."""
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=rows, rhs_indices=idx,
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx,
                             sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None,
@@ -112,12 +110,10 @@ class QuantizedExpertLinear(nn.Module):
         default_group, default_bits = QUANT_DEFAULTS[mode]
         self.group_size, self.bits, self.mode = group_size or default_group, bits or default_bits, mode
 
-    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False,
-                 rows: mx.array | None = None) -> mx.array:
-        return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"),
-                             lhs_indices=rows, rhs_indices=idx, transpose=True,
-                             group_size=self.group_size, bits=self.bits, mode=self.mode,
-                             sorted_indices=sorted_indices)
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=idx,
+                             transpose=True, group_size=self.group_size, bits=self.bits,
+                             mode=self.mode, sorted_indices=sorted_indices)
 
 
 class FusedPair:
