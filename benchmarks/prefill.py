@@ -170,6 +170,29 @@ def run_chunks(impl: Impl, P: int, C: int, vocab: int, seed: int = 1) -> dict:
     return {"how": "full", "seconds": dt, "tokens_per_s": P / dt, "peak_bytes": peak}
 
 
+def run_interleaved(impls: list, P: int, C: int, vocab: int, seed: int = 1) -> list[dict]:
+    """Real prefill of P tokens by every implementation, alternating chunk by chunk, so that
+    load from other processes falls on all of them alike; peak per implementation is the
+    largest over its chunks (the other implementations' caches included, small at these P)."""
+    ids = mx.random.randint(0, vocab, (1, P), key=mx.random.key(seed))
+    mx.eval(ids)
+    caches = [impl.new_cache(P + 8) for impl in impls]
+    secs, peaks = [0.0] * len(impls), [0] * len(impls)
+    for s in range(0, P, C):
+        for j, impl in enumerate(impls):
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            t = time.perf_counter()
+            impl.forward(ids[:, s : s + C], caches[j])
+            mx.eval(impl.state(caches[j]))
+            secs[j] += time.perf_counter() - t
+            peaks[j] = max(peaks[j], mx.get_peak_memory())
+    del caches
+    mx.clear_cache()
+    return [{"how": "full, interleaved chunk by chunk", "seconds": t, "tokens_per_s": P / t,
+             "peak_bytes": pk, "impl": impl.name} for impl, t, pk in zip(impls, secs, peaks)]
+
+
 def time_chunk_at(impl: Impl, offset: int, C: int, vocab: int, P: int, seed: int = 1):
     cache = impl.new_cache(P + 8)
     if offset:
@@ -315,6 +338,8 @@ def main():
     ap.add_argument("--no-runs", action="store_true", help="breakdown only (prompts set offsets)")
     ap.add_argument("--breakdown-at", type=int, nargs="*", default=None,
                     help="offsets for the breakdown (default 0 and the largest prompt's last)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="full prompts: run the implementations alternately, chunk by chunk")
     ap.add_argument("--indexer", action="store_true",
                     help="time the indexer alone for one query block at each prompt length")
     ap.add_argument("--baseline", default=None, help="dir with an older package as mlx_dsv4_base")
@@ -352,7 +377,15 @@ def main():
     for impl in [] if a.no_runs else impls:  # compile/warm every path once (one small chunk)
         run_chunks(impl, 64, 64, V)
     log(f"{'impl':>9} {'prompt':>7} {'chunk':>6} {'tok/s':>8} {'at len':>8} {'peak/W':>7}  how")
-    for P in [] if a.no_runs else prompts:
+    for P in [] if a.no_runs or not a.interleave else prompts:
+        for C in a.chunks:
+            for row in run_interleaved(impls, P, C, V):
+                row.update(prompt=P, chunk=C, peak_over_weights=row["peak_bytes"] / W)
+                res["runs"].append(row)
+                log(f"{row['impl']:>9} {P:>7} {C:>6} {row['tokens_per_s']:>8.2f} {'':>8} "
+                    f"{row['peak_over_weights']:>7.3f}  {row['how']}")
+                write()
+    for P in [] if a.no_runs or a.interleave else prompts:
         for C in a.chunks:
             for impl in impls:
                 if impl.name != "ours" and P > a.others_max:
