@@ -14,6 +14,8 @@ How each figure is obtained (the JSON says which, per row, under "how"):
            `--samples` offsets spread over 0 … P-C. The prompt's time is estimated as
            (P / C) x the mean chunk time (the chunk time grows about linearly with the offset,
            so an even spread's mean is the average); "at_length" is the last chunk's tok/s.
+  interleaved  with --interleave, full prompts run every implementation alternately, chunk by
+           chunk, so load from other processes falls on all alike (use it for ratios).
   peak     mx.get_peak_memory over the run (weights, pools and activations), / weight bytes.
   breakdown  one chunk at offset 0 and one at the largest prompt's last offset, with timing
            shims around each module (benchmark-only monkeypatches): each shim evaluates its
@@ -31,6 +33,8 @@ Side by side, in the same process on the same weight arrays (shared, not copied)
 
     python benchmarks/prefill.py --layers 2 --experts 32 --scale-dtype float32 \
         --prompts 2048 8192 32768 --chunks 512 --out /tmp/prefill.json
+    python benchmarks/prefill.py --scale-dtype float32 --prompts 512 --chunks 512 --interleave \
+        --baseline /tmp/base --pr1192 /tmp/pr1192     # side by side (dirs as described above)
 """
 
 from __future__ import annotations
