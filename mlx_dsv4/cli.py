@@ -592,9 +592,13 @@ def bench(
     draft: Draft = None,
     no_mtp: NoMtp = False,
     expert_memory: ExpertMemory = None,
+    prompt_sizes: Annotated[str | None, typer.Option(
+        metavar="TOKENS,...", help="Also time prefill alone at these prompt sizes, e.g. "
+                                   "2048,8192,32768 (a fresh cache each).")] = None,
 ) -> None:
     """Measure prefill and decode speed and peak memory against the planner's prediction."""
     _check_kv_bits(kv_bits)
+    sizes = parse_prompt_sizes(prompt_sizes)
     from rich.console import Console
     from rich.table import Table
 
@@ -610,7 +614,8 @@ def bench(
         r = run_bench(resolve_model(model), prompt_tokens=prompt, gen_tokens=tokens,
                       prefill_chunk=prefill_chunk, kv_bits=kv_bits, progress=report,
                       log=lambda line: console.print(f"[dim]{line}[/dim]", highlight=False),
-                      draft=0 if no_mtp else draft, expert_memory=expert_memory)
+                      draft=0 if no_mtp else draft, expert_memory=expert_memory,
+                      prompt_sizes=sizes)
 
     table = Table(title=f"{r.model} on {mx.default_device()}", show_header=False)
     table.add_column()
@@ -619,6 +624,9 @@ def bench(
                   f"{r.prompt_tps:,.1f} tok/s")
     table.add_row(f"decode ({r.generated:,} tokens)",
                   f"{r.decode_tps:,.2f} tok/s · {r.ms_per_token:,.1f} ms/token")
+    for p in r.prefill_sizes or []:
+        table.add_row(f"prefill alone ({p.tokens:,} tokens)",
+                      f"{p.tps:,.1f} tok/s · peak {mem(p.peak_bytes)}")
     if r.draft:
         table.add_row(f"MTP drafts ({r.draft} per step)",
                       f"{r.acceptance:.0%} kept · {r.tokens_per_forward:.2f} tokens/forward")
@@ -664,6 +672,20 @@ class _PrefillBar:
     def __exit__(self, *exc):
         if self.bar:
             self.bar.stop()
+
+
+def parse_prompt_sizes(text: str | None) -> list[int]:
+    """"2048,8192" -> [2048, 8192]; anything else is a usage error naming the option."""
+    if not text:
+        return []
+    try:
+        sizes = [int(t) for t in text.replace(" ", "").split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"expected positive token counts separated by commas, got "
+                                 f"{text!r}.", param_hint="--prompt-sizes")
+    return sizes
 
 
 def prefill_line(done: int, total: int, seconds: float) -> str:

@@ -27,3 +27,23 @@ def test_bench_command_prints_both_phases(selftest_model):
     for text in ("prefill (64 tokens", "decode (4 tokens)", "tok/s", "peak memory (measured)",
                  "planned total"):
         assert text in r.output
+
+
+def test_bench_times_prefill_at_each_asked_prompt_size(selftest_model):
+    r = run_bench(selftest_model, prompt_tokens=16, gen_tokens=2, prefill_chunk=64,
+                  prompt_sizes=[100, 300])
+    assert [p.tokens for p in r.prefill_sizes] == [100, 300]
+    assert all(p.seconds > 0 and p.tps == p.tokens / p.seconds for p in r.prefill_sizes)
+    assert r.plan.context == 300  # planned for the largest asked size, not the 18 tokens run first
+    assert all(p.peak_bytes >= r.plan.weight_bytes for p in r.prefill_sizes)
+
+
+def test_bench_prompt_sizes_option(selftest_model):
+    r = CliRunner().invoke(app, ["bench", str(selftest_model), "--prompt", "8", "--tokens", "2",
+                                 "--prompt-sizes", "32,96"])
+    assert r.exit_code == 0, r.output
+    assert "prefill alone (32 tokens)" in r.output and "prefill alone (96 tokens)" in r.output
+    bad = CliRunner().invoke(app, ["bench", str(selftest_model), "--prompt-sizes", "2k,0"])
+    assert bad.exit_code != 0 and "--prompt-sizes" in bad.output
+    with pytest.raises(ValueError, match="at least 1 token"):
+        run_bench(selftest_model, prompt_tokens=8, gen_tokens=2, prompt_sizes=[0])

@@ -6,8 +6,9 @@ output projection), the compressor of §2.6, the Lightning Indexer of §2.8 and 
 window + compressed keys of §2.7. The state itself lives in `cache.LayerCache`.
 
 Queries of a chunk are processed in blocks of `QUERY_BLOCK` so a prefill chunk never builds a
-score tensor over the whole chunk: the window part then costs `[H, Bq, W + Bq]` and the indexer
-`[Bq, T/4]` per block, whatever the chunk size.
+score tensor over the whole chunk: the window part then costs `[H, Bq, W]` (each query against
+its own W keys) and the indexer `[Bq, T/4]` per block, whatever the chunk size; each block's
+output is projected back to the hidden size before the next.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from .cache import CompressorState, LayerCache
 from ..config import CSA, HCA, ModelArgs
 from .layers import GroupedLinear, RMSNorm
 
-QUERY_BLOCK = 128
-# Upper bound for one block of indexer scores [Bq, H_I, entries] in fp32.
+QUERY_BLOCK = 64  # per block: per-query window and top-k keys [Bq, W + k, c] in fp32
+# Upper bound for one block of indexer scores [Bq, H_I, entries] in fp32. A lower cap did not
+# lower the measured peak (a query block's score blocks are alive together until top-k).
 INDEX_SCORE_BYTES = 1 << 28
 
 
@@ -127,14 +129,15 @@ class Indexer(nn.Module):
         q = self.wq_b(q_lat).reshape(B, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = rope(q, periods, offset).transpose(0, 2, 1, 3)  # [B, S, H_I, c_I]
         scale = (self.head_dim * self.n_heads) ** -0.5
-        w = self.weights_proj(x).astype(mx.float32) * scale  # [B, S, H_I]
+        w = (self.weights_proj(x).astype(mx.float32) * scale)[:, :, None]  # [B, S, 1, H_I]
         keys = keys.astype(q.dtype)
         step = max(1, INDEX_SCORE_BYTES // (4 * B * S * self.n_heads))
         blocks = []
         for s0 in range(0, n, step):
             z = (q.reshape(B, S * self.n_heads, -1) @ keys[:, s0 : s0 + step].swapaxes(1, 2))
             z = mx.maximum(z.reshape(B, S, self.n_heads, -1).astype(mx.float32), 0)
-            blocks.append((w[..., None] * z).sum(axis=2))
+            # The head-weighted sum as a product: no [S, H_I, entries] temporary of w * z.
+            blocks.append((w @ z)[:, :, 0])
         scores = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
         visible = _visible_entries(offset, S, n, 4)
         if visible is not None:
@@ -241,22 +244,33 @@ class Attention(nn.Module):
         outs = []
         for i0 in range(0, S, QUERY_BLOCK):
             i1 = min(S, i0 + QUERY_BLOCK)
-            parts = [(window[:, i0 : i1 + W], _window_mask(p0, i0, i1, W), False)]
+            parts = [_window_part(window, p0, i0, i1, W)]
             if dense:
                 parts.append((pool, _visible_entries(p0 + i0, i1 - i0, n, self.ratio), False))
             elif n:
                 idx, valid = self.indexer.select(x[:, i0:i1], q_lat[:, i0:i1], index_keys,
                                                  p0 + i0, self._index_periods)
                 parts.append((cache.kv_pool.gather(idx, mx.float32), valid, True))
-            outs.append(_attend(q[:, :, i0:i1], parts, self.attn_sink))
-        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-        o = rope(o.astype(dtype), self._periods, p0, inverse=True)
-        o = o.transpose(0, 2, 1, 3).reshape(B, S, self.groups, -1)
+            # Project each block's output at once: the fp32 head outputs of the whole chunk
+            # [B, H, S, c] are then never held together.
+            o = _attend(q[:, :, i0:i1], parts, self.attn_sink)
+            o = rope(o.astype(dtype), self._periods, p0 + i0, inverse=True)
+            o = o.transpose(0, 2, 1, 3).reshape(B, i1 - i0, self.groups, -1)
+            outs.append(self.wo_b(self.wo_a(o).reshape(B, i1 - i0, -1)))
         cache.offset += S
-        return self.wo_b(self.wo_a(o).reshape(B, S, -1))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
-def _window_mask(p0: int, i0: int, i1: int, W: int) -> mx.array:
-    """Visibility of window keys E[i0 : i1+W] (E[k] holds position p0-W+k) for queries i0…i1-1."""
-    r = mx.arange(i1 - i0)[:, None]
-    j = mx.arange(i1 - i0 + W)[None, :]
-    return (j > r) & (j <= r + W) & (j + i0 >= W - p0)
+
+def _window_part(window: mx.array, p0: int, i0: int, i1: int, W: int):
+    """Queries i0…i1-1's own W window keys, `[B, Sq, W, c]` (a strided view of E, where E[k]
+    holds position p0-W+k), and their validity (positions >= 0), as a per-query part.
+
+    Shared keys E[i0 : i1+W] would score every query against W + Sq keys, half of them masked.
+    """
+    B, T, c = window.shape
+    keys = mx.contiguous(mx.as_strided(window, (B, i1 - i0, W, c), (T * c, c, c, 1), (i0 + 1) * c))
+    first = p0 + i0 - W + 1  # position of query i0's first key; each next query starts one later
+    if first >= 0:
+        return keys, None, True
+    mask = (mx.arange(i1 - i0)[:, None] + mx.arange(W)[None, :]) >= -first
+    return keys, mask[None], True

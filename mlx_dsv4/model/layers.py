@@ -2,7 +2,9 @@
 
 The grouped linear keeps the checkpoint's 2-D layout `[groups * out, in]` so its weight loads
 by name and shape like any linear; it views it as `[groups, out, in]` when multiplying. Its
-quantized twin uses `gather_qmm` with one weight matrix per group.
+quantized twin uses `gather_qmm` with one weight matrix per group. Both move the group axis in
+front (`[g, rows, in]`), so a prefill chunk is one matrix product per group, not one
+vector product per token and group (which reads each group's weights once per token).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class GroupedLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         w = self.weight.reshape(self.groups, -1, self.weight.shape[-1])
-        return (x[..., None, :] @ w.swapaxes(-1, -2).astype(x.dtype))[..., 0, :]
+        y = _by_group(x, self.groups) @ w.swapaxes(-1, -2).astype(x.dtype)
+        return _from_groups(y, x)
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None,
                      mode: str = "affine", **_):
@@ -63,10 +66,20 @@ class QuantizedGroupedLinear(nn.Module):
             return None if a is None else a.reshape(g, -1, a.shape[-1])
 
         y = mx.gather_qmm(
-            x[..., None, :], per_group(self["weight"]), per_group(self["scales"]),
+            _by_group(x, g), per_group(self["weight"]), per_group(self["scales"]),
             per_group(self.get("biases")), rhs_indices=mx.arange(g), transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode)
-        return y[..., 0, :]
+        return _from_groups(y, x)
+
+
+def _by_group(x: mx.array, g: int) -> mx.array:
+    """`[..., g, in]` -> `[g, rows, in]`."""
+    return x.reshape(-1, g, x.shape[-1]).swapaxes(0, 1)
+
+
+def _from_groups(y: mx.array, x: mx.array) -> mx.array:
+    """`[g, rows, out]` -> `[..., g, out]` with `x`'s leading shape."""
+    return y.swapaxes(0, 1).reshape(*x.shape[:-1], y.shape[-1])
 
 
 class ExpertLinear(nn.Module):

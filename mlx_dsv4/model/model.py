@@ -101,7 +101,9 @@ class Experts(nn.Module):
         if self.stream is not None:  # the picked experts only, idx renumbered into them
             idx, gate_up, down = self.stream.fetch(idx, x)
         if idx.size >= 64:
-            # Sorting rows by expert lets gather_mm read each expert's weights once.
+            # Sorting rows by expert lets gather_mm read each expert's weights once. The rows
+            # are copied in that order: picking them by lhs_indices instead saves the copy's
+            # memory but ran 13% slower on the CPU backend (mxfp4 experts, measured alternating).
             flat = idx.reshape(-1)
             order = mx.argsort(flat)
             ids = flat[order]
