@@ -246,7 +246,8 @@ def activation_bytes(args: ModelArgs, tokens: int, context: int, kv_bits: int | 
     kinds = set(args.layer_kinds)
     streams = S * N * D * (2 * 2 + 4 * 2)
     queries = S * H * c * (2 + 4) + S * args.q_lora_rank * 4
-    window = 2 * H * Bq * (W + Bq) * 4 + (W + S) * c * 4
+    # Each query scores its own W window keys, gathered per query block in fp32.
+    window = 2 * H * Bq * W * 4 + Bq * W * c * 4 + (W + S) * c * 4
     block = window
     if CSA in kinds:
         n = context // 4
