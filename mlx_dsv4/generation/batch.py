@@ -26,8 +26,7 @@ import mlx.core as mx
 
 from ..model.cache import make_cache
 from . import sampling
-from .generate import (CLEAR_EVERY, Chunk, ChunkMaker, ContextError, TokenSampler, check_token_ids,
-                       stop_ids)
+from .generate import CLEAR_EVERY, Chunk, ChunkMaker, TokenSampler, check_request, stop_ids
 
 log = logging.getLogger("mlx_dsv4.generation.batch")
 
@@ -142,9 +141,8 @@ class Batcher:
         try:
             if not r.ids:
                 raise ValueError("An empty prompt cannot be continued.")
-            check_token_ids(r.ids, self.model.args.vocab_size)
-            if self.max_context is not None and len(r.ids) + r.max_tokens > self.max_context:
-                raise ContextError(len(r.ids), r.max_tokens, self.max_context, self.largest_context)
+            check_request(r.ids, r.max_tokens, self.model.args.vocab_size, self.max_context,
+                          self.largest_context)
             sampler = sampling.make_sampler(**r.options, seed=r.seed)
             processors = sampling.make_logits_processors(**r.penalties) + r.extra_processors
         except ValueError as e:

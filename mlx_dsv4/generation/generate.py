@@ -48,6 +48,17 @@ def check_token_ids(ids: Sequence[int], vocab_size: int):
                              f"[0, {vocab_size}).")
 
 
+
+def check_request(ids: Sequence[int], max_tokens: int, vocab_size: int, max_context: int | None = None,
+                  largest_context: int | None = None, history: int = 0):
+    """Refuse, before any work, ids outside the vocabulary and a prompt (after `history` tokens
+    the cache already holds) plus `max_tokens` that does not fit `max_context`."""
+    check_token_ids(ids, vocab_size)
+    total = history + len(ids)
+    if max_context is not None and total + max_tokens > max_context:
+        raise ContextError(total, max_tokens, max_context, largest_context)
+
+
 @dataclass
 class Chunk:
     """One step of the stream: a text delta (possibly empty) and the token that produced it."""
@@ -202,10 +213,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     `logits_processors` run after the built-in ones (a grammar constraint goes last, so nothing
     re-allows what it masks)."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    check_token_ids(ids, model.args.vocab_size)
+    check_request(ids, max_tokens, model.args.vocab_size, max_context, largest_context, len(history))
     total_prompt = len(history) + len(ids)
-    if max_context is not None and total_prompt + max_tokens > max_context:
-        raise ContextError(total_prompt, max_tokens, max_context, largest_context)
     if max_tokens <= 0:
         yield Chunk(finish_reason="length", prompt_tokens=total_prompt, reused_tokens=reused_tokens)
         return

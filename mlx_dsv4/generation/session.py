@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from ..model.cache import LayerCache, Snapshot, make_cache
-from .generate import Chunk, ContextError, check_token_ids, prefill, stream_generate
+from .generate import Chunk, check_request, prefill, stream_generate
 
 log = logging.getLogger("mlx_dsv4.generation.session")
 
@@ -109,9 +109,8 @@ class Session:
 
     def _check(self, ids: Sequence[int], max_tokens: int):
         # Before the cache is touched: a refused request leaves the session as it was.
-        check_token_ids(ids, self.model.args.vocab_size)
-        if self.max_context is not None and len(ids) + max_tokens > self.max_context:
-            raise ContextError(len(ids), max_tokens, self.max_context, self.largest_context)
+        check_request(ids, max_tokens, self.model.args.vocab_size, self.max_context,
+                      self.largest_context)
 
     def generate(self, ids: Sequence[int], **kwargs) -> Iterator[Chunk]:
         """`stream_generate` for the full prompt `ids`, reusing what the cache already holds."""

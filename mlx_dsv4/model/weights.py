@@ -97,21 +97,16 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
             raise LoadError("Pipeline mode keeps every routed expert in memory: drop --expert-memory.")
         return load_pipeline(path, group, lazy=lazy)
     args = ModelArgs.from_file(path)
-    weights: dict[str, mx.array] = {}
     shards = shard_files(path)
-    for f in shards:
-        weights.update(mx.load(str(f)))  # lazy: a tensor not loaded into the model is never read
     model = Model(args)
-    if args.quantization:
-        nn.quantize(model, class_predicate=quantization_predicate(args.quantization, weights))
-    if expert_memory is not None:
+
+    def stream_experts(weights):
         from .experts_stream import ExpertStore, attach
 
         attach(model, path, shards, expert_memory, prefetch)
-        weights = {k: v for k, v in weights.items() if not ExpertStore.owns(k)}
-    check_tensors(model, weights)
-    model.load_weights(list(weights.items()), strict=False)
-    del weights  # the modules hold the only references now, so fuse() frees as it goes
+        return {k: v for k, v in weights.items() if not ExpertStore.owns(k)}
+
+    _install(model, args, _read(shards), stream_experts if expert_memory is not None else None)
     if not lazy:
         mx.eval(model.parameters())
         model.fuse()
@@ -125,22 +120,35 @@ def load_part(path: str | Path, module: nn.Module, keep, lazy: bool = False) -> 
     when it is evaluated, so a rank reads its own layers' bytes and no others.
     """
     path = Path(path)
-    args = ModelArgs.from_file(path)
     shards = shard_files(path)
     if (path / INDEX).exists():
         wanted = {f for n, f in load_json(path / INDEX, LoadError)["weight_map"].items() if keep(n)}
         shards = [f for f in shards if f.name in wanted]
-    weights = {}
-    for f in shards:
-        weights.update({k: v for k, v in mx.load(str(f)).items() if keep(k)})
-    if args.quantization:
-        nn.quantize(module, class_predicate=quantization_predicate(args.quantization, weights))
-    check_tensors(module, weights)
-    module.load_weights(list(weights.items()), strict=False)
-    del weights
+    _install(module, ModelArgs.from_file(path), _read(shards, keep))
     if not lazy:
         mx.eval(module.parameters())
     return module
+
+
+def _read(shards: list[Path], keep=None) -> dict[str, mx.array]:
+    """The tensors of `shards` (those `keep(name)` selects), lazily: a tensor not loaded into
+    a module is never read."""
+    weights: dict[str, mx.array] = {}
+    for f in shards:
+        weights.update({k: v for k, v in mx.load(str(f)).items() if keep is None or keep(k)})
+    return weights
+
+
+def _install(module: nn.Module, args: ModelArgs, weights: dict[str, mx.array], prepare=None):
+    """Quantize `module` as the checkpoint is, then load `weights` into it strictly.
+    `prepare(weights)`, run after quantizing, may change the module and returns the weights to
+    load. Only the module keeps references afterwards, so fuse() frees as it goes."""
+    if args.quantization:
+        nn.quantize(module, class_predicate=quantization_predicate(args.quantization, weights))
+    if prepare is not None:
+        weights = prepare(weights)
+    check_tensors(module, weights)
+    module.load_weights(list(weights.items()), strict=False)
 
 
 def model_dirs() -> list[Path]:
