@@ -333,3 +333,20 @@ def test_a_failed_write_is_warned_about_and_costs_the_request_nothing(tiny_model
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
     assert files(tmp_path) == []
     assert s.prefill(a[:-1] + [3])[1] == len(a) - 1  # memory still serves it
+
+
+def test_a_state_that_cannot_be_captured_is_warned_about_and_the_reply_goes_on(
+        tiny_model, token_ids, monkeypatch, caplog):
+    import mlx_dsv4.generation.prompt_cache as prompt_cache
+
+    def broken(cache, tokens):
+        raise MemoryError("no room for a copy")
+
+    monkeypatch.setattr(prompt_cache, "capture", broken)
+    caplog.set_level(logging.WARNING, "mlx_dsv4.generation.prompt_cache")
+    pc = PromptCache(FP)
+    a = token_ids[0, :120].tolist()
+    logits, reused = session(tiny_model, pc).prefill(a)
+    np.testing.assert_allclose(np.array(logits), fresh_logits(tiny_model, a), atol=1e-4)
+    assert reused == 0 and len(pc.states) == 0
+    assert ["no room for a copy" in r.getMessage() for r in caplog.records] == [True]

@@ -193,10 +193,7 @@ class Batcher:
         if end == len(r.ids) - 1:
             r.next = r.ids[-1]
             if self.prompt_cache is not None:
-                try:
-                    self.prompt_cache.store(r.ids[:-1], r.cache)
-                except Exception as e:  # the reply matters more than caching it
-                    log.warning("prompt cache: could not keep this prompt's state: %s", e)
+                self.prompt_cache.store(r.ids[:-1], r.cache)
         return end - start
 
     def _decode(self, ready: list[Request]):

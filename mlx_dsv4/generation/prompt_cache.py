@@ -382,7 +382,14 @@ class PromptCache:
     # ----- store
 
     def store(self, tokens: Sequence[int], cache: Sequence[LayerCache]):
-        """Keep the state of `cache`, which holds exactly `tokens`."""
+        """Keep the state of `cache`, which holds exactly `tokens`. Never raises: a state that
+        cannot be kept is logged, since the reply matters more than caching it."""
+        try:
+            self._store(tokens, cache)
+        except Exception as e:
+            log.warning("prompt cache: could not keep this prompt's state: %s", e)
+
+    def _store(self, tokens: Sequence[int], cache: Sequence[LayerCache]):
         if len(tokens) < self.min_tokens:
             return
         key = token_hash(np.asarray(tokens, np.int32))

@@ -96,10 +96,7 @@ class Session:
         """Snapshot the prompt boundary, and keep its state in the prompt cache."""
         self._snapshot()
         if self.prompt_cache is not None:
-            try:
-                self.prompt_cache.store(self.tokens, self.cache)
-            except Exception as e:  # the reply matters more than caching it
-                log.warning("prompt cache: could not keep this prompt's state: %s", e)
+            self.prompt_cache.store(self.tokens, self.cache)
 
     def _snapshot(self):
         n = len(self.tokens)
