@@ -252,6 +252,10 @@ class DecodeStep:
         self.model = model
         self.steps: dict[tuple, object] = {}
         self._aranges: dict[int, mx.array] = {}
+        # The streams input of a step that embeds its ids: one evaluated empty array, not a new
+        # array (and a kernel) per token.
+        self.no_streams = mx.zeros((0,))
+        mx.eval(self.no_streams)
         a = model.args
         kernels.prepare(a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)  # its check cannot run in a trace
         # A trace can only capture evaluated arrays (a lazily loaded model has none yet).
@@ -318,4 +322,4 @@ class DecodeStep:
 
     def __call__(self, ids: mx.array, cache: list[LayerCache]):
         """Logits `[B, 1, V]` (fp32) and the final streams for one token per sequence."""
-        return self.run(ids, mx.zeros((0,)), cache)
+        return self.run(ids, self.no_streams, cache)

@@ -161,7 +161,7 @@ class StageStep(decode.DecodeStep):
         return (X,)
 
     def __call__(self, X: mx.array | None, ids: mx.array, cache: list[LayerCache]) -> mx.array:
-        return self.run(ids, mx.zeros((0,)) if X is None else X, cache)[0]
+        return self.run(ids, self.no_streams if X is None else X, cache)[0]
 
 
 def _send(x: mx.array, dst: int, group) -> None:
