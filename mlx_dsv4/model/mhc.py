@@ -24,13 +24,16 @@ F32 = mx.float32
 
 @lru_cache(maxsize=None)
 def _mix_fn(n: int, hc_eps: float, norm_eps: float):
-    def mix(X, fn_pre, fn_post, fn_comb, base_pre, base_post, base_comb, scale):
-        v = mx.flatten(X, -2, -1).astype(F32)
-        v = v * mx.rsqrt(mx.mean(v * v, axis=-1, keepdims=True) + norm_eps)
-        pre = mx.sigmoid((v @ fn_pre.T) * scale[0] + base_pre) + hc_eps
-        post = 2 * mx.sigmoid((v @ fn_post.T) * scale[1] + base_post)
-        logits = mx.unflatten((v @ fn_comb.T) * scale[2] + base_comb, -1, (n, n))
-        x = (pre[..., None] * X.astype(F32)).sum(axis=-2)
+    def mix(X, fn_pre, fn_post, fn_comb, base_pre, base_post, base_comb, scale, inv_width):
+        Xf = X.astype(F32)
+        v = mx.flatten(Xf, -2, -1)
+        # 1/RMS of each token's N*D values from a dot product, applied after the (linear)
+        # projections: no [tokens, N*D] temporary of v*v or of the normalised v is ever made.
+        r = mx.rsqrt((v[..., None, :] @ v[..., None])[..., 0] * inv_width + norm_eps)
+        pre = mx.sigmoid((v @ fn_pre.T) * r * scale[0] + base_pre) + hc_eps
+        post = 2 * mx.sigmoid((v @ fn_post.T) * r * scale[1] + base_post)
+        logits = mx.unflatten((v @ fn_comb.T) * r * scale[2] + base_comb, -1, (n, n))
+        x = (pre[..., None, :] @ Xf)[..., 0, :]  # the weighted sum of streams as a product
         return x.astype(X.dtype), post, logits
 
     return mx.compile(mix, shapeless=True)
@@ -60,8 +63,11 @@ def mix(X: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, 
     """One site: (sublayer input `[B, S, D]`, post `[B, S, N]`, comb `[B, S, N, N]`)."""
     n = X.shape[-2]
     cuts = [n, 2 * n]
+    # The width goes in as an array: a shapeless graph would bake a Python number in.
+    inv_width = mx.array(1.0 / (n * X.shape[-1]), F32)
     x, post, logits = _mix_fn(n, hc_eps, norm_eps)(
-        X, *mx.split(fn.astype(F32), cuts), *mx.split(base.astype(F32), cuts), scale.astype(F32))
+        X, *mx.split(fn.astype(F32), cuts), *mx.split(base.astype(F32), cuts), scale.astype(F32),
+        inv_width)
     return x, post, kernels.sinkhorn(logits, iters, hc_eps)
 
 

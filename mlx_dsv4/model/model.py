@@ -64,6 +64,10 @@ class Gate(nn.Module):
         return idx, w / w.sum(axis=-1, keepdims=True) * self.scaling
 
 
+# Rows of one prefill piece of the routed experts (Experts._sorted).
+PIECE_ROWS = 1024
+
+
 class Experts(nn.Module):
     """The routed experts of one layer, stacked `[E, out, in]` for gather_mm / gather_qmm."""
 
@@ -101,22 +105,49 @@ class Experts(nn.Module):
         if self.stream is not None:  # the picked experts only, idx renumbered into them
             idx, gate_up, down = self.stream.fetch(idx, x)
         if idx.size >= 64:
-            # Sorting rows by expert lets gather_mm read each expert's weights once. The rows
-            # are copied in that order: picking them by lhs_indices instead saves the copy's
-            # memory but ran 13% slower on the CPU backend (mxfp4 experts, measured alternating).
-            flat = idx.reshape(-1)
-            order = mx.argsort(flat)
-            ids = flat[order]
-            xs = x.reshape(-1, 1, x.shape[-1])[order // k]
-            h = swiglu(*gate_up(xs, ids, sorted_indices=True), self.limit,
-                       weights.reshape(-1)[order][:, None, None], dtype)
-            y = down(h, ids, sorted_indices=True)
-            y = y[mx.argsort(order)].reshape(B, S, k, -1)
-        else:
-            xs = x[..., None, None, :]
-            h = swiglu(*gate_up(xs, idx), self.limit, weights[..., None, None], dtype)
-            y = down(h, idx)[..., 0, :]
-        return _f32(y).sum(axis=-2)
+            return self._sorted(x, idx, weights, gate_up, down).reshape(B, S, -1)
+        xs = x[..., None, None, :]
+        h = swiglu(*gate_up(xs, idx), self.limit, weights[..., None, None], dtype)
+        return _f32(down(h, idx)[..., 0, :]).sum(axis=-2)
+
+    def _sorted(self, x, idx, weights, gate_up, down) -> mx.array:
+        """Prefill: rows sorted by expert, so gather_qmm reads each expert's weights once.
+
+        The sorted rows run in pieces of at most PIECE_ROWS (consecutive in expert order, so the
+        weight reads do not grow) and each piece is added into the token-ordered fp32 result
+        before the next starts: the [rows, D] copies of the whole chunk (sorted input, gate/up,
+        output, its unsorted twin) are never alive together. Picking rows by lhs_indices instead
+        of copying them saves less and ran 13% slower on the CPU backend (mxfp4, alternating).
+        """
+        k, D = idx.shape[-1], x.shape[-1]
+        flat = idx.reshape(-1)
+        order = mx.argsort(flat)
+        ids, scale = flat[order], weights.reshape(-1)[order][:, None, None]
+        rows = x.reshape(-1, 1, D)
+        # Where each token's j-th pick landed in the sorted order: [tokens, k].
+        where = mx.argsort(order).reshape(-1, k)
+        out = mx.zeros((flat.size // k, D), mx.float32)
+        for r0 in range(0, flat.size, PIECE_ROWS):
+            r1 = min(flat.size, r0 + PIECE_ROWS)
+            part = slice(r0, r1)
+            src = rows if r0 == 0 else mx.depends(rows, out)  # piece after piece, as queued
+            h = swiglu(*gate_up(src[order[part] // k], ids[part], sorted_indices=True),
+                       self.limit, scale[part], x.dtype)
+            y = down(h, ids[part], sorted_indices=True)[:, 0]
+            for j in range(k):
+                pos = where[:, j] - r0
+                out = _add_picked(out, y[mx.clip(pos, 0, r1 - r0 - 1)], pos, r1 - r0)
+        return out
+
+
+@partial(mx.compile, shapeless=True)
+def _add_picked_fn(out, rows, pos, n):
+    return out + mx.where(((pos >= 0) & (pos < n))[:, None], rows.astype(mx.float32), 0.0)
+
+
+def _add_picked(out: mx.array, rows: mx.array, pos: mx.array, n: int) -> mx.array:
+    """`out + rows` (fp32) where `0 <= pos < n`: one piece's share of each token's sum."""
+    return _add_picked_fn(out, rows, pos, mx.array(n, mx.int32))
 
 
 class SharedExpert(nn.Module):
