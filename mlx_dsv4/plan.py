@@ -232,35 +232,47 @@ def state_bytes(args: ModelArgs, context: int, kv_bits: int | None, dtype_bytes:
     return pools, fixed - pools
 
 
-def activation_bytes(args: ModelArgs, tokens: int, context: int, kv_bits: int | None = None) -> int:
+def activation_bytes(args: ModelArgs, tokens: int, context: int, kv_bits: int | None = None, *,
+                     paced: bool = False) -> int:
     """Peak transient bytes of one forward over `tokens` new tokens at `context` (estimate).
 
     Terms: the residual streams and their fp32 mHC copies; queries in bf16 and fp32; per query
     block (attention.QUERY_BLOCK) the window scores, the gathered CSA keys, the indexer scores
-    and the HCA scores; the MoE rows; the last-position logits.
+    and the HCA scores; one piece of MoE rows; the last-position logits. `paced`: the working set
+    that prefill evaluation is paced to; the plan adds ACTIVATION_MARGIN over it for the work
+    MLX has queued when it pauses.
     """
-    from .model.attention import INDEX_SCORE_BYTES, QUERY_BLOCK
+    from .model.attention import INDEX_SCORE_BYTES, QUERY_BLOCK, SPARSE_QUERY_BLOCK
+    from .model.model import PIECE_ROWS
 
     S, D, N, H, c = tokens, args.hidden_size, args.hc_mult, args.num_attention_heads, args.head_dim
     Bq, W = min(S, QUERY_BLOCK), args.sliding_window
     kinds = set(args.layer_kinds)
     streams = S * N * D * (2 * 2 + 4 * 2)
-    queries = S * H * c * (2 + 4) + S * args.q_lora_rank * 4
+    queries = S * H * c * 2 + Bq * H * c * 4 + S * args.q_lora_rank * 4  # fp32 per block
     # Each query scores its own W window keys, gathered per query block in fp32.
     window = 2 * H * Bq * W * 4 + Bq * W * c * 4 + (W + S) * c * 4
     block = window
     if CSA in kinds:
         n = context // 4
-        k = min(args.index_topk, n)
-        gather = Bq * k * c * (4 + 2)
-        index = min(INDEX_SCORE_BYTES, Bq * args.index_n_heads * n * 4) + 2 * Bq * n * 4
-        block += gather + 2 * H * Bq * k * 4 + index
+        if n <= args.index_topk:  # dense: every entry, shared by the block's queries
+            block += n * c * 4 + 2 * H * Bq * n * 4
+        else:  # the indexer's scores and each query's top-k entries, gathered, in smaller blocks
+            k, Bs = args.index_topk, min(S, SPARSE_QUERY_BLOCK)
+            gather = Bs * k * c * (4 + 2)
+            index = min(INDEX_SCORE_BYTES, Bs * args.index_n_heads * n * 4) + 2 * Bs * n * 4
+            block += gather + 2 * H * Bs * k * 4 + index
     if HCA in kinds:
         n = context // 128
         block += 2 * H * Bq * n * 4 + n * c * 4
-    moe = S * args.num_experts_per_tok * (D * 2 + 3 * args.moe_intermediate_size * 4 + D * 4)
+    # Routed rows run PIECE_ROWS at a time (copy, gate/up/h, output) into an fp32 sum.
+    rows = min(S * args.num_experts_per_tok, PIECE_ROWS)
+    moe = rows * (D * 2 + 3 * args.moe_intermediate_size * 4 + D * 4) + 2 * S * D * 4
     logits = args.vocab_size * 4 * 2
-    return int(ACTIVATION_MARGIN * (streams + queries + block + moe + logits))
+    # Attention and the MoE run one after the other, and evaluation is paced to this estimate
+    # (generation.pacing), so only one of them is live beside the streams.
+    raw = streams + max(queries + block, moe) + logits
+    return raw if paced else int(ACTIVATION_MARGIN * raw)
 
 
 def machine_budget() -> tuple[int, str]:

@@ -18,7 +18,7 @@ def test_plan_flash_q4_at_one_million_tokens_fits_a_256gb_mac():
     assert r.exit_code == 0, r.output
     assert "145.35 GiB" in r.output  # q4 weights
     assert "6,880 B/token" in r.output  # spec §5.1
-    assert "fits: 153.5 GiB of 230.4 GiB (76.9 GiB to spare)" in " ".join(r.output.split())
+    assert "fits: 153.1 GiB of 230.4 GiB (77.3 GiB to spare)" in " ".join(r.output.split())
 
 
 def test_plan_pro_says_what_it_needs_and_exits_2():

@@ -27,6 +27,7 @@ import mlx.core as mx
 from ..model.cache import make_cache
 from . import sampling
 from .generate import CLEAR_EVERY, Chunk, ChunkMaker, TokenSampler, check_request, stop_ids
+from .pacing import paced
 
 log = logging.getLogger("mlx_dsv4.generation.batch")
 
@@ -179,7 +180,8 @@ class Batcher:
         end = min(r.fed + budget, len(r.ids) - 1)
         try:
             self.model(mx.array(r.ids[r.fed : end])[None], r.cache, last_only=True)
-            mx.eval([c.state for c in r.cache])
+            with paced(self.model.args, end - start, end):
+                mx.eval([c.state for c in r.cache])
             r.fed = end
             if r.progress:
                 r.progress(end, len(r.ids))

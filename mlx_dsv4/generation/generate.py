@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from ..model.cache import LayerCache, make_cache
+from .pacing import paced
 from .sampling import make_distribution, make_logits_processors, make_sampler
 
 CLEAR_EVERY = 256  # decode steps between MLX buffer-cache clears
@@ -94,11 +95,13 @@ def prefill(model, ids: Sequence[int], cache: list[LayerCache], chunk: int = 512
     head, streams = list(ids[:-1]), observe is not None
     kw = {"last_only": True, **({"return_streams": True} if streams else {})}
     for start in range(0, len(head), chunk):
-        out = model(mx.array(head[start : start + chunk])[None], cache, **kw)
+        part = head[start : start + chunk]
+        out = model(mx.array(part)[None], cache, **kw)
         if streams:
             observe(out[1], start)
         # Only the state is evaluated: the head of intermediate chunks is never computed.
-        mx.eval([c.state for c in cache], out[1] if streams else [])
+        with paced(model.args, len(part), cache[0].offset):
+            mx.eval([c.state for c in cache], out[1] if streams else [])
         mx.clear_cache()
         if progress:
             progress(min(start + chunk, len(head)), len(ids))

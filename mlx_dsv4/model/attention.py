@@ -23,6 +23,8 @@ from ..config import CSA, HCA, ModelArgs
 from .layers import GroupedLinear, RMSNorm
 
 QUERY_BLOCK = 64  # per block: per-query window and top-k keys [Bq, W + k, c] in fp32
+# Where each query gathers its own top-k entries ([Bq, k, c], 32 MiB in fp32 at 32 queries).
+SPARSE_QUERY_BLOCK = 32
 # Upper bound for one block of indexer scores [Bq, H_I, entries] in fp32. A lower cap did not
 # lower the measured peak (a query block's score blocks are alive together until top-k).
 INDEX_SCORE_BYTES = 1 << 28
@@ -240,20 +242,26 @@ class Attention(nn.Module):
         pool = cache.kv_pool.keys(mx.float32) if dense else None
         index_keys = cache.index_pool.keys(dtype) if n and not dense else None
 
-        q = q.astype(mx.float32) * c**-0.5
         outs = []
-        for i0 in range(0, S, QUERY_BLOCK):
-            i1 = min(S, i0 + QUERY_BLOCK)
-            parts = [_window_part(window, p0, i0, i1, W)]
+        step = SPARSE_QUERY_BLOCK if n and not dense else QUERY_BLOCK
+        for i0 in range(0, S, step):
+            i1 = min(S, i0 + step)
+            xb, qlb, qb, wb = x[:, i0:i1], q_lat[:, i0:i1], q[:, :, i0:i1], window
+            if outs:
+                # Block after block: left independent, MLX may queue every block's gathered
+                # keys and scores before the first is consumed, and hold them all.
+                xb, qlb, qb, wb = mx.depends([xb, qlb, qb, wb], outs[-1])
+            parts = [_window_part(wb, p0, i0, i1, W)]
             if dense:
                 parts.append((pool, _visible_entries(p0 + i0, i1 - i0, n, self.ratio), False))
             elif n:
-                idx, valid = self.indexer.select(x[:, i0:i1], q_lat[:, i0:i1], index_keys,
-                                                 p0 + i0, self._index_periods)
+                idx, valid = self.indexer.select(xb, qlb, index_keys, p0 + i0,
+                                                 self._index_periods)
                 parts.append((cache.kv_pool.gather(idx, mx.float32), valid, True))
             # Project each block's output at once: the fp32 head outputs of the whole chunk
             # [B, H, S, c] are then never held together.
-            o = _attend(q[:, :, i0:i1], parts, self.attn_sink)
+            # Scaled to fp32 per block: no fp32 copy of the whole chunk's queries.
+            o = _attend(qb.astype(mx.float32) * c**-0.5, parts, self.attn_sink)
             o = rope(o.astype(dtype), self._periods, p0 + i0, inverse=True)
             o = o.transpose(0, 2, 1, 3).reshape(B, i1 - i0, self.groups, -1)
             outs.append(self.wo_b(self.wo_a(o).reshape(B, i1 - i0, -1)))
