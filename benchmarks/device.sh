@@ -13,8 +13,8 @@
 #      256 experts (mxfp4), q4 layout, 50 decode steps, prefill chunks 512..4096, decode at
 #      contexts 1K..256K (writes its JSON after every phase, so a cut run keeps what it measured)
 #   3. benchmarks/batch.py: aggregate decode tok/s at batch 1/2/4/8 (4 Flash layers, 256 experts)
-#   4. benchmarks/prefill.py: prefill tok/s and peak/weights at 2K and 8K, chunks 512 and 2048,
-#      with the per-module breakdown
+#   4. benchmarks/prefill.py: prefill tok/s, TFLOP/s, MFU and peak/weights at 2K and 8K, chunks
+#      512 and 2048, with the per-module breakdown
 # Logs: $OUT/*.log; JSON: $OUT/flash_layers.json, $OUT/decode_ops.json, batch.json, prefill.json.
 # FLASH_ARGS overrides step 2's arguments (e.g. FLASH_ARGS="--hash --steps 30 --chunks 2048").
 set -uo pipefail
@@ -82,8 +82,12 @@ rc2=${PIPESTATUS[0]}
 echo "batch rc=$rc2" | tee -a "$OUT/batch.log"
 
 echo "== prefill" | tee "$OUT/prefill.log"
+# Dense bf16 peak for MFU: 989 TFLOP/s for H100 SXM and H200, 756 for H100 PCIe.
+PEAK=989
+nvidia-smi -L | grep -q "PCIe" && PEAK=756
 timeout -k 3 90 $PY benchmarks/prefill.py --layers 4 --experts 256 --prompts 2048 8192 \
-  --chunks 512 2048 --full-max 8192 --breakdown --out "$OUT/prefill.json" 2>&1 | tee -a "$OUT/prefill.log"
+  --chunks 512 2048 --full-max 8192 --breakdown --peak-tflops $PEAK --out "$OUT/prefill.json" \
+  2>&1 | tee -a "$OUT/prefill.log"
 rc3=${PIPESTATUS[0]}
 echo "prefill rc=$rc3" | tee -a "$OUT/prefill.log"
 

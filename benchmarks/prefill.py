@@ -17,6 +17,10 @@ How each figure is obtained (the JSON says which, per row, under "how"):
   interleaved  with --interleave, full prompts run every implementation alternately, chunk by
            chunk, so load from other processes falls on all alike (use it for ratios).
   peak     mx.get_peak_memory over the run (weights, pools and activations), / weight bytes.
+           Our chunks are evaluated paced, as generation.prefill evaluates them
+           (generation/pacing.py; `--no-pacing` turns it off); the other ports run as they are.
+  TFLOP/s  matmul FLOPs of the measured layers per prompt token (`flops_per_token`, at the
+           prompt's mean context) x tok/s; with `--peak-tflops` also MFU against that peak.
   breakdown  one chunk at offset 0 and one at the largest prompt's last offset, with timing
            shims around each module (benchmark-only monkeypatches): each shim evaluates its
            inputs, then times the call plus the evaluation of its outputs. "other" is the rest of
@@ -46,7 +50,7 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import mlx.core as mx
@@ -72,17 +76,29 @@ def log(*a):
 class Impl:
     """One implementation: how to make a cache, run a chunk, and list the state to evaluate."""
 
-    def __init__(self, name, model, new_cache, forward, state, fill_to=None, pkg=None):
+    def __init__(self, name, model, new_cache, forward, state, fill_to=None, pkg=None,
+                 pace=None):
         self.name, self.model, self.new_cache, self.pkg = name, model, new_cache, pkg
-        self.forward, self.state, self.fill_to = forward, state, fill_to
+        self.forward, self.state, self.fill_to, self.pace = forward, state, fill_to, pace
+
+    def evaluate(self, cache, tokens: int, context: int):
+        """Evaluate the state after a chunk, paced as the implementation's generator paces it."""
+        with self.pace(tokens, context) if self.pace else nullcontext():
+            mx.eval(self.state(cache))
 
 
-def ours_impl(model, args, name="ours", pkg="mlx_dsv4"):
+def ours_impl(model, args, name="ours", pkg="mlx_dsv4", pacing=True):
     mk = importlib.import_module(f"{pkg}.model.cache").make_cache
+    pace = None
+    if pacing and pkg == "mlx_dsv4":  # generation.prefill's pacing (the base commit had none)
+        from mlx_dsv4.generation.pacing import paced
+
+        def pace(tokens, context):
+            return paced(args, tokens, context)
     return Impl(name, model, lambda max_tokens=None: mk(model, max_tokens=max_tokens),
                 lambda ids, cache: model(ids, cache, last_only=True),
                 lambda cache: [c.state for c in cache],
-                lambda cache, T: fill(cache, args, T), pkg)
+                lambda cache, T: fill(cache, args, T), pkg, pace)
 
 
 def baseline_impl(ours, args, path: str):
@@ -105,7 +121,7 @@ def baseline_impl(ours, args, path: str):
                 if a.w13.module.get(k) is not None:
                     pair.module[k] = a.w13.module[k]
             b.w13 = pair
-    return ours_impl(m, args, "baseline", "mlx_dsv4_base")
+    return ours_impl(m, args, "baseline", "mlx_dsv4_base", pacing=False)
 
 
 def _qspec(mod):
@@ -165,7 +181,7 @@ def run_chunks(impl: Impl, P: int, C: int, vocab: int, seed: int = 1) -> dict:
     t = time.perf_counter()
     for s in range(0, P, C):
         impl.forward(ids[:, s : s + C], cache)
-        mx.eval(impl.state(cache))
+        impl.evaluate(cache, min(C, P - s), min(P, s + C))
         mx.clear_cache()
     dt = time.perf_counter() - t
     peak = mx.get_peak_memory()
@@ -188,7 +204,7 @@ def run_interleaved(impls: list, P: int, C: int, vocab: int, seed: int = 1) -> l
             mx.reset_peak_memory()
             t = time.perf_counter()
             impl.forward(ids[:, s : s + C], caches[j])
-            mx.eval(impl.state(caches[j]))
+            impl.evaluate(caches[j], min(C, P - s), min(P, s + C))
             secs[j] += time.perf_counter() - t
             peaks[j] = max(peaks[j], mx.get_peak_memory())
     del caches
@@ -206,7 +222,7 @@ def time_chunk_at(impl: Impl, offset: int, C: int, vocab: int, P: int, seed: int
     mx.clear_cache()
     t = time.perf_counter()
     impl.forward(ids, cache)
-    mx.eval(impl.state(cache))
+    impl.evaluate(cache, C, offset + C)
     dt = time.perf_counter() - t
     del cache
     mx.clear_cache()
@@ -225,6 +241,36 @@ def run_sampled(impl: Impl, P: int, C: int, vocab: int, samples: int) -> dict:
     return {"how": f"sampled ({len(times)} chunks at offsets {sorted(times)})",
             "seconds": n * mean, "tokens_per_s": C / mean, "at_length_tokens_per_s": C / last,
             "chunk_seconds": times, "peak_bytes": mx.get_peak_memory()}
+
+
+def flops_per_token(args: ModelArgs, context: int) -> float:
+    """Matmul FLOPs one prompt token costs the measured layers at `context` (2 per MAC).
+
+    Weights: every linear of a layer once (its logical, unquantized shape) and k of the routed
+    experts. Attention: scores and values over the W window plus the compressed entries a CSA
+    query attends (top-k) or an HCA query sees (context/128), and the indexer's scores over
+    context/4 index keys. mHC, norms, RoPE and softmax are left out (a few per cent at most).
+    """
+    D, H, c, R = args.hidden_size, args.num_attention_heads, args.head_dim, args.q_lora_rank
+    I, k = args.moe_intermediate_size, args.num_experts_per_tok
+    total = 0.0
+    for kind in args.layer_kinds:
+        macs = D * R + R * H * c + D * c + H * c * args.o_lora_rank
+        macs += args.o_groups * args.o_lora_rank * D + D * args.n_routed_experts
+        macs += (k + 1) * 3 * D * I  # routed picks and the shared expert
+        macs += 2 * (D * args.hc_mult) * (args.hc_mult + 2) * args.hc_mult  # mHC projections
+        entries = args.sliding_window
+        if kind == "csa":
+            macs += 2 * D * 2 * c  # compressor (overlapping windows: two halves)
+            hi, ci = args.index_n_heads, args.index_head_dim
+            macs += R * hi * ci + D * hi + 2 * D * 2 * ci + hi * ci * context / 4
+            entries += min(args.index_topk, context / 4)
+        elif kind == "hca":
+            macs += 2 * D * c
+            entries += context / 128
+        macs += 2 * H * c * entries
+        total += 2 * macs
+    return total
 
 
 # ----- breakdown shims --------------------------------------------------------------------------
@@ -351,6 +397,10 @@ def main():
     ap.add_argument("--others-max", type=int, default=2048,
                     help="largest prompt run for --baseline/--pr1192 (they cost as much as ours)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these implementations")
+    ap.add_argument("--no-pacing", action="store_true",
+                    help="evaluate our chunks without generation's memory pacing")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense peak (e.g. 989 for an H200 in bf16): adds MFU")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     prompts = list(a.prompts) + ([131072] if a.allow_128k else [])
@@ -363,7 +413,7 @@ def main():
     res = {"argv": sys.argv[1:], "device": str(mx.default_device()), "mlx": mx.__version__,
            "weight_bytes": W, "kinds": args.layer_kinds, "build_s": time.perf_counter() - t,
            "runs": [], "breakdown": []}
-    impls = [ours_impl(model, args)]
+    impls = [ours_impl(model, args, pacing=not a.no_pacing)]
     if a.baseline:
         impls.append(baseline_impl(model, args, a.baseline))
     if a.pr1192:
@@ -372,6 +422,15 @@ def main():
         impls = [i for i in impls if i.name in a.only]
     log(f"{mx.default_device()} mlx {mx.__version__}: {args.layer_kinds}, {a.experts} experts, "
         f"weights {W / 1e9:.2f} GB; {[i.name for i in impls]}")
+
+    def rate(row):
+        """Achieved TFLOP/s (mean context P/2) and MFU when the peak is given."""
+        P = row["prompt"]
+        row["tflops_per_s"] = flops_per_token(args, P / 2) * row["tokens_per_s"] / 1e12
+        if a.peak_tflops:
+            row["mfu"] = row["tflops_per_s"] / a.peak_tflops
+        mfu = f", MFU {row['mfu']:.1%}" if a.peak_tflops else ""
+        return f"  {row['tflops_per_s']:.3g} TFLOP/s{mfu}"
 
     def write():
         if a.out:
@@ -387,7 +446,7 @@ def main():
                 row.update(prompt=P, chunk=C, peak_over_weights=row["peak_bytes"] / W)
                 res["runs"].append(row)
                 log(f"{row['impl']:>9} {P:>7} {C:>6} {row['tokens_per_s']:>8.2f} {'':>8} "
-                    f"{row['peak_over_weights']:>7.3f}  {row['how']}")
+                    f"{row['peak_over_weights']:>7.3f}  {row['how']}{rate(row)}")
                 write()
     for P in [] if a.no_runs or a.interleave else prompts:
         for C in a.chunks:
@@ -403,7 +462,7 @@ def main():
                 res["runs"].append(row)
                 log(f"{impl.name:>9} {P:>7} {C:>6} {row['tokens_per_s']:>8.2f} "
                     f"{row.get('at_length_tokens_per_s', float('nan')):>8.2f} "
-                    f"{row['peak_over_weights']:>7.3f}  {row['how']}")
+                    f"{row['peak_over_weights']:>7.3f}  {row['how']}{rate(row)}")
                 write()
     if a.indexer:
         res["indexer"] = []
