@@ -209,7 +209,7 @@ def test_flash_fits_a_128gb_mac_only_with_low_bit_experts():
     plans = {p.recipe: p for p in plan_recipes("flash", context=1 << 20, memory=parse_size("128GB"))}
     assert set(plans) == set(RECIPES)
     assert [r for r, p in plans.items() if p.largest_context > 0] == ["experts3", "experts2"]
-    assert 200_000 < plans["experts3"].largest_context < 300_000
+    assert 300_000 < plans["experts3"].largest_context < 400_000
     assert plans["experts2"].fits and plans["experts2"].largest_context == 1 << 20
     at96 = {p.recipe: p for p in plan_recipes("flash", context=1 << 20, memory=parse_size("96GB"))}
     assert [r for r, p in at96.items() if p.largest_context > 0] == ["experts2"]
@@ -221,7 +221,7 @@ def test_plan_names_the_recipes_that_fit_and_the_context_each_leaves():
     r = CliRunner().invoke(app, ["plan", "flash", "--memory", "128GB"])
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
-    assert "Recipes that fit: experts3 (up to 291," in text and "experts2 (up to 1,048,576 tokens)" in text
+    assert "Recipes that fit: experts3 (up to 340," in text and "experts2 (up to 1,048,576 tokens)" in text
     assert "attn4 (default)" in text and "146.50 GiB" in text
     r = CliRunner().invoke(app, ["plan", "flash", "--memory", "64GB"])
     assert r.exit_code == 0  # it streams the experts from SSD instead (test_experts_stream.py)
