@@ -19,7 +19,6 @@ import mlx.core as mx
 from . import decode, mhc
 from .cache import LayerCache
 
-F32 = mx.float32
 
 
 class BatchStep(decode.DecodeStep):
@@ -36,7 +35,7 @@ class BatchStep(decode.DecodeStep):
         wrap = mx.compile if model.compiled_decode else (lambda f: f)
         self._before = [wrap(self._attn_in(layer)) for layer in model.layers]
         self._after = [wrap(self._attn_out(layer)) for layer in model.layers]
-        self._head = wrap(self._head_fn)
+        self._head = wrap(lambda X: self._end(X)[0])
 
     @staticmethod
     def _attn_in(block):
@@ -56,18 +55,11 @@ class BatchStep(decode.DecodeStep):
 
         return run
 
-    def _head_fn(self, X):
-        m = self.model
-        X1 = mhc.head(X, m.hc_head_fn, m.hc_head_base, m.hc_head_scale, *m._head_eps)
-        return m.head(m.norm(X1)).astype(F32)
-
     def _core(self, i: int, spec: tuple, size: int):
         key = (i, spec, size)
         if key not in self.cores:
             att = self.model.layers[i].attn
-            for n in {self.model.args.sliding_window, spec[3]} - {0}:
-                self._arange(n)
-            ar = self._aranges.__getitem__
+            ar = self._ranges([spec])
 
             def run(q, kv, p, side, *st):
                 o, new = decode.core(att, q, kv, side, list(st), p, spec, ar)
@@ -84,8 +76,7 @@ class BatchStep(decode.DecodeStep):
         keys = [decode.plan(model, c, p) for c, p in zip(caches, ps)]
         P = mx.array(ps, mx.int32)
         pos = [mx.array(p, mx.int32) for p in ps]
-        h = model.embed(ids)
-        X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], model.args.hc_mult, h.shape[-1]))
+        X = self._begin(ids, self.no_streams)
         for i in range(len(model.layers)):
             q, kv, post, comb, *side = self._before[i](X, P)
             outs = []

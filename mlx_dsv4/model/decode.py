@@ -15,6 +15,8 @@ old reference. Window keys are attended in ring order: the softmax does not care
 
 from __future__ import annotations
 
+from typing import Callable
+
 import mlx.core as mx
 
 from . import kernels, mhc
@@ -261,31 +263,32 @@ class DecodeStep:
         # A trace can only capture evaluated arrays (a lazily loaded model has none yet).
         mx.eval(model.parameters())
 
-    def _arange(self, n: int) -> mx.array:
-        # Evaluated before tracing, so the graph captures it as a constant, not an Arange kernel.
-        if n not in self._aranges:
-            self._aranges[n] = mx.arange(n)
-            mx.eval(self._aranges[n])
-        return self._aranges[n]
+    def _ranges(self, specs) -> Callable[[int], mx.array]:
+        """The look-up of the `arange`s a trace of these layer variants reads (the window, each
+        bucket), evaluated before tracing so the graph captures constants, not Arange kernels."""
+        for n in {self.model.args.sliding_window} | {spec[3] for spec in specs if spec[3]}:
+            if n not in self._aranges:
+                self._aranges[n] = mx.arange(n)
+                mx.eval(self._aranges[n])
+        return self._aranges.__getitem__
 
     def _blocks(self) -> list:
         return self.model.layers
 
     def _begin(self, ids: mx.array, X: mx.array) -> mx.array:
         """The streams entering the first block: the embedded ids, broadcast to the N streams."""
-        h = self.model.embed(ids)
-        return mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], self.model.args.hc_mult, h.shape[-1]))
+        from .model import embed_streams  # model.py imports this module
+
+        return embed_streams(self.model, ids)
 
     def _end(self, X: mx.array) -> tuple:
         """What a step returns besides the state: fp32 logits and the final streams."""
-        m = self.model
-        X1 = mhc.head(X, m.hc_head_fn, m.hc_head_base, m.hc_head_scale, *m._head_eps)
-        return m.head(m.norm(X1)).astype(F32), X
+        from .model import head_logits
+
+        return head_logits(self.model, X), X
 
     def _build(self, key: tuple, sizes: tuple[int, ...]):
-        for n in {self.model.args.sliding_window} | {spec[3] for spec in key if spec[3]}:
-            self._arange(n)
-        ar = self._aranges.__getitem__
+        ar = self._ranges(key)
         blocks = self._blocks()
 
         def step(ids, p, X, *flat):

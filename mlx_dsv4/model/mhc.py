@@ -23,8 +23,11 @@ F32 = mx.float32
 
 
 @lru_cache(maxsize=None)
-def _mix_fn(n: int, hc_eps: float, norm_eps: float):
-    def mix(X, fn_pre, fn_post, fn_comb, base_pre, base_post, base_comb, scale, inv_width):
+def _mix_fn(n: int, width: int, hc_eps: float, norm_eps: float):
+    # The width is part of the cache key: a shapeless graph bakes the Python number in.
+    inv_width = 1.0 / width
+
+    def mix(X, fn_pre, fn_post, fn_comb, base_pre, base_post, base_comb, scale):
         Xf = X.astype(F32)
         v = mx.flatten(Xf, -2, -1)
         # 1/RMS of each token's N*D values from a dot product, applied after the (linear)
@@ -63,11 +66,8 @@ def mix(X: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, 
     """One site: (sublayer input `[B, S, D]`, post `[B, S, N]`, comb `[B, S, N, N]`)."""
     n = X.shape[-2]
     cuts = [n, 2 * n]
-    # The width goes in as an array: a shapeless graph would bake a Python number in.
-    inv_width = mx.array(1.0 / (n * X.shape[-1]), F32)
-    x, post, logits = _mix_fn(n, hc_eps, norm_eps)(
-        X, *mx.split(fn.astype(F32), cuts), *mx.split(base.astype(F32), cuts), scale.astype(F32),
-        inv_width)
+    x, post, logits = _mix_fn(n, n * X.shape[-1], hc_eps, norm_eps)(
+        X, *mx.split(fn.astype(F32), cuts), *mx.split(base.astype(F32), cuts), scale.astype(F32))
     return x, post, kernels.sinkhorn(logits, iters, hc_eps)
 
 

@@ -222,6 +222,17 @@ def _collapse(module: nn.Module, X: mx.array) -> mx.array:
                     *module._head_eps)
 
 
+def embed_streams(module: nn.Module, ids: mx.array) -> mx.array:
+    """The streams `[B, S, N, D]` entering the first block: `module.embed(ids)`, N times."""
+    h = module.embed(ids)
+    return mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], module.args.hc_mult, h.shape[-1]))
+
+
+def head_logits(module: nn.Module, X: mx.array) -> mx.array:
+    """fp32 logits of the final streams: HyperHead collapse, final norm, vocabulary projection."""
+    return _f32(module.head(module.norm(_collapse(module, X))))
+
+
 class MTPBlock(Block):
     """Multi-token prediction block (spec §2.11): proposes token t+2 from the trunk's streams."""
 
@@ -284,15 +295,11 @@ class Model(nn.Module):
                 self._decode_step = decode.DecodeStep(self)
             logits, streams = self._decode_step(ids, cache)
             return (logits, streams) if return_streams else logits
-        h = self.embed(ids)
-        X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
+        X = embed_streams(self, ids)
         for layer, c in zip(self.layers, cache):
             X = layer(X, ids, c)
-        streams = X
-        if last_only:
-            X = X[:, -1:]
-        logits = _f32(self.head(self.norm(_collapse(self, X))))
-        return (logits, streams) if return_streams else logits
+        logits = head_logits(self, X[:, -1:] if last_only else X)
+        return (logits, X) if return_streams else logits
 
     def mtp_logits(self, streams: mx.array, next_ids: mx.array, cache: list[LayerCache],
                    return_streams: bool = False):
