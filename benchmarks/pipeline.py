@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from mlx_dsv4.launch import loopback_hostfile  # noqa: E402
 
 
 def write_model(path: Path, a) -> None:
@@ -123,20 +124,9 @@ def rank_main(path: str, splits: str, out: str, a) -> None:
         run_worker(model, group)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def launch(path: Path, k: int, layers: int, a, work: Path) -> dict:
     cuts = [round(i * layers / k) for i in range(k + 1)]
-    hostfile, out = work / f"hosts{k}.json", work / f"out{k}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(k)]))
+    hostfile, out = loopback_hostfile(work / f"hosts{k}.json", k), work / f"out{k}.json"
     argv = [sys.executable, __file__, "--prompt", str(a.prompt), "--warmup", str(a.warmup),
             "--steps", str(a.steps), "--ping", str(a.ping),
             "--rank-of", str(path), ",".join(map(str, cuts)), str(out)]

@@ -284,9 +284,9 @@ def _prompt_cache(max_bytes: int, directory: Path | None, disk_bytes: int, off: 
 def _pipeline(model: str, expert_memory, max_context, kv_bits, prefill_chunk) -> int | None:
     """Under `mlx.launch` with several ranks: ranks > 0 serve their layers here until rank 0
     stops (returns their rank), rank 0 returns 0 and runs the command; None without a launcher."""
-    from .model.pipeline import LAUNCH_ENV
+    from .launch import launched
 
-    if not any(k in os.environ for k in LAUNCH_ENV):
+    if not launched():  # asked before MLX is imported: a plain command starts at once
         return None
     from .model.pipeline import launched_group, serve_rank
     from .model.weights import resolve_model

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mlx_dsv4.launch import free_ports, loopback_hostfile
 
 PROMPT, DECODE = 150, 6  # the prompt crosses the 128-token window and an HCA window closes
 RANK_TIMEOUT = 60.0
@@ -67,21 +68,10 @@ def rank_main(model_dir: str, out: str, splits: str):
     mx.eval(mx.zeros(1))
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def launch(model_dir: Path, out: Path, splits: list[int], tmp: Path) -> None:
     """Start one process per rank with the ring backend's environment; fail with their stderr."""
     n = len(splits) - 1
-    hostfile = tmp / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    hostfile = loopback_hostfile(tmp / "hosts.json", n)
     procs = []
     for rank in range(n):
         env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
@@ -306,8 +296,7 @@ def test_dsv4_serve_under_launch_matches_one_process(selftest_model, tmp_path):
     import signal
 
     web, web1 = free_ports(2)
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    hostfile = loopback_hostfile(tmp_path / "hosts.json", 2)
     base = [sys.executable, "-m", "mlx_dsv4.cli", "serve", str(selftest_model), "--exact-sampling",
             "--max-context", "2048"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
@@ -361,8 +350,7 @@ def test_dsv4_chat_under_launch_survives_ctrl_c(selftest_model, tmp_path, monkey
 
     import test_chat_terminal as tc
 
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    hostfile = loopback_hostfile(tmp_path / "hosts.json", 2)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), MLX_HOSTFILE=str(hostfile))
     log = open(tmp_path / "rank1.log", "w+")
     rank1 = subprocess.Popen([sys.executable, "-m", "mlx_dsv4.cli", "chat", str(selftest_model)],

@@ -44,7 +44,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import os
 import signal
 import sys
 import threading
@@ -56,9 +55,10 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import ModelArgs
+from ..launch import launched
 from . import decode
 from .cache import LayerCache, make_cache
-from .model import Block, _collapse, _init_head, _f32
+from .model import Block, _init_head, embed_streams, head_logits
 from .layers import RMSNorm
 
 HEADER = 8  # int32 slots: command, key, B, S, flags, offset, kv_bits, dtypes (streams + 4 x pools)
@@ -70,10 +70,6 @@ REPLAY_CHUNK = 512
 
 class PipelineError(RuntimeError):
     """Something pipeline mode does not do, or ranks that disagree."""
-
-
-# What mlx.launch (ring, jaccl) or mpirun set in each rank's environment.
-LAUNCH_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 def init(backend: str = "any") -> mx.distributed.Group | None:
@@ -89,7 +85,7 @@ def init(backend: str = "any") -> mx.distributed.Group | None:
 def launched_group() -> mx.distributed.Group | None:
     """`init()` for a process that a launcher started, None at once for any other (no backend
     is probed, so a plain `dsv4 chat` never waits on one)."""
-    return init() if any(k in os.environ for k in LAUNCH_ENV) else None
+    return init() if launched() else None
 
 
 class Stage(nn.Module):
@@ -137,14 +133,13 @@ class Stage(nn.Module):
                 self._step = StageStep(self)
             return self._step(X, ids, cache)
         if X is None:
-            h = self.embed(ids)
-            X = mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
+            X = embed_streams(self, ids)
         for i, c in zip(self.indices, cache):
             X = self.layers[i](X, ids, c)
         return X
 
     def logits(self, X: mx.array) -> mx.array:
-        return _f32(self.head(self.norm(_collapse(self, X))))
+        return head_logits(self, X)
 
 
 class StageStep(decode.DecodeStep):

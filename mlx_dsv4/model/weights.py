@@ -89,13 +89,16 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
     layer's guessed experts ahead (off by default: on random weights it read more than it
     saved, see experts_stream).
     """
-    from .pipeline import launched_group, load_pipeline
+    from ..launch import launched
 
     path = Path(path)
-    if (group := launched_group()) is not None:  # several ranks: this one holds some layers
-        if expert_memory is not None:
-            raise LoadError("Pipeline mode keeps every routed expert in memory: drop --expert-memory.")
-        return load_pipeline(path, group, lazy=lazy)
+    if launched():
+        from .pipeline import launched_group, load_pipeline
+
+        if (group := launched_group()) is not None:  # several ranks: this one holds some layers
+            if expert_memory is not None:
+                raise LoadError("Pipeline mode keeps every routed expert in memory: drop --expert-memory.")
+            return load_pipeline(path, group, lazy=lazy)
     args = ModelArgs.from_file(path)
     shards = shard_files(path)
     model = Model(args)
