@@ -377,28 +377,40 @@ def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: i
     comes off the budget (see `plan_memory`); `batch` plans that many sequences at that context
     each, and is refused when they do not fit. Started by `mlx.launch` with several ranks, it
     plans this rank's share of a pipeline (`plan_rank`, every rank's budget gathered)."""
-    from .model.pipeline import LAUNCH_ENV
+    from .launch import launched
 
-    if any(k in os.environ for k in LAUNCH_ENV):
+    if launched():
         from .model.pipeline import gather_budgets, launched_group
 
         if (group := launched_group()) is not None:
             return plan_rank(path, gather_budgets(group), group.rank(), max_context,
                              kv_bits=kv_bits, prefill_chunk=prefill_chunk)
+
+    def plan_at(context: int) -> Plan:
+        return plan_memory(path, context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
+                           expert_memory=expert_memory, other_bytes=other_bytes, batch=batch)
+
+    if batch > 1:
+        return _settle(path, plan_at, max_context, f"{batch} sequences of", f"with {batch} sequences ",
+                       "; fewer sequences (--max-batch) need less")
+    return _settle(path, plan_at, max_context)
+
+
+def _settle(path, plan_at, max_context: int | None, asked: str = "with", who: str = "",
+            fewer: str = ""):
+    """(plan, context) from `plan_at(context)`: the asked context if it fits, else refused with
+    the plan's verdict; with none asked, the largest that fits, capped by the model's maximum.
+    The plan returned is made at the context that will run (it sizes the limits and chunk)."""
     limit = ModelArgs.from_file(path).max_position_embeddings
-    plan = plan_memory(path, context=max_context or limit, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                       expert_memory=expert_memory, other_bytes=other_bytes, batch=batch)
+    plan = plan_at(max_context or limit)
     name = Path(path).name
-    what = f"{batch} sequences of" if batch > 1 else "with"
-    fewer = "; fewer sequences (--max-batch) need less" if batch > 1 else ""
     if max_context is not None and not plan.fits:
-        raise PlanError(f"{name} {what} {max_context:,} tokens of context {plan.verdict()}{fewer}")
+        raise PlanError(f"{name} {asked} {max_context:,} tokens of context {plan.verdict()}{fewer}")
     context = max_context or min(plan.largest_context, limit)
     if context <= 0:
-        raise PlanError(f"{name} {f'with {batch} sequences ' if batch > 1 else ''}{plan.verdict()}{fewer}")
-    if context != plan.context:  # size the wired limit and prefill chunk for what will run
-        plan = plan_memory(path, context=context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                           expert_memory=expert_memory, other_bytes=other_bytes, batch=batch)
+        raise PlanError(f"{name} {who}{plan.verdict()}{fewer}")
+    if context != plan.context:
+        plan = plan_at(context)
     return plan, context
 
 
@@ -452,15 +464,15 @@ def _largest_context(args: ModelArgs, plan: Plan) -> int:
                   plan.batch * activation_bytes(args, 1, ctx, plan.kv_bits))
         return plan.resident_weight_bytes + plan.batch * (pools + fixed) + act <= plan.budget_bytes
 
-    lo, hi = 0, args.max_position_embeddings
-    if fits(hi):
-        return hi
+    return _largest(fits, args.max_position_embeddings)
+
+
+def _largest(fits, hi: int) -> int:
+    """The largest context in 0…hi for which `fits(context)` holds (it holds for all below)."""
+    lo = hi if fits(hi) else 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     return lo
 
 
@@ -640,14 +652,9 @@ def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *
             out.append(Stage(host, layers, w, pools, fixed, act, budget))
         return out
 
-    lo, hi = 0, args.max_position_embeddings
-    if all(s.fits for s in stages(hi)):
-        lo = hi
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if all(s.fits for s in stages(mid)) else (lo, mid - 1)
+    largest = _largest(lambda ctx: all(s.fits for s in stages(ctx)), args.max_position_embeddings)
     hop = args.hc_mult * args.hidden_size * 2  # bf16 streams [1, 1, N, D]
-    return PipelinePlan(name, recipe, context, stages(context), lo, hop)
+    return PipelinePlan(name, recipe, context, stages(context), largest, hop)
 
 
 def plan_rank(path: str | Path, budgets: list[int], rank: int, max_context: int | None = None, *,
@@ -655,19 +662,11 @@ def plan_rank(path: str | Path, budgets: list[int], rank: int, max_context: int 
     """`plan_context` for one rank of a launched pipeline, given every rank's budget: this
     rank's share as a `Plan` (its layers' weights and KV, its budget), with the largest context
     that fits every rank. Refused, naming the rank that does not fit, like `plan_context`."""
-    limit = ModelArgs.from_file(path).max_position_embeddings
     hosts = [(f"rank {r}", b) for r, b in enumerate(budgets)]
-    kw = dict(kv_bits=kv_bits, prefill_chunk=prefill_chunk, reserve=False)
-    pp = plan_pipeline(path, hosts, context=max_context or limit, **kw)
-    name = Path(path).name
-    if max_context is not None and not pp.fits:
-        raise PlanError(f"{name} with {max_context:,} tokens of context {pp.verdict()}")
-    context = max_context or min(pp.largest_context, limit)
-    if context <= 0:
-        raise PlanError(f"{name} {pp.verdict()}")
-    if context != pp.context:
-        pp = plan_pipeline(path, hosts, context=context, **kw)
-    s, args = pp.stages[rank], ModelArgs.from_file(path)
+    pp, context = _settle(path, lambda ctx: plan_pipeline(
+        path, hosts, context=ctx, kv_bits=kv_bits, prefill_chunk=prefill_chunk, reserve=False),
+        max_context)
+    s, args, name = pp.stages[rank], ModelArgs.from_file(path), Path(path).name
     chunk = max(1, min(prefill_chunk, context))
     source = f"rank {rank} of {len(budgets)}: layers {s.layers.start}-{s.layers.stop - 1}"
     plan = Plan(name, pp.recipe, context, kv_bits, chunk, s.weight_bytes, s.kv_bytes, s.fixed_bytes,

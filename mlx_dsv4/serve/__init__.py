@@ -47,10 +47,13 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
 
     path = Path(model_path).expanduser()
     kept = prompt_cache.get("max_bytes", DEFAULT_BYTES) if prompt_cache else 0
-    plan, max_context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
-                                     expert_memory=expert_memory, other_bytes=kept, batch=max_batch or 1)
+    options = dict(kv_bits=kv_bits, prefill_chunk=prefill_chunk, expert_memory=expert_memory,
+                   other_bytes=kept)
+    plan, max_context = plan_context(path, max_context, batch=max_batch or 1, **options)
     if max_batch is None:
         max_batch = default_batch(plan, path, expert_memory=expert_memory, other_bytes=kept)
+        if max_batch > 1:  # the wired limit and the reported largest context are for all of them
+            plan, max_context = plan_context(path, max_context, batch=max_batch, **options)
     wired = apply_wired_limit(plan) if wire_memory else None
     if wired:
         log.warning("%s", wired)
