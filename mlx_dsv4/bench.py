@@ -100,8 +100,7 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
     load_s = time.perf_counter() - t
     if log:
         log(f"loaded {path.name} in {load_s:.1f} s")
-    vocab = model.args.vocab_size
-    prompt = mx.random.randint(2, vocab, (prompt_tokens,), key=mx.random.key(seed)).tolist()
+    prompt = _random_prompt(model, prompt_tokens, seed)
     cache = make_cache(model, max_tokens=context, kv_bits=kv_bits)
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -140,7 +139,7 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
 
 def _prefill_alone(model, n: int, chunk: int, context: int, kv_bits: int | None,
                    seed: int) -> PrefillPoint:
-    ids = mx.random.randint(2, model.args.vocab_size, (n,), key=mx.random.key(seed + n)).tolist()
+    ids = _random_prompt(model, n, seed + n)
     cache = make_cache(model, max_tokens=context, kv_bits=kv_bits)
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -151,3 +150,8 @@ def _prefill_alone(model, n: int, chunk: int, context: int, kv_bits: int | None,
     del cache
     mx.clear_cache()
     return point
+
+
+def _random_prompt(model, n: int, seed: int) -> list[int]:
+    """`n` seeded ids from the vocabulary, past the two special ids at its start."""
+    return mx.random.randint(2, model.args.vocab_size, (n,), key=mx.random.key(seed)).tolist()

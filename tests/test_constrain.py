@@ -14,6 +14,8 @@ import mlx.core as mx
 import openai
 import pytest
 
+from mlx_dsv4.config import ModelArgs
+from mlx_dsv4.synthetic import tiny_config
 from mlx_dsv4.text import chat_format
 from mlx_dsv4.generation import constrain
 from mlx_dsv4.generation.generate import stream_generate
@@ -113,7 +115,7 @@ class Babbler:
 
     def __init__(self, script: list[int], prompt_len: int, seed: int):
         self.script, self.prompt_len, self.seed = script, prompt_len, seed
-        self.args = SimpleNamespace(vocab_size=VOCAB, eos_token_ids=[EOS])
+        self.args = ModelArgs.from_dict(tiny_config(vocab_size=VOCAB, eos_token_id=EOS))
 
     def __call__(self, ids, cache, last_only=False):
         cache[0].offset += ids.shape[1]

@@ -107,7 +107,7 @@ def script(prompt: str) -> str:
 class ScriptModel:
     """Writes `script[i]` after the prompt and i generated tokens; EOS is its second choice."""
 
-    args = SimpleNamespace(eos_token_ids=[EOS], vocab_size=VOCAB)
+    args = ModelArgs.from_dict(tiny_config(vocab_size=VOCAB, eos_token_id=EOS))
 
     def __init__(self, script: list[int], prompt_len: int, delay: float = 0.0):
         self.script, self.prompt_len, self.delay = script, prompt_len, delay

@@ -49,7 +49,6 @@ def check_token_ids(ids: Sequence[int], vocab_size: int):
                              f"[0, {vocab_size}).")
 
 
-
 def check_request(ids: Sequence[int], max_tokens: int, vocab_size: int, max_context: int | None = None,
                   largest_context: int | None = None, history: int = 0):
     """Refuse, before any work, ids outside the vocabulary and a prompt (after `history` tokens

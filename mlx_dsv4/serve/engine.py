@@ -224,33 +224,40 @@ class Engine:
 
     def _run_batched(self):
         """Start jobs while fewer than `max_batch` run; step the batch while it has work."""
-        batch = self.backend
-        while True:
-            with self._changed:
-                while True:
-                    while self._waiting and self._running < self.max_batch and not self._stopping:
-                        job = self._waiting.popleft()
-                        if job.cancel.is_set():
-                            job.emit(_END)
-                            continue
-                        self._running += 1
-                        threading.Thread(target=self._job_thread, args=(job,), daemon=True,
-                                         name="dsv4-job").start()
-                    if self._stopping:
-                        for job in self._waiting:
-                            job.emit(Stopped("The server is shutting down."))
-                            job.emit(_END)
-                        self._waiting.clear()
-                        if not self._running and not batch.busy:
-                            return
-                    if batch.busy:
-                        break
-                    self._changed.wait()
+        while self._wait_for_work():
             try:
-                batch.step()
+                self.backend.step()
             except Exception as e:  # a broken step must not leave jobs waiting on it forever
                 log.exception("batched step failed")
-                batch.fail(e)
+                self.backend.fail(e)
+
+    def _wait_for_work(self) -> bool:
+        """Start what may start and wait until the batch has work: True, or False once stopping
+        with nothing left running."""
+        with self._changed:
+            while True:
+                self._start_waiting()
+                if self._stopping:
+                    for job in self._waiting:
+                        job.emit(Stopped("The server is shutting down."))
+                        job.emit(_END)
+                    self._waiting.clear()
+                    if not self._running and not self.backend.busy:
+                        return False
+                if self.backend.busy:
+                    return True
+                self._changed.wait()
+
+    def _start_waiting(self):
+        """Each waiting job, while fewer than `max_batch` run, on a thread of its own (lock held)."""
+        while self._waiting and self._running < self.max_batch and not self._stopping:
+            job = self._waiting.popleft()
+            if job.cancel.is_set():
+                job.emit(_END)
+                continue
+            self._running += 1
+            threading.Thread(target=self._job_thread, args=(job,), daemon=True,
+                             name="dsv4-job").start()
 
     def submit(self, job: Job) -> AsyncIterator[Chunk]:
         """Queue `job` and return its chunks; leaving the iterator early, or dropping it unread,
