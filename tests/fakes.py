@@ -10,6 +10,9 @@ import codecs
 import mlx.core as mx
 import numpy as np
 
+from mlx_dsv4.config import ModelArgs
+from mlx_dsv4.synthetic import tiny_config
+
 
 class ByteTokenizer:
     """Token id = byte value; id 1 is EOS. UTF-8 characters span several tokens."""
@@ -39,11 +42,6 @@ class _ByteStream:
         return self._dec.decode(b"", final=True)
 
 
-class _Args:
-    eos_token_ids = [1]
-    vocab_size = 256
-
-
 class _Cache:
     def __init__(self):
         self.offset = 0
@@ -53,7 +51,7 @@ class _Cache:
 class ScriptedModel:
     """Emits `script[i]` as the argmax after having consumed the prompt and i generated tokens."""
 
-    args = _Args()
+    args = ModelArgs.from_dict(tiny_config(vocab_size=256, eos_token_id=1))
 
     def __init__(self, script: list[int], prompt_len: int, vocab: int = 256):
         self.script, self.prompt_len, self.vocab, self.calls = list(script), prompt_len, vocab, 0
