@@ -196,3 +196,15 @@ def test_html_in_messages_is_shown_as_text(page, tmp_path):
     assert page.execute_script("return window.pwned === undefined")
     page.save_screenshot(str(tmp_path / "chat.png"))
     assert (tmp_path / "chat.png").stat().st_size > 0
+
+
+def test_new_chat_starts_over(page):
+    find(page, "#clear").click()
+    assert messages(page) == [] and find(page, "#hint").is_displayed()
+    done = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
+    page.execute_script("window.fake = arguments[0]", f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n")
+    say(page, "Again")
+    wait(page, lambda: len(messages(page, "assistant")) == 1 and idle(page), "the reply")
+    assert page.execute_script("return window.sent")[-1]["body"]["messages"] == [
+        {"role": "user", "content": "Again"}]
+    assert messages(page, "assistant")[0].text == "ok"
