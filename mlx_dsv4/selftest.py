@@ -243,8 +243,8 @@ class _Run:
         stage.facts = {"tokens": tokens, "finish_reason": done.finish_reason, "text": text,
                        "tokens_per_second": done.chunk.generation_tps, "kernels_compiled": compiled}
         first = f", including compiling {compiled} CPU kernels (cached in {cache})" if compiled > 0 else ""
-        return (f"{tokens} tokens, finish {done.finish_reason}, {done.chunk.generation_tps:.0f} tok/s{first}; "
-                "random weights, so the text is gibberish")
+        return (f"{tokens} tokens, finish {done.finish_reason}, {done.chunk.generation_tps:.0f} tok/s"
+                f"{first}; random weights, so the text is gibberish")
 
     def serve(self, stage: Stage) -> str:
         import openai

@@ -18,7 +18,8 @@ import httpx
 import pytest
 from test_hostile import CHAT, KEY, MODEL_ID, SPECIALS, start_server, stop_server
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+webdriver = pytest.importorskip("selenium.webdriver",
+                                reason="selenium is not installed (pip install selenium)")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
