@@ -5,9 +5,14 @@ modules are imported on first use so that
 `import mlx_dsv4` and `dsv4 --help` stay fast.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .config import ConfigError, ModelArgs
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("mlx-dsv4")  # pyproject.toml's, as installed: one place to bump it
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "load": ("model.weights", "load"),

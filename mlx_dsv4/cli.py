@@ -131,8 +131,19 @@ def _fail(message, code: int = 1, prefix: str = "Error: ") -> typer.Exit:
     return typer.Exit(code)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+
+        print(f"mlx-dsv4 {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """Run DeepSeek-V4 (Flash and Pro) locally with MLX."""
 
 

@@ -60,6 +60,16 @@ def test_serve_on_an_original_fp8_checkpoint_prints_the_convert_command(tmp_path
     assert f"dsv4 convert {src} {src}-mlx-attn4" in r.output
 
 
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    import mlx_dsv4
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0, r.output
+    assert r.output == f"mlx-dsv4 {version('mlx-dsv4')}\n" == f"mlx-dsv4 {mlx_dsv4.__version__}\n"
+
+
 # Everything heavy is imported inside the commands: mlx_lm pulls transformers and torch (seconds),
 # the server its web stack. `dsv4 --help` and the first line of every command must not wait.
 HEAVY = ("mlx", "mlx_lm", "transformers", "torch", "fastapi", "uvicorn", "starlette",

@@ -40,10 +40,11 @@ class Live:
         return self.proc.poll() is None
 
 
-def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str | None]:
-    """`dsv4 serve` in a subprocess; (process, base URL once uvicorn says it runs, else None)."""
+def start_server(model: Path, log: Path, *options: str) -> tuple[subprocess.Popen, str | None]:
+    """`dsv4 serve` in a subprocess; (process, base URL once uvicorn says it runs, else None).
+    `options` are added to the command line (a repeated option overrides the one here)."""
     cmd = [sys.executable, "-m", "mlx_dsv4.cli", "serve", str(model), "--port", "0",
-           "--max-context", str(CONTEXT), "--model-id", MODEL_ID, "--api-key", KEY]
+           "--max-context", str(CONTEXT), "--model-id", MODEL_ID, "--api-key", KEY, *options]
     with log.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 90

@@ -7,14 +7,17 @@ import json
 import pytest
 
 from mlx_dsv4.convert import ConvertError
-from mlx_dsv4.selftest import MODEL_DIR, STAGES, run_selftest
+from mlx_dsv4 import selftest
+from mlx_dsv4.selftest import FIRST_RUN, MODEL_DIR, STAGES, run_selftest
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("selftest")
     lines: list[str] = []
-    return run_selftest(workdir, log=lines.append), lines, workdir
+    with pytest.MonkeyPatch.context() as mp:  # as on a first run: MLX's CPU kernel cache is empty
+        mp.setattr(selftest, "_kernel_cache", lambda: tmp_path_factory.mktemp("kernels"))
+        return run_selftest(workdir, log=lines.append), lines, workdir
 
 
 def test_every_stage_passes(run):
@@ -24,7 +27,16 @@ def test_every_stage_passes(run):
     assert all(s.ok and s.seconds > 0 for s in report.stages)
     assert all(s.peak_rss > 0 for s in report.stages)
     assert lines[-1] == report.summary() and lines[-1].startswith("selftest passed in ")
-    assert [line.split()[0] for line in lines[1:-1]] == list(STAGES)
+    assert [line.split()[0] for line in lines[1:-1]] == [*STAGES[:3], "first", *STAGES[3:]]
+    assert lines[4] == FIRST_RUN  # said before the slow stage, not after it
+
+
+def test_kernel_count(tmp_path):
+    assert selftest._kernel_count(None) is None  # a GPU: nothing is compiled at run time
+    assert selftest._kernel_count(tmp_path / "not-yet") == 0
+    (tmp_path / "a.so").write_bytes(b"")
+    (tmp_path / "b.so").write_bytes(b"")
+    assert selftest._kernel_count(tmp_path) == 2
 
 
 def test_converted_directory(run):

@@ -2,8 +2,8 @@
 
 `engine` owns the model on one thread, `protocol` translates OpenAI requests and replies,
 `anthropic` the Messages API (into the same requests), `grammar` writes the grammars that
-constrain tool calls and JSON, `app` holds the routes. FastAPI, uvicorn and sse-starlette are
-imported only in this package.
+constrain tool calls and JSON, `app` holds the routes, `page` the chat page served at `/`.
+FastAPI, uvicorn and sse-starlette are imported only in this package.
 """
 
 from __future__ import annotations

@@ -28,11 +28,12 @@ from starlette.exceptions import HTTPException
 from ..generation.generate import ContextError
 from . import anthropic, protocol
 from .engine import Busy, Engine, Job, Refused, Stopped
+from .page import chat_page
 from .protocol import ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, invalid
 
 log = logging.getLogger("mlx_dsv4.serve")
-OPEN = ("/health", "/healthz")  # answered without an API key
+OPEN = ("/", "/health", "/healthz")  # answered without an API key (the page asks for it)
 SHUTDOWN_GRACE = 2.0  # seconds a stream has to send its last event when the server stops
 
 
@@ -42,6 +43,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["*"], allow_private_network=True)
     _errors(app)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        body, headers = chat_page()
+        return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
     @app.get("/health")
     @app.get("/healthz")
