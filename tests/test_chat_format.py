@@ -411,3 +411,12 @@ def test_malformed_calls_are_errors():
     # A DSML tag that is no known tag never reaches the content.
     _, content, calls, errors = summary(feed_chunks("Hi <｜DSML｜weird> there" + EOS, [], False))
     assert content == "Hi" and calls == [] and len(errors) == 1
+
+
+def test_packaged_reference_encoder_reads_back_as_the_release():
+    # The selftest's model folder gets this file: it must read as DeepSeek's 0731 encoder does.
+    constants = json.loads((FIXTURES / "v0731" / "constants.json").read_text(encoding="utf-8"))
+    enc = cf.encoding_from_source(cf.reference_encoder_source())
+    assert enc.version == "0731" and dict(enc.constants) == constants
+    messages, kwargs = golden_call("v0731", "test_1")
+    assert render(messages, encoding=enc, **kwargs).encode("utf-8") == expected("v0731", "test_1")
