@@ -360,3 +360,99 @@ def test_a_claude_code_shaped_request(scripted):
     prompt = last_call(scripted).prompt
     assert prompt.startswith("You are Claude Code.") and '"name": "TodoWrite"' in prompt
     assert "web_search" not in prompt and prompt.endswith("Say hi<｜Assistant｜><think>")
+
+
+# ----- what Claude Code sends today (issue 24) ---------------------------------------------------
+
+def test_thinking_absent_means_off_as_at_anthropic(scripted):
+    r = client(scripted).messages.create(model=M, max_tokens=50, messages=[{"role": "user", "content": "Say hi"}])
+    assert [b.type for b in r.content] == ["text"]
+    assert last_call(scripted).prompt.endswith("<｜Assistant｜></think>")
+    for kind in ({"type": "adaptive"}, ON):
+        assert [b.type for b in ask(scripted, thinking=kind).content] == ["thinking", "text"]
+
+
+def test_effort_from_output_config(scripted):
+    ask(scripted, thinking={"type": "adaptive"}, output_config={"effort": "low"})
+    low = last_call(scripted).prompt
+    ask(scripted, thinking={"type": "adaptive"}, output_config={"effort": "high"})
+    high = last_call(scripted).prompt
+    assert low != high and high.endswith("<think>")
+    ask(scripted, thinking=OFF, output_config={"effort": "max"})  # an effort without thinking: ignored
+    assert last_call(scripted).prompt.endswith("</think>")
+
+
+def test_forced_tool_choice_does_not_think_and_ends_with_the_call(scripted):
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+        r = ask(scripted, tools=[WEATHER], tool_choice=choice, thinking={"type": "adaptive"})
+        assert [b.type for b in r.content] == ["tool_use"] and r.stop_reason == "tool_use"
+        assert "<｜Assistant｜></think>" in last_call(scripted).prompt
+
+
+def test_system_messages_inside_messages(scripted):
+    # After a user turn the text joins that turn (the encoder would run it into it with no
+    # assistant prefix); after an assistant turn it stands bare after EOS, as the encoder puts it.
+    messages = [{"role": "user", "content": "First"},
+                {"role": "system", "content": [{"type": "text", "text": "Agents: A, B.",
+                                                "cache_control": {"type": "ephemeral"}}]},
+                {"role": "assistant", "content": "Ok."},
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Say hi"},
+                {"role": "system", "content": "Skills: none."}]
+    r = client(scripted).messages.create(model=M, max_tokens=50, system="S.", messages=messages)
+    assert r.content[0].text == "Hi!"
+    assert last_call(scripted).prompt == ("S.<｜User｜>First\n\nAgents: A, B.<｜Assistant｜></think>Ok."
+                                          "<｜end▁of▁sentence｜>Be terse.<｜User｜>Say hi\n\nSkills: none."
+                                          "<｜Assistant｜></think>")
+
+
+def test_context_management_clears_old_thinking(scripted):
+    def turn(n):
+        return [{"role": "user", "content": f"q{n}"}, {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": f"thought {n}", "signature": "sig"},
+            {"type": "tool_use", "id": f"toolu_{n}", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{n}", "content": "rain"}]}]
+
+    history = turn(1) + turn(2) + turn(3)
+    history[-1]["content"].append({"type": "text", "text": "Say hi"})
+    for keep, kept in [("all", [1, 2, 3]), ({"type": "thinking_turns", "value": 2}, [2, 3]),
+                       (None, [3]), ({"type": "thinking_turns", "value": 0}, [])]:
+        edit = {"type": "clear_thinking_20251015", **({"keep": keep} if keep is not None else {})}
+        client(scripted).messages.create(
+            model=M, max_tokens=50, messages=history, tools=[WEATHER], thinking={"type": "adaptive"},
+            extra_body={"context_management": {"edits": [edit, {"type": "clear_tool_uses_20250919"}]}})
+        prompt = last_call(scripted).prompt
+        assert [n for n in (1, 2, 3) if f"thought {n}" in prompt] == kept, keep
+    # Without the edit every thought stays (with tools, V4 keeps all reasoning).
+    client(scripted).messages.create(model=M, max_tokens=50, messages=history, tools=[WEATHER],
+                                     thinking={"type": "adaptive"})
+    assert all(f"thought {n}" in last_call(scripted).prompt for n in (1, 2, 3))
+
+
+def test_refusals_of_bodies_anthropic_refuses(scripted):
+    url = scripted.url + "/v1/messages?beta=true"
+    user = [{"role": "user", "content": "x"}]
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                              "input": {"city": "Paris"}}]}
+
+    def result(**kw):
+        return {"role": "user", "content": [{"type": "tool_result", "content": "rain", **kw}]}
+
+    for body, words in [
+            ({"max_tokens": "4", "messages": user}, ["max_tokens", "integer"]),
+            ({"max_tokens": True, "messages": user}, ["max_tokens", "integer"]),
+            ({"max_tokens": 4, "stream": "yes", "messages": user}, ["stream", "boolean"]),
+            ({"max_tokens": 4, "messages": user + [call, result()]}, ["messages[2].content[0].tool_use_id"]),
+            ({"max_tokens": 4, "messages": user + [call, result(tool_use_id="toolu_9")]},
+             ["toolu_9", "no corresponding tool_use"]),
+            ({"max_tokens": 4, "messages": [result(tool_use_id="toolu_1")]}, ["toolu_1"]),
+            ({"max_tokens": 4, "messages": user + [{"role": "assistant", "content": [
+                {"type": "tool_use", "name": "get_weather", "input": {}}]}]}, ["messages[1].content[0].id"]),
+            ({"max_tokens": 4, "messages": user + [{"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t", "name": "get_weather", "input": "Paris"}]}]},
+             ["messages[1].content[0].input", "object"])]:
+        r = httpx.post(url, json={"model": M, "tools": [WEATHER], **body}, timeout=30)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert all(w in error["error"]["message"] for w in words), error
