@@ -456,3 +456,54 @@ def test_refusals_of_bodies_anthropic_refuses(scripted):
         error = r.json()
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
         assert all(w in error["error"]["message"] for w in words), error
+
+
+def raw_events(url: str, body: dict) -> list[tuple[str, dict]]:
+    from test_clients import sse_events
+
+    with httpx.stream("POST", url + "/v1/messages", json=dict(body, stream=True), timeout=60) as r:
+        assert r.status_code == 200
+        return sse_events("".join(r.iter_text()))
+
+
+def test_a_long_prefill_sends_events_claude_code_counts(scripted, tokenizer, encoding):
+    # Claude Code resets its 300 s stream watchdog on content events only (not on `ping`, not on
+    # SSE comments): while the prompt is read, the first block opens and gets empty deltas.
+    config = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding, activity=0.0)
+    server = Running(create_app(scripted.engine, config))
+    try:
+        long = "Say hi. " + "filler words " * 300  # ~1,200 tokens: three 512-token prefill chunks
+        for thinking, block, field in [(None, "text", "text"), ({"type": "adaptive"}, "thinking", "thinking")]:
+            body = {"model": M, "max_tokens": 50, "messages": [{"role": "user", "content": long}],
+                    **({"thinking": thinking} if thinking else {})}
+            events = raw_events(server.url, body)
+            names = [n for n, _ in events]
+            assert names[:3] == ["message_start", "ping", "content_block_start"]
+            assert events[2][1]["content_block"]["type"] == block
+            deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
+            empty = [d for d in deltas if d.get(field) == ""]
+            assert len(empty) >= 3 and deltas[: len(empty)] == empty  # one per chunk, before the reply
+            final = [d.get(field) for d in deltas if d.get(field)]
+            assert "".join(final) == ("Hi!" if block == "text" else REASONING)
+            assert names.count("content_block_start") == names.count("content_block_stop") == (
+                1 if block == "text" else 2)
+        # Without activity (the default, within 15 s) the short reply's events are unchanged.
+        body = {"model": M, "max_tokens": 50, "messages": [{"role": "user", "content": "Say hi"}]}
+        events = raw_events(scripted.url, body)
+        assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["Hi", "!"]
+    finally:
+        server.close()
+
+
+def test_streamed_usage_is_the_same_at_start_and_end(tiny):
+    # Anthropic's message_delta usage is cumulative: the input counts repeat message_start's.
+    body = {"model": M, "max_tokens": 3, "messages": [{"role": "user", "content": "cache me " * 40}]}
+    for turn in range(2):
+        events = raw_events(tiny.url, dict(body, temperature=0))
+        start, end = events[0][1]["message"]["usage"], events[-2][1]["usage"]
+        assert {k: v for k, v in start.items() if k != "output_tokens"} == {
+            k: v for k, v in end.items() if k != "output_tokens"}
+        assert (start["cache_read_input_tokens"] > 0) == (turn == 1), start
+        r = client(tiny).messages.create(**body)
+        assert r.usage.input_tokens + r.usage.cache_read_input_tokens == start["input_tokens"] + start[
+            "cache_read_input_tokens"]

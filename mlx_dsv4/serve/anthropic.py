@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import secrets
+import time
 from typing import Any, AsyncIterator, Literal
 
 from pydantic import Field, StrictBool, StrictInt, ValidationError, model_validator
@@ -311,27 +312,30 @@ def signature(thinking: str) -> str:
     return "mlx-dsv4:" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
 
 
-def usage(u: dict | None, prompt: int) -> dict:
-    u = u or {}
-    cached = u.get("prompt_cache_hit_tokens", 0)
-    return {"input_tokens": u.get("prompt_tokens", prompt) - cached,
-            "output_tokens": u.get("completion_tokens", 0),
+def usage(prompt: int, cached: int, output: int = 0) -> dict:
+    return {"input_tokens": prompt - cached, "output_tokens": output,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
-def message(model: str, prompt: int) -> dict:
+def message(model: str) -> dict:
     return {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
-            "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": usage(None, prompt)}
+            "model": model, "content": [], "stop_reason": None, "stop_sequence": None}
 
 
-async def events(deltas: AsyncIterator[Delta], msg: dict) -> AsyncIterator[tuple[str, dict]]:
+async def events(deltas: AsyncIterator[Delta], msg: dict, reply: protocol.ChatReply,
+                 activity: float | None = None) -> AsyncIterator[tuple[str, dict]]:
     """(event name, data) of a streamed reply: message_start, ping, each content block's
-    start / deltas / stop, message_delta (stop reason and usage), message_stop."""
-    yield "message_start", {"type": "message_start", "message": msg}
-    yield "ping", {"type": "ping"}
-    index, kind, thought = -1, None, []
+    start / deltas / stop, message_delta (stop reason and usage), message_stop.
+
+    message_start waits for the engine's first word on the job (prefill progress or a token),
+    which says how much of the prompt a cache held: its usage is then the one message_delta
+    repeats with the output count (Anthropic's usage there is cumulative). While a prompt is
+    read, every `activity` seconds of progress (None: never) opens the reply's first block early
+    (thinking when it thinks, else text) and sends an empty delta in it: Claude Code's stream
+    watchdog counts only such events (not `ping`, not SSE comments) and retries after 300 s."""
+    index, kind, thought, start = -1, None, [], None
     stop = {"stop_reason": "end_turn", "stop_sequence": None}
+    last = time.monotonic()
 
     def close():
         out = []
@@ -342,7 +346,7 @@ async def events(deltas: AsyncIterator[Delta], msg: dict) -> AsyncIterator[tuple
             out.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
         return out
 
-    def start(new: str, block: dict):
+    def begin(new: str, block: dict):
         nonlocal index, kind
         out = close()
         index, kind = index + 1, new
@@ -352,22 +356,38 @@ async def events(deltas: AsyncIterator[Delta], msg: dict) -> AsyncIterator[tuple
     def delta(body: dict):
         return "content_block_delta", {"type": "content_block_delta", "index": index, "delta": body}
 
+    def thinking_block():
+        return begin("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+
+    def text_block():
+        return begin("text", {"type": "text", "text": ""})
+
     async for d in deltas:
         out = []
+        if start is None:
+            start = usage(*reply.prompt_usage())
+            out += [("message_start", {"type": "message_start", "message": dict(msg, usage=start)}),
+                    ("ping", {"type": "ping"})]
+        if d.progress is not None:
+            if activity is not None and time.monotonic() - last >= activity:
+                if kind is None:
+                    out += thinking_block() if reply.cj.thinking else text_block()
+                out.append(delta({"type": "thinking_delta", "thinking": ""} if kind == "thinking"
+                                 else {"type": "text_delta", "text": ""}))
         if d.reasoning:
             if kind != "thinking":
-                out += start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                out += thinking_block()
             thought.append(d.reasoning)
             out.append(delta({"type": "thinking_delta", "thinking": d.reasoning}))
         if d.content:
             if kind != "text":
-                out += start("text", {"type": "text", "text": ""})
+                out += text_block()
             out.append(delta({"type": "text_delta", "text": d.content}))
         for tc in d.tool_calls:
             if "id" in tc:
-                out += start("tool_use", {"type": "tool_use", "id": tc["id"].replace("call_", "toolu_", 1),
+                out += begin("tool_use", {"type": "tool_use", "id": tc["id"].replace("call_", "toolu_", 1),
                                           "name": tc["function"]["name"], "input": {}})
-            elif args := tc["function"].get("arguments"):
+            if args := tc["function"].get("arguments"):
                 out.append(delta({"type": "input_json_delta", "partial_json": args}))
         if d.finish_reason:
             stop = {"stop_reason": "stop_sequence" if d.stop else STOP_REASONS[d.finish_reason],
@@ -375,17 +395,19 @@ async def events(deltas: AsyncIterator[Delta], msg: dict) -> AsyncIterator[tuple
         if d.usage is not None:
             out += close()
             kind = None
-            out.append(("message_delta", {"type": "message_delta", "delta": stop,
-                                          "usage": usage(d.usage, 0)}))
+            out.append(("message_delta", {"type": "message_delta", "delta": stop, "usage": dict(
+                start, output_tokens=d.usage["completion_tokens"])}))
+        if out:
+            last = time.monotonic()
         for item in out:
             yield item
     yield "message_stop", {"type": "message_stop"}
 
 
-async def fold(deltas: AsyncIterator[Delta], msg: dict) -> dict:
+async def fold(deltas: AsyncIterator[Delta], msg: dict, reply: protocol.ChatReply) -> dict:
     """The non-streaming reply: the fold of the same events."""
     blocks: list[dict] = []
-    async for name, data in events(deltas, msg):
+    async for name, data in events(deltas, msg, reply):
         if name == "content_block_start":
             blocks.append(dict(data["content_block"], partial=""))
         elif name == "content_block_delta":

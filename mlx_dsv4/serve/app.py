@@ -87,11 +87,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.post("/messages")
     async def messages(req: anthropic.MessagesRequest, request: Request):
         cj = await run_in_threadpool(anthropic.chat_job, req, config)
-        deltas = protocol.chat_deltas(_submit(engine, cj.job), protocol.ChatReply(cj, config.tokenizer))
-        msg = anthropic.message(config.model_id, len(cj.job.ids))  # the served id, as /v1/chat answers
+        reply = protocol.ChatReply(cj, config.tokenizer)
+        deltas = protocol.chat_deltas(_submit(engine, cj.job), reply)
+        msg = anthropic.message(config.model_id)  # the served id, as /v1/chat answers
         if req.stream:
-            return _sse(anthropic.events(deltas, msg), cj.job, config, named=True)
-        return await _json(request, anthropic.fold(deltas, msg))
+            return _sse(anthropic.events(deltas, msg, reply, config.activity), cj.job, config, named=True)
+        return await _json(request, anthropic.fold(deltas, msg, reply))
 
     @app.post("/messages/count_tokens")
     async def count_tokens(req: anthropic.CountRequest):

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from ..text import chat_format
 from ..generation.generate import Chunk, StopMatcher
 from . import grammar
-from .engine import Job
+from .engine import Job, Progress
 from .schema import APIError, ChatRequest, CompletionRequest, Part, ToolCall, check_ids
 
 log = logging.getLogger("mlx_dsv4.serve")
@@ -43,6 +43,7 @@ class ServerConfig:
     thinking: bool = True  # the default when a request says nothing (B4.3)
     created: int = field(default_factory=lambda: int(time.time()))
     ping: float = 15.0  # seconds between SSE keep-alive comments
+    activity: float = 15.0  # seconds between activity events a stream sends while a prompt is read
     completion_max_tokens: int = 4096  # /v1/completions default budget (DeepSeek's FIM limit)
     exact_sampling: bool = False  # honour temperature/top_p/penalties in thinking mode too (B4.1)
     vocab_size: int | None = None  # the model's (its embedding's rows); default: the tokenizer's
@@ -385,6 +386,7 @@ class Delta:
     finish_reason: str | None = None
     stop: str | None = None  # the stop string that ended the reply
     usage: dict | None = None
+    progress: Progress | None = None  # prefill progress: the reply has not begun
 
 
 def usage(chunk: Chunk | None, prompt: int, reasoning: int | None = None) -> dict:
@@ -414,6 +416,22 @@ class ChatReply:
         self.stop_hit: str | None = None
         self.done = False  # we ended the reply (stop string, single tool call)
         self.last: Chunk | None = None
+        self.first_progress: Progress | None = None
+
+    def progress(self, p: Progress) -> Delta:
+        self.first_progress = self.first_progress or p
+        return Delta(progress=p)
+
+    def prompt_usage(self) -> tuple[int, int]:
+        """(prompt tokens, of which reused from a cache) as known so far: from a generated
+        token's chunk, else from the first prefill progress (what the backend did not read
+        itself was reused), else nothing reused."""
+        prompt = len(self.cj.job.ids)
+        if self.last is not None and self.last.token is not None:
+            return self.last.prompt_tokens, self.last.reused_tokens
+        if (p := self.first_progress) is not None:
+            return prompt, max(0, min(prompt, prompt - p.total))
+        return prompt, 0
 
     def feed(self, chunk: Chunk) -> list[Delta]:
         self.last = chunk
@@ -534,9 +552,12 @@ def _unicode_to_byte() -> dict[str, int]:
     return chars
 
 
-async def chat_deltas(chunks: AsyncIterator[Chunk], reply: ChatReply) -> AsyncIterator[Delta]:
+async def chat_deltas(chunks: AsyncIterator[Chunk | Progress], reply: ChatReply) -> AsyncIterator[Delta]:
     try:
         async for chunk in chunks:
+            if isinstance(chunk, Progress):
+                yield reply.progress(chunk)
+                continue
             for d in reply.feed(chunk):
                 yield d
             if reply.done:
@@ -621,6 +642,8 @@ class CompletionReply:
     async def chunks(self, chunks: AsyncIterator[Chunk], env: dict, include_usage: bool):
         last, first = None, True
         async for chunk in chunks:
+            if isinstance(chunk, Progress):
+                continue
             last, text = chunk, (self.echo if first else "") + chunk.text
             first = False
             out = dict(env, choices=[self.choice(chunk, text)])
