@@ -13,7 +13,7 @@ import pytest
 
 from test_chat_format import FIXTURES
 from test_server import (M, NOTE, PARIS, REASONING, Running, ServerConfig, create_app,  # noqa: F401
-                         encoding, last_call, scripted, tiny, tokenizer)
+                         dsml, encoding, last_call, scripted, tiny, tokenizer)
 
 anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is a dev dependency")
 
@@ -507,3 +507,18 @@ def test_streamed_usage_is_the_same_at_start_and_end(tiny):
         r = client(tiny).messages.create(**body)
         assert r.usage.input_tokens + r.usage.cache_read_input_tokens == start["input_tokens"] + start[
             "cache_read_input_tokens"]
+
+
+def test_tool_input_streams_and_a_cut_call_is_kept(scripted):
+    note = {"name": "write_note", "input_schema": NOTE["function"]["parameters"]}
+    events, final = stream_events(scripted, "Write a note", tools=[note])
+    partial = [e.delta.partial_json for e in events if e.type == "content_block_delta"
+               and e.delta.type == "input_json_delta"]
+    assert len(partial) > 10 and final.content[0].input["text"].startswith("line one")
+    tok = scripted.backend.tok
+    tokens = tok.encode(dsml(("write_note", {"text": "line one\nline two"})), allow_control=True)
+    cut = next(n for n in range(len(tokens)) if "line one" in tok.decode(tokens[:n]))
+    r = ask(scripted, "Write a note", tools=[note], max_tokens=cut)
+    assert r.stop_reason == "max_tokens"
+    (use,) = r.content
+    assert use.type == "tool_use" and use.name == "write_note" and use.input["text"].startswith("line")

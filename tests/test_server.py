@@ -959,3 +959,23 @@ def test_long_prefills_log_their_progress(caplog):
             report(done, 20000)
     assert [r.getMessage() for r in caplog.records] == ["prefill 1536/20000 tokens, 768 tok/s, ~24 s left",
                                                         "prefill 4096/20000 tokens, 999 tok/s, ~16 s left"]
+
+
+def test_tool_arguments_stream_and_a_cut_call_is_reported(client, scripted):
+    # The note's text streams in many fragments (the first with the call's id, type and name);
+    # their concatenation is the arguments the non-streamed reply gives.
+    chunks = list(weather(client, "Write a note", tools=[NOTE], stream=True, extra_body=OFF))
+    frags = [tc.function.arguments for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert len(frags) > 10 and json.loads("".join(frags)) == {"text": NOTE_TEXT}
+    # Cut by max_tokens inside the value: finish "length" with what was generated, never dropped.
+    reply = dsml(("write_note", {"text": NOTE_TEXT}))
+    tokens = scripted.backend.tok.encode(reply, allow_control=True)
+    cut = next(n for n in range(len(tokens)) if "line one" in scripted.backend.tok.decode(tokens[:n]))
+    r = weather(client, "Write a note", tools=[NOTE], max_tokens=cut, extra_body=OFF)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "write_note" and call.function.arguments.startswith('{"text": "line')
+    chunks = list(weather(client, "Write a note", tools=[NOTE], max_tokens=cut, stream=True, extra_body=OFF))
+    assert streamed_calls(chunks)[0]["arguments"] == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "length"

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Literal
 
 from pydantic import Field, StrictBool, StrictInt, ValidationError, model_validator
 
+from ..text import chat_format
 from . import protocol
 from .protocol import Delta
 from .schema import APIError, ChatRequest, Loose, check_text, invalid
@@ -423,6 +424,9 @@ async def fold(deltas: AsyncIterator[Delta], msg: dict, reply: protocol.ChatRepl
             msg = dict(msg, **data["delta"], usage=data["usage"])
     for block in blocks:
         partial = block.pop("partial")
-        if block["type"] == "tool_use":
-            block["input"] = json.loads(partial or "{}")
+        if block["type"] == "tool_use":  # a call cut by max_tokens: what was generated, closed
+            try:
+                block["input"] = json.loads(partial or "{}")
+            except ValueError:
+                block["input"] = json.loads(partial + chat_format.close_arguments(partial))
     return dict(msg, content=blocks)

@@ -410,6 +410,7 @@ class ChatReply:
         self.stops = StopMatcher(cj.stop)
         self.think_closed, self.dsml = Seen(chat_format.THINK_CLOSE), Seen(chat_format.DSML)
         self.calls, self.reasoning_tokens = 0, 0
+        self.open: dict[int, str] = {}  # arguments given so far of calls begun and not ended
         self.lps: list[dict] = []
         self.ender = ending(cj.job, tokenizer)
         self.finish_reason: str | None = None
@@ -472,17 +473,32 @@ class ChatReply:
                     out.append(Delta(content=text, logprobs=self._take()))
                 if hit is not None:
                     self.done, self.finish_reason, self.stop_hit = True, "stop", hit
-            elif isinstance(e, chat_format.ToolCallEvent):
+            elif isinstance(e, chat_format.ToolCallStart):
                 if rest := self.stops.flush():
                     out.append(Delta(content=rest))
-                i, self.calls = self.calls, self.calls + 1
-                head = {"index": i, "id": e.id or chat_format.new_call_id(), "type": "function",
-                        "function": {"name": e.name, "arguments": ""}}
-                out += [Delta(tool_calls=[head]),
-                        Delta(tool_calls=[{"index": i, "function": {"arguments": e.arguments}}])]
+                self.open[e.index] = ""
+                out.append(Delta(tool_calls=[{"index": e.index, "id": e.id, "type": "function",
+                                              "function": {"name": e.name, "arguments": ""}}]))
+            elif isinstance(e, chat_format.ToolCallArgs):
+                self.open[e.index] += e.text
+                out.append(Delta(tool_calls=[{"index": e.index, "function": {"arguments": e.text}}]))
+            elif isinstance(e, chat_format.ToolCallEvent):
+                del self.open[e.index]
+                self.calls += 1
+                if e.problems:
+                    log.warning("tool call %s read leniently: %s", e.name, "; ".join(e.problems))
                 self.done = not self.cj.parallel
             elif isinstance(e, chat_format.ToolCallError):
-                log.warning("dropped a tool call: %s", e.reason)
+                if e.index is not None and self.finish_reason != "length":
+                    # The model stopped inside a call it had begun: what it wrote is the call.
+                    self.calls += 1
+                    closing = chat_format.close_arguments(self.open.pop(e.index))
+                    out.append(Delta(tool_calls=[{"index": e.index, "function": {"arguments": closing}}]))
+                    log.warning("tool call %s closed where the reply ended", e.name)
+                elif e.index is not None:  # cut by the token limit: reported as cut (finish "length")
+                    log.warning("tool call %s cut by the token limit", e.name)
+                else:
+                    log.warning("dropped DSML: %s", e.reason)
         return out
 
     def _take(self) -> list[dict]:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .chat_parser import (ASSISTANT, DSML, EOS, THINK_CLOSE, THINK_OPEN, USER, ContentDelta,  # noqa: F401
-                          Event, ReasoningDelta, ReplyParser, ToolCallError, ToolCallEvent,
-                          arguments_json, new_call_id, parse_reply)
+                          Event, ReasoningDelta, ReplyParser, ToolCallArgs, ToolCallError, ToolCallEvent,
+                          ToolCallStart, arguments_json, close_arguments, new_call_id, parse_reply)
 
 BOS = "<｜begin▁of▁sentence｜>"
 FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
