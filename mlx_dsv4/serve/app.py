@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generation.generate import ContextError
-from . import anthropic, protocol
+from . import anthropic, completions, protocol
 from .engine import Busy, Engine, Job, Refused, Stopped
 from .protocol import ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, invalid
@@ -49,6 +49,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if engine.error is not None:
             return JSONResponse({"status": "error", "error": str(engine.error)}, 503)
         return JSONResponse({"status": "ok" if engine.ready else "loading"}, 200 if engine.ready else 503)
+
+    @app.api_route("/", methods=["HEAD"])
+    async def root():  # clients (Claude Code) probe the base URL before their first request
+        return Response(status_code=200)
 
     @app.get("/models")
     async def models():
@@ -74,9 +78,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return await _json(request, protocol.fold_chat(deltas, env, req.logprobs), headers)
 
     @app.post("/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        job = await run_in_threadpool(protocol.completion_job, req, config)
-        reply = protocol.CompletionReply(job, req, config.tokenizer)
+    async def completion(req: CompletionRequest, request: Request):
+        job = await run_in_threadpool(completions.completion_job, req, config)
+        reply = completions.CompletionReply(job, req, config.tokenizer)
         env = protocol.envelope("text_completion", config.model_id)
         chunks = _submit(engine, job)
         if req.stream:

@@ -4,7 +4,8 @@ Requests (validated by `schema`): message normalisation (B4.2), thinking/effort 
 (B4.3), tool choice (B4.4), the grammar constraint (`grammar`), token ids and context checked
 -> an engine `Job`. Replies: `ChatReply` turns the engine's `Chunk`s into `Delta`s (reasoning,
 content, tool calls, finish, usage); the SSE stream renders each delta and the non-streaming
-reply is their fold. The Messages API (`anthropic`) reuses both halves.
+reply is their fold. The Messages API (`anthropic`) reuses both halves; legacy completions
+live in `completions`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..text import chat_format
 from ..generation.generate import Chunk, StopMatcher
 from . import grammar
 from .engine import Job, Progress
-from .schema import APIError, ChatRequest, CompletionRequest, Part, ToolCall, check_ids
+from .schema import APIError, ChatRequest, Part, ToolCall
 
 log = logging.getLogger("mlx_dsv4.serve")
 
@@ -352,29 +353,6 @@ def deepseek_compat(sampling: dict) -> None:
         sampling["top_p"] = max(sampling["top_p"], 0.95)
 
 
-def completion_job(req: CompletionRequest, cfg: ServerConfig) -> Job:
-    tok, prompt = cfg.tokenizer, req.prompt
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise APIError(400, "Only one prompt per request is supported.", code="unsupported_parameter",
-                           param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        ids = list(prompt)
-        check_ids(ids, cfg.vocab, "prompt" if prompt is req.prompt else "prompt[0]")
-    elif req.suffix:
-        ids = tok.encode_segments(chat_format.fim_segments(prompt, req.suffix))
-    else:  # raw text: FIM and chat token strings in it are tokens (B8)
-        ids = tok.encode(prompt, allow_control=True)
-    if not ids or ids[0] != tok.bos_token_id:
-        ids = [tok.bos_token_id] + ids
-    sampling = req.sampling(cfg.vocab)
-    stops = token_ids(tok, chat_format.FIM_BEGIN, chat_format.FIM_HOLE, chat_format.FIM_END, "<|EOT|>")
-    sampling.update(max_tokens=budget(len(ids), req.max_tokens, cfg, cfg.completion_max_tokens, "prompt"),
-                    logprobs=req.logprobs or 0, stop_token_ids=stops)
-    return Job(ids, sampling)
-
-
 # ----- chunks -> deltas -------------------------------------------------------------------------
 
 @dataclass
@@ -633,53 +611,3 @@ async def fold_chat(deltas: AsyncIterator[Delta], env: dict, want_logprobs: bool
     lp = {"content": lps, "refusal": None} if want_logprobs else None
     choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
     return dict(env, object="chat.completion", choices=[choice], usage=use)
-
-
-class CompletionReply:
-    """Legacy completions: text as generated, optional echo and legacy logprobs (B8)."""
-
-    def __init__(self, job: Job, req: CompletionRequest, tokenizer):
-        self.job, self.tok, self.n = job, tokenizer, req.logprobs
-        self.ender = ending(job, tokenizer)
-        prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
-        text = prompt if isinstance(prompt, str) else tokenizer.decode(job.ids[1:])
-        self.echo = text if req.echo else ""  # the prompt as given, not its FIM form
-        self.offset = len(self.echo)
-
-    def choice(self, chunk: Chunk, text: str) -> dict:
-        lp = None
-        if self.n is not None and chunk.logprob is not None and not self.ender(chunk):
-            lp = {"tokens": [token_text(self.tok, chunk.token)[0]], "token_logprobs": [chunk.logprob],
-                  "top_logprobs": [{token_text(self.tok, t)[0]: v for t, v in chunk.top_logprobs[: self.n]}],
-                  "text_offset": [self.offset]}
-        self.offset += len(chunk.text)
-        return {"index": 0, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
-
-    async def chunks(self, chunks: AsyncIterator[Chunk], env: dict, include_usage: bool):
-        last, first = None, True
-        async for chunk in chunks:
-            if isinstance(chunk, Progress):
-                continue
-            last, text = chunk, (self.echo if first else "") + chunk.text
-            first = False
-            out = dict(env, choices=[self.choice(chunk, text)])
-            yield dict(out, usage=None) if include_usage else out
-        if include_usage:
-            yield dict(env, choices=[], usage=usage(last, len(self.job.ids)))
-
-    async def fold(self, chunks: AsyncIterator[Chunk], env: dict) -> dict:
-        parts, lps, choice = [], [], None
-        async for c in self.chunks(chunks, env, include_usage=True):
-            if c["choices"]:
-                choice = c["choices"][0]
-                parts.append(choice["text"])
-                lps.append(choice["logprobs"])
-            else:
-                use = c["usage"]
-        merged = None
-        if self.n is not None:
-            merged = {k: [x for lp in lps if lp for x in lp[k]]
-                      for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
-        choice = {"index": 0, "text": "".join(parts), "logprobs": merged,
-                  "finish_reason": choice["finish_reason"] if choice else "length"}
-        return dict(env, choices=[choice], usage=use)
