@@ -3,8 +3,8 @@
 MLX streams are thread-local, so the generator never runs on the event loop or in a threadpool.
 Requests (`Job`s) are queued when submitted (at most `max_queue` waiting) and served in order;
 each carries the event loop and an `asyncio.Queue` that the thread fills with
-`loop.call_soon_threadsafe`: the job's `Chunk`s, and before them a `Progress` after each prefill
-chunk (so a stream can show activity while a long prompt is read). Cancellation is a per-job `threading.Event` (set when the consumer
+`loop.call_soon_threadsafe`: the job's `Chunk`s, and before them, when the job asks, a `Progress`
+after each prefill chunk (so a stream can show activity while a long prompt is read). Cancellation is a per-job `threading.Event` (set when the consumer
 goes away, or is dropped unread), checked between tokens and between prefill chunks. The engine
 knows token ids and `Chunk`s, not HTTP or the chat format.
 
@@ -68,6 +68,7 @@ class Job:
     sampling: dict
     cancel: threading.Event = field(default_factory=threading.Event)
     emit: Callable[[object], None] = lambda item: None
+    report_progress: bool = False  # also hand the reader a `Progress` after each prefill chunk
 
     def run(self, backend: Backend, **extra) -> Iterator[Chunk]:
         return backend.generate(self.ids, **self.sampling, **extra)
@@ -192,7 +193,8 @@ class Engine:
             if job.cancel.is_set():
                 raise Cancelled
             report(done, total)
-            job.emit(Progress(done, total))
+            if job.report_progress:
+                job.emit(Progress(done, total))
 
         generated, last = False, None
         try:

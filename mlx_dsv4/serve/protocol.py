@@ -340,6 +340,7 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
         job = ForcedCall(ids, sampling, force=force, thinking=thinking and not prefix,
                          think_end=tok.token_to_id(chat_format.THINK_CLOSE),
                          encode=lambda text: tok.encode(text, allow_control=True), constraint=constraint)
+    job.report_progress = True  # `chat_deltas` turns it into `Delta.progress`
     return ChatJob(job, thinking and not prefix, bool(tools), stop, req.parallel_tool_calls,
                    n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")), p.level)
 
