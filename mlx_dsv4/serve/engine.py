@@ -3,7 +3,8 @@
 MLX streams are thread-local, so the generator never runs on the event loop or in a threadpool.
 Requests (`Job`s) are queued when submitted (at most `max_queue` waiting) and served in order;
 each carries the event loop and an `asyncio.Queue` that the thread fills with
-`loop.call_soon_threadsafe`. Cancellation is a per-job `threading.Event` (set when the consumer
+`loop.call_soon_threadsafe`: the job's `Chunk`s, and before them, when the job asks, a `Progress`
+after each prefill chunk (so a stream can show activity while a long prompt is read). Cancellation is a per-job `threading.Event` (set when the consumer
 goes away, or is dropped unread), checked between tokens and between prefill chunks. The engine
 knows token ids and `Chunk`s, not HTTP or the chat format.
 
@@ -67,12 +68,22 @@ class Job:
     sampling: dict
     cancel: threading.Event = field(default_factory=threading.Event)
     emit: Callable[[object], None] = lambda item: None
+    report_progress: bool = False  # also hand the reader a `Progress` after each prefill chunk
 
     def run(self, backend: Backend, **extra) -> Iterator[Chunk]:
         return backend.generate(self.ids, **self.sampling, **extra)
 
 
 _END = object()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Prefill progress of a job: `done` of the `total` prompt tokens its backend reads itself
+    (a prefix reused from a cache is in neither), as the backend's `progress` callback says."""
+
+    done: int
+    total: int
 
 
 class PrefillLog:
@@ -182,6 +193,8 @@ class Engine:
             if job.cancel.is_set():
                 raise Cancelled
             report(done, total)
+            if job.report_progress:
+                job.emit(Progress(done, total))
 
         generated, last = False, None
         try:
@@ -259,8 +272,8 @@ class Engine:
             threading.Thread(target=self._job_thread, args=(job,), daemon=True,
                              name="dsv4-job").start()
 
-    def submit(self, job: Job) -> AsyncIterator[Chunk]:
-        """Queue `job` and return its chunks; leaving the iterator early, or dropping it unread,
+    def submit(self, job: Job) -> AsyncIterator[Chunk | Progress]:
+        """Queue `job` and return its chunks (and `Progress` items); leaving the iterator early, or dropping it unread,
         cancels the job. Raises `Busy` when `max_queue` jobs are already waiting. Call it on the
         event loop that will read the chunks."""
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
@@ -282,7 +295,7 @@ class Engine:
         weakref.finalize(chunks, job.cancel.set)
         return chunks
 
-    async def _drain(self, job: Job, inbox: asyncio.Queue) -> AsyncIterator[Chunk]:
+    async def _drain(self, job: Job, inbox: asyncio.Queue) -> AsyncIterator[Chunk | Progress]:
         try:
             while (item := await inbox.get()) is not _END:
                 if isinstance(item, BaseException):

@@ -4,7 +4,8 @@ Requests (validated by `schema`): message normalisation (B4.2), thinking/effort 
 (B4.3), tool choice (B4.4), the grammar constraint (`grammar`), token ids and context checked
 -> an engine `Job`. Replies: `ChatReply` turns the engine's `Chunk`s into `Delta`s (reasoning,
 content, tool calls, finish, usage); the SSE stream renders each delta and the non-streaming
-reply is their fold. The Messages API (`anthropic`) reuses both halves.
+reply is their fold. The Messages API (`anthropic`) reuses both halves; legacy completions
+live in `completions`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from ..text import chat_format
 from ..generation.generate import Chunk, StopMatcher
 from . import grammar
-from .engine import Job
-from .schema import APIError, ChatRequest, CompletionRequest, Part, ToolCall, check_ids
+from .engine import Job, Progress
+from .schema import APIError, ChatRequest, Part, ToolCall
 
 log = logging.getLogger("mlx_dsv4.serve")
 
@@ -43,6 +44,7 @@ class ServerConfig:
     thinking: bool = True  # the default when a request says nothing (B4.3)
     created: int = field(default_factory=lambda: int(time.time()))
     ping: float = 15.0  # seconds between SSE keep-alive comments
+    activity: float = 15.0  # seconds between activity events a stream sends while a prompt is read
     completion_max_tokens: int = 4096  # /v1/completions default budget (DeepSeek's FIM limit)
     exact_sampling: bool = False  # honour temperature/top_p/penalties in thinking mode too (B4.1)
     vocab_size: int | None = None  # the model's (its embedding's rows); default: the tokenizer's
@@ -338,6 +340,7 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
         job = ForcedCall(ids, sampling, force=force, thinking=thinking and not prefix,
                          think_end=tok.token_to_id(chat_format.THINK_CLOSE),
                          encode=lambda text: tok.encode(text, allow_control=True), constraint=constraint)
+    job.report_progress = True  # `chat_deltas` turns it into `Delta.progress`
     return ChatJob(job, thinking and not prefix, bool(tools), stop, req.parallel_tool_calls,
                    n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")), p.level)
 
@@ -351,29 +354,6 @@ def deepseek_compat(sampling: dict) -> None:
         sampling["top_p"] = max(sampling["top_p"], 0.95)
 
 
-def completion_job(req: CompletionRequest, cfg: ServerConfig) -> Job:
-    tok, prompt = cfg.tokenizer, req.prompt
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise APIError(400, "Only one prompt per request is supported.", code="unsupported_parameter",
-                           param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        ids = list(prompt)
-        check_ids(ids, cfg.vocab, "prompt" if prompt is req.prompt else "prompt[0]")
-    elif req.suffix:
-        ids = tok.encode_segments(chat_format.fim_segments(prompt, req.suffix))
-    else:  # raw text: FIM and chat token strings in it are tokens (B8)
-        ids = tok.encode(prompt, allow_control=True)
-    if not ids or ids[0] != tok.bos_token_id:
-        ids = [tok.bos_token_id] + ids
-    sampling = req.sampling(cfg.vocab)
-    stops = token_ids(tok, chat_format.FIM_BEGIN, chat_format.FIM_HOLE, chat_format.FIM_END, "<|EOT|>")
-    sampling.update(max_tokens=budget(len(ids), req.max_tokens, cfg, cfg.completion_max_tokens, "prompt"),
-                    logprobs=req.logprobs or 0, stop_token_ids=stops)
-    return Job(ids, sampling)
-
-
 # ----- chunks -> deltas -------------------------------------------------------------------------
 
 @dataclass
@@ -385,6 +365,7 @@ class Delta:
     finish_reason: str | None = None
     stop: str | None = None  # the stop string that ended the reply
     usage: dict | None = None
+    progress: Progress | None = None  # prefill progress: the reply has not begun
 
 
 def usage(chunk: Chunk | None, prompt: int, reasoning: int | None = None) -> dict:
@@ -408,12 +389,29 @@ class ChatReply:
         self.stops = StopMatcher(cj.stop)
         self.think_closed, self.dsml = Seen(chat_format.THINK_CLOSE), Seen(chat_format.DSML)
         self.calls, self.reasoning_tokens = 0, 0
+        self.open: dict[int, str] = {}  # arguments given so far of calls begun and not ended
         self.lps: list[dict] = []
         self.ender = ending(cj.job, tokenizer)
         self.finish_reason: str | None = None
         self.stop_hit: str | None = None
         self.done = False  # we ended the reply (stop string, single tool call)
         self.last: Chunk | None = None
+        self.first_progress: Progress | None = None
+
+    def progress(self, p: Progress) -> Delta:
+        self.first_progress = self.first_progress or p
+        return Delta(progress=p)
+
+    def prompt_usage(self) -> tuple[int, int]:
+        """(prompt tokens, of which reused from a cache) as known so far: from a generated
+        token's chunk, else from the first prefill progress (what the backend did not read
+        itself was reused), else nothing reused."""
+        prompt = len(self.cj.job.ids)
+        if self.last is not None and self.last.token is not None:
+            return self.last.prompt_tokens, self.last.reused_tokens
+        if (p := self.first_progress) is not None:
+            return prompt, max(0, min(prompt, prompt - p.total))
+        return prompt, 0
 
     def feed(self, chunk: Chunk) -> list[Delta]:
         self.last = chunk
@@ -454,17 +452,32 @@ class ChatReply:
                     out.append(Delta(content=text, logprobs=self._take()))
                 if hit is not None:
                     self.done, self.finish_reason, self.stop_hit = True, "stop", hit
-            elif isinstance(e, chat_format.ToolCallEvent):
+            elif isinstance(e, chat_format.ToolCallStart):
                 if rest := self.stops.flush():
                     out.append(Delta(content=rest))
-                i, self.calls = self.calls, self.calls + 1
-                head = {"index": i, "id": e.id or chat_format.new_call_id(), "type": "function",
-                        "function": {"name": e.name, "arguments": ""}}
-                out += [Delta(tool_calls=[head]),
-                        Delta(tool_calls=[{"index": i, "function": {"arguments": e.arguments}}])]
+                self.open[e.index] = ""
+                out.append(Delta(tool_calls=[{"index": e.index, "id": e.id, "type": "function",
+                                              "function": {"name": e.name, "arguments": ""}}]))
+            elif isinstance(e, chat_format.ToolCallArgs):
+                self.open[e.index] += e.text
+                out.append(Delta(tool_calls=[{"index": e.index, "function": {"arguments": e.text}}]))
+            elif isinstance(e, chat_format.ToolCallEvent):
+                del self.open[e.index]
+                self.calls += 1
+                if e.problems:
+                    log.warning("tool call %s read leniently: %s", e.name, "; ".join(e.problems))
                 self.done = not self.cj.parallel
             elif isinstance(e, chat_format.ToolCallError):
-                log.warning("dropped a tool call: %s", e.reason)
+                if e.index is not None and self.finish_reason != "length":
+                    # The model stopped inside a call it had begun: what it wrote is the call.
+                    self.calls += 1
+                    closing = chat_format.close_arguments(self.open.pop(e.index))
+                    out.append(Delta(tool_calls=[{"index": e.index, "function": {"arguments": closing}}]))
+                    log.warning("tool call %s closed where the reply ended", e.name)
+                elif e.index is not None:  # cut by the token limit: reported as cut (finish "length")
+                    log.warning("tool call %s cut by the token limit", e.name)
+                else:
+                    log.warning("dropped DSML: %s", e.reason)
         return out
 
     def _take(self) -> list[dict]:
@@ -534,9 +547,12 @@ def _unicode_to_byte() -> dict[str, int]:
     return chars
 
 
-async def chat_deltas(chunks: AsyncIterator[Chunk], reply: ChatReply) -> AsyncIterator[Delta]:
+async def chat_deltas(chunks: AsyncIterator[Chunk | Progress], reply: ChatReply) -> AsyncIterator[Delta]:
     try:
         async for chunk in chunks:
+            if isinstance(chunk, Progress):
+                yield reply.progress(chunk)
+                continue
             for d in reply.feed(chunk):
                 yield d
             if reply.done:
@@ -596,51 +612,3 @@ async def fold_chat(deltas: AsyncIterator[Delta], env: dict, want_logprobs: bool
     lp = {"content": lps, "refusal": None} if want_logprobs else None
     choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
     return dict(env, object="chat.completion", choices=[choice], usage=use)
-
-
-class CompletionReply:
-    """Legacy completions: text as generated, optional echo and legacy logprobs (B8)."""
-
-    def __init__(self, job: Job, req: CompletionRequest, tokenizer):
-        self.job, self.tok, self.n = job, tokenizer, req.logprobs
-        self.ender = ending(job, tokenizer)
-        prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
-        text = prompt if isinstance(prompt, str) else tokenizer.decode(job.ids[1:])
-        self.echo = text if req.echo else ""  # the prompt as given, not its FIM form
-        self.offset = len(self.echo)
-
-    def choice(self, chunk: Chunk, text: str) -> dict:
-        lp = None
-        if self.n is not None and chunk.logprob is not None and not self.ender(chunk):
-            lp = {"tokens": [token_text(self.tok, chunk.token)[0]], "token_logprobs": [chunk.logprob],
-                  "top_logprobs": [{token_text(self.tok, t)[0]: v for t, v in chunk.top_logprobs[: self.n]}],
-                  "text_offset": [self.offset]}
-        self.offset += len(chunk.text)
-        return {"index": 0, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
-
-    async def chunks(self, chunks: AsyncIterator[Chunk], env: dict, include_usage: bool):
-        last, first = None, True
-        async for chunk in chunks:
-            last, text = chunk, (self.echo if first else "") + chunk.text
-            first = False
-            out = dict(env, choices=[self.choice(chunk, text)])
-            yield dict(out, usage=None) if include_usage else out
-        if include_usage:
-            yield dict(env, choices=[], usage=usage(last, len(self.job.ids)))
-
-    async def fold(self, chunks: AsyncIterator[Chunk], env: dict) -> dict:
-        parts, lps, choice = [], [], None
-        async for c in self.chunks(chunks, env, include_usage=True):
-            if c["choices"]:
-                choice = c["choices"][0]
-                parts.append(choice["text"])
-                lps.append(choice["logprobs"])
-            else:
-                use = c["usage"]
-        merged = None
-        if self.n is not None:
-            merged = {k: [x for lp in lps if lp for x in lp[k]]
-                      for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
-        choice = {"index": 0, "text": "".join(parts), "logprobs": merged,
-                  "finish_reason": choice["finish_reason"] if choice else "length"}
-        return dict(env, choices=[choice], usage=use)

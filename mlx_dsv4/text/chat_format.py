@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .chat_parser import (ASSISTANT, DSML, EOS, THINK_CLOSE, THINK_OPEN, USER, ContentDelta,  # noqa: F401
-                          Event, ReasoningDelta, ReplyParser, ToolCallError, ToolCallEvent,
-                          arguments_json, new_call_id, parse_reply)
+                          Event, ReasoningDelta, ReplyParser, ToolCallArgs, ToolCallError, ToolCallEvent,
+                          ToolCallStart, arguments_json, close_arguments, new_call_id, parse_reply)
 
 BOS = "<｜begin▁of▁sentence｜>"
 FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
@@ -179,6 +179,25 @@ def load_encoding(model_dir: str | Path) -> Encoding | None:
     """The checkpoint's encoding, or None when it ships no `encoding/encoding_dsv4.py`."""
     path = Path(model_dir) / ENCODER_FILE
     return encoding_from_source(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def reference_encoder_source() -> str:
+    """An `encoding_dsv4.py` holding DeepSeek-V4-Flash-0731's texts (tools block, effort
+    paragraphs), written from the constants packaged in `encoding_v0731.json` the way the
+    reference file assigns them, so that `load_encoding` reads it as it reads a release's.
+    Model folders made here (the selftest's) get a complete encoder with it."""
+    data = json.loads((Path(__file__).parent / "encoding_v0731.json").read_text(encoding="utf-8"))
+    consts, eos = data["constants"], data["constants"]["eos_token"]
+    lines = [f'"""{data["_source"]}"""', ""]
+    for name, value in consts.items():
+        if name == "assistant_msg_template":  # the reference writes "..." + eos_token
+            lines.append(f"{name} = {value[: -len(eos)]!r} + eos_token")
+        else:
+            lines.append(f"{name} = {value!r}")
+    template = data["function_constants"][".".join(_PARAM_TPL)]
+    lines += ["", f"def {_PARAM_TPL[0]}(tool_call):", f"    {_PARAM_TPL[1]} = {template!r}",
+              f"    return {_PARAM_TPL[1]}.format(**tool_call)", ""]
+    return "\n".join(lines)
 
 
 def _missing(what: str, name: str) -> ChatFormatError:
