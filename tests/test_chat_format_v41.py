@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from mlx_dsv4.text import chat_format as cf
-from mlx_dsv4.text.chat_format import ChatFormatError, render, render_segments
-from test_chat_format import encoder_source
+from mlx_dsv4.text.chat_format import ChatFormatError, parse_reply, render, render_segments
+from test_chat_format import encoder_source, feed_chunks, summary
 
 FIXTURES = Path(__file__).parent / "fixtures" / "encoding" / "v41"
 EFFORT = "Reasoning Effort: {} (range 1-100, the higher the value, the more thorough the reasoning)\n\n"
@@ -131,6 +131,51 @@ def test_effort_on_scale(v41):
     early = cf.encoding_from_source(encoder_source("v41").replace(
         "{'low': 50, 'high': 75, 'max': 100}", "{'low': 25, 'high': 50, 'xhigh': 75, 'max': 100}"))
     assert [cf.effort_on_scale(early, n) for n in ("minimal", "medium", "xhigh", "ultra")] == [1, 38, 75, 100]
+
+
+def test_v41_tool_calls_round_trip(v41):
+    """What the model writes in the V4.1 spelling parses back to the calls that were rendered."""
+    calls = [{"id": "a", "type": "function", "function": {"name": "write", "arguments":
+                                                          '{"path": "a.txt", "n": [1, {"b": null}]}'}},
+             {"id": "b", "type": "function", "function": {"name": "now", "arguments": "{}"}}]
+    messages = [{"role": "user", "content": "go"},
+                {"role": "assistant", "reasoning_content": "plan", "content": "Doing it.", "tool_calls": calls}]
+    prompt = render(messages, thinking=True, encoding=v41)
+    turn = prompt.split("<｜Assistant｜><think>", 1)[1]
+    assert "<｜DSML｜ calls>" in turn and '<｜DSML｜ invoke name="write">' in turn
+    reasoning, content, parsed = parse_reply(turn, thinking=True)
+    assert (reasoning, content) == ("plan", "Doing it.")
+    assert [(c.name, json.loads(c.arguments)) for c in parsed] == \
+        [("write", {"path": "a.txt", "n": [1, {"b": None}]}), ("now", {})]
+    assert cf.render_tool_calls(calls, v41).startswith("<｜DSML｜ calls>\n<｜DSML｜ invoke name=\"write\">\n"
+                                                       '<｜DSML｜ parameter name="path" string="true">a.txt')
+
+
+BLOCK41 = ('<｜DSML｜ calls>\n<｜DSML｜ invoke name="get_weather">\n'
+           '<｜DSML｜ parameter name="city" string="true">Paris </b> "x"</｜DSML｜ parameter>\n'
+           '<｜DSML｜ parameter name="days" string="false">2</｜DSML｜ parameter>\n</｜DSML｜ invoke>\n'
+           '<｜DSML｜ invoke name="get_time">\n\n</｜DSML｜ invoke>\n</｜DSML｜ calls>')
+
+
+def test_parser_reads_v41_blocks_however_split():
+    text = "Two calls.</think>Checking.\n\n" + BLOCK41 + EOS
+    whole = summary(feed_chunks(text, [], True))
+    assert whole == ("Two calls.", "Checking.", [(0, "get_weather", '{"city": "Paris </b> \\"x\\"", "days": 2}', ()),
+                                                 (1, "get_time", "{}", ())], [])
+    for cut in range(len(text) + 1):
+        assert summary(feed_chunks(text, [cut], True)) == whole, cut
+    assert summary(feed_chunks(text, list(range(1, len(text))), True)) == whole
+
+
+def test_parser_reports_a_v41_call_cut_anywhere():
+    text = "Plan.</think>\n\n" + BLOCK41
+    for n in range(len(text) + 1):
+        _, _, calls, errors = summary(feed_chunks(text[:n], [], True))
+        assert len(calls) == text[:n].count("</｜DSML｜ invoke>")
+        if "<｜DSML｜ i" in text[:n].rsplit("</｜DSML｜ invoke>", 1)[-1]:
+            assert len(errors) == 1 and errors[0][3], n  # begun, not closed: reported, never dropped
+        else:
+            assert errors == [], n
 
 
 # ----- choosing the encoder ----------------------------------------------------------------------

@@ -20,10 +20,12 @@ ASSISTANT = "<｜Assistant｜>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 DSML = "｜DSML｜"
 
-# Look-alikes accepted on input (A11.3): ASCII pipes and V3.2's block name.
+# Look-alikes accepted on input (A11.3): ASCII pipes and V3.2's block name. V4.1 writes a space
+# after the DSML token and names the block `calls` (`<｜DSML｜ calls>`, `<｜DSML｜ invoke …>`);
+# both spellings are read whatever the model, as a model may write either.
 _BARS = (DSML, "|DSML|")
-_BLOCKS = ("tool_calls", "function_calls")
-_P = "(?:" + "|".join(re.escape(b) for b in _BARS) + ")"
+_BLOCKS = ("tool_calls", "function_calls", "calls")
+_P = "(?:" + "|".join(re.escape(b) for b in _BARS) + ") ?"
 _INVOKE_OPEN = re.compile(rf'<{_P}invoke\s+name="([^"]*)"\s*>')
 _PARAM_OPEN = re.compile(rf'<{_P}parameter\s+name="([^"]*)"(?:\s+string="(true|false)")?\s*>')
 _PARAM_CLOSE = re.compile(rf"</{_P}parameter>")
@@ -31,7 +33,7 @@ _INVOKE_CLOSE = re.compile(rf"</{_P}invoke>")
 _BLOCK_OPEN = re.compile(rf"<{_P}(?:{'|'.join(_BLOCKS)})>")
 _BLOCK_CLOSE = re.compile(rf"</{_P}(?:{'|'.join(_BLOCKS)})>")
 _CUT_TAGS = ("<｜", "</｜", "<|", "</|", "｜")  # a chat or DSML tag cut off by the end of the text
-_INVOKE_STARTS = tuple(f"<{b}invoke" for b in _BARS)
+_INVOKE_STARTS = tuple(f"<{b}{sp}invoke" for b in _BARS for sp in ("", " "))
 _STOPS = (EOS, USER, ASSISTANT)  # chat tokens after which nothing belongs to this reply (A11.6)
 _TAG_STARTS = tuple(f"<{b}" for b in _BARS) + tuple(f"</{b}" for b in _BARS) + _STOPS + (THINK_CLOSE,)
 # Text that hands over to the block parser: any DSML tag, the block parser reports what it
@@ -313,7 +315,7 @@ class ReplyParser:
                                      else "the tool-call block ended inside an invoke",
                                      inv.raw + (self._buf if truncated else ""), inv.name, truncated))
         elif any(len(pending) > len(o) - len("invoke") and (pending.startswith(o) or o.startswith(pending))
-                 for o in _INVOKE_STARTS):  # cut inside the invoke tag, past `<｜DSML｜`
+                 for o in _INVOKE_STARTS):  # cut inside the invoke tag, past `<｜DSML｜` (and its space)
             out.append(ToolCallError("the reply ended inside a tool call", pending, truncated=True))
         self._report_junk(out)
 
