@@ -168,9 +168,9 @@ def _named(ref) -> str | None:
     return fn.name if fn else ref.name
 
 
-def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool, str | None]:
+def tool_setup(req: ChatRequest, encoding=None) -> tuple[list[dict], str | None, bool, str | None]:
     """(tools to render, forced text or None, tools forbidden?, the tool a choice names) from
-    tools and tool_choice (B4.4)."""
+    tools and tool_choice (B4.4); the forced text is in the DSML spelling of `encoding`."""
     tools = [t for t in req.tools or [] if t.get("type", "function") == "function" and "function" in t]
     tools += [{"type": "function", "function": f} for f in req.functions or []]
     choice = req.tool_choice if req.tool_choice is not None else req.function_call
@@ -186,12 +186,13 @@ def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool, str | No
     if not tools:
         raise APIError(400, f"tool_choice asks for a tool call ({name!r}), but the request offers no "
                        "tools.", param="tool_choice")
-    opener = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\""
+    tags = grammar.tags_of(encoding)
+    opener = tags.block_open + tags.invoke_prefix
     if choice in ("required", "any"):
         return tools, opener, False, None
     if name not in {t["function"]["name"] for t in tools}:
         raise APIError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
-    return tools, f'{opener}{name}">\n', False, name
+    return tools, tags.block_open + tags.invoke_open(name), False, name
 
 
 def context_error(prompt: int, cfg: ServerConfig, what: str = "messages") -> APIError:
@@ -298,7 +299,7 @@ class Prompt:
 
 def render_prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
     """The request's prompt as token ids, and what decided it."""
-    tools, force, forbid, named = tool_setup(req)
+    tools, force, forbid, named = tool_setup(req, cfg.encoding)
     messages = normalize(req, tools)
     thinking, effort = resolve_thinking(req, cfg.thinking)
     level = effort_level(effort, cfg) if thinking else None
@@ -329,7 +330,8 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
     # A continued assistant message holds text the grammar never saw: it is left unconstrained.
     constraint = None if prefix else grammar.reply_constraint(
         tok, cfg.vocab, tools, forced=force, name=p.named, parallel=req.parallel_tool_calls,
-        forbid=forbid, response_format=req.response_format, thinking=thinking)
+        forbid=forbid, response_format=req.response_format, thinking=thinking,
+        tags=grammar.tags_of(cfg.encoding))
     if force is None:
         job = Job(ids, sampling)
         if constraint is not None:
