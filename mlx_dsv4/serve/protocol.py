@@ -126,13 +126,28 @@ def _call(c: ToolCall) -> dict:
     return {"id": c.id or "", "type": "function", "function": {"name": c.function.name, "arguments": args}}
 
 
-def resolve_thinking(req: ChatRequest, default: bool) -> tuple[bool, str | None]:
+def _requested_effort(req: ChatRequest) -> str | int | None:
+    """The first effort given (B4.3): `reasoning_effort`, `reasoning.effort`, then the template's
+    `reasoning_effort`, which may also be a number for V4.1's 1-100 scale (as its encoder takes)."""
+    kw, r = req.chat_template_kwargs or {}, req.reasoning or {}
+    for value, where in ((req.reasoning_effort, "reasoning_effort"), (r.get("effort"), "reasoning.effort"),
+                         (kw.get("reasoning_effort"), "chat_template_kwargs.reasoning_effort")):
+        if value is None or value == "":  # not given
+            continue
+        if isinstance(value, str) and value in EFFORTS:
+            return value
+        number = where.startswith("chat_template_kwargs")
+        if number and type(value) is int and 1 <= value <= 100:
+            return value
+        raise APIError(400, f"{where} must be one of {', '.join(EFFORTS)}"
+                       + (" or an integer from 1 to 100." if number else "."), param=where)
+    return None
+
+
+def resolve_thinking(req: ChatRequest, default: bool) -> tuple[bool, str | int | None]:
     """(thinking on?, effort) by B4.3's precedence."""
     kw, r = req.chat_template_kwargs or {}, req.reasoning or {}
-    effort = req.reasoning_effort or r.get("effort") or kw.get("reasoning_effort")
-    if effort is not None and effort not in EFFORTS:
-        raise APIError(400, f"reasoning_effort must be one of {', '.join(EFFORTS)}.",
-                       param="reasoning_effort")
+    effort = _requested_effort(req)
     kind = (req.thinking or {}).get("type")
     on = None
     if kind in ("enabled", "disabled", "adaptive"):
@@ -151,15 +166,30 @@ def resolve_thinking(req: ChatRequest, default: bool) -> tuple[bool, str | None]
     return on, (effort if on and effort != "none" else None)
 
 
-def effort_level(effort: str | None, cfg: ServerConfig) -> str:
-    """API effort -> low / high / max (A6); `max` needs a long context, else `high` is used."""
+def effort_level(effort: str | int | None, cfg: ServerConfig) -> str | int:
+    """API effort -> V4's low / high / max (A6; `max` needs a long context, else `high` is used),
+    or V4.1's budget on its 1-100 scale (`chat_format.effort_on_scale`: the encoder's own levels,
+    the other API names between them, numbers as given). The 384K rule is V4's Think Max recipe;
+    V4.1 publishes none, so its budgets are not lowered."""
+    encoding = cfg.encoding
+    if getattr(encoding, "version", None) == chat_format.V41:
+        try:
+            return chat_format.effort_on_scale(encoding, effort)
+        except chat_format.ChatFormatError as e:
+            raise APIError(400, str(e), param="reasoning_effort") from e
+    if isinstance(effort, int):
+        raise APIError(400, "chat_template_kwargs.reasoning_effort: a number (1-100) is DeepSeek-V4.1's "
+                       f"effort scale; this model takes one of {', '.join(EFFORTS)}.",
+                       param="chat_template_kwargs.reasoning_effort")
     level = {"minimal": "low", "low": "low", "max": "max", "ultra": "max"}.get(effort or "high", "high")
     return "high" if level == "max" and cfg.max_context < MAX_EFFORT_CONTEXT else level
 
 
-def encoder_effort(level: str, encoding) -> str | None:
-    """The encoder's name for `level`: the preview encoder knows only unset (= high) and max."""
-    return level if getattr(encoding, "version", None) == "0731" or level == "max" else None
+def encoder_effort(level: str | int, encoding) -> str | int | None:
+    """The encoder's name for `level`: the preview encoder knows only unset (= high) and max;
+    V4.1's takes its budget."""
+    version = getattr(encoding, "version", None)
+    return level if version in ("0731", chat_format.V41) or level == "max" else None
 
 
 def _named(ref) -> str | None:
@@ -294,7 +324,7 @@ class Prompt:
     forbid: bool  # tool_choice none
     named: str | None  # the tool tool_choice names
     thinking: bool
-    level: str | None  # the effort level, when thinking
+    level: str | int | None  # the effort level (V4.1: its budget), when thinking
 
 
 def render_prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
@@ -304,8 +334,9 @@ def render_prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
     thinking, effort = resolve_thinking(req, cfg.thinking)
     level = effort_level(effort, cfg) if thinking else None
     try:
-        segments = chat_format.render_segments(messages, thinking=thinking, encoding=cfg.encoding,
-                                               reasoning_effort=level and encoder_effort(level, cfg.encoding))
+        segments = chat_format.render_segments(
+            messages, thinking=thinking, encoding=cfg.encoding,
+            reasoning_effort=None if level is None else encoder_effort(level, cfg.encoding))
     except chat_format.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
     ids = cfg.tokenizer.encode_segments(segments)
@@ -341,7 +372,8 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
                          think_end=tok.token_to_id(chat_format.THINK_CLOSE),
                          encode=lambda text: tok.encode(text, allow_control=True), constraint=constraint)
     return ChatJob(job, thinking and not prefix, bool(tools), stop, req.parallel_tool_calls,
-                   n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")), p.level)
+                   n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")),
+                   None if p.level is None else str(p.level))
 
 
 def deepseek_compat(sampling: dict) -> None:
