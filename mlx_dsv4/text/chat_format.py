@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from .chat_parser import (ASSISTANT, DSML, EOS, THINK_CLOSE, THINK_OPEN, USER, ContentDelta,  # noqa: F401
                           Event, ReasoningDelta, ReplyParser, ToolCallError, ToolCallEvent,
                           arguments_json, new_call_id, parse_reply)
-from .encoder_file import (BOS, BUILTIN, ENCODER_FILE, ENCODER_FILE_V41, ENCODER_NAMES, V41,  # noqa: F401
+from .encoder_file import (BOS, BUILTIN, ENCODER_FILE, ENCODER_FILE_V41, ENCODER_NAMES, V41, V41_NAMES,  # noqa: F401
                            ChatFormatError, Encoding, effort_budget, effort_on_scale, encoding_from_source,
                            load_encoding)
 

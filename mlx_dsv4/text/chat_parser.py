@@ -1,4 +1,4 @@
-"""Incremental parser of DeepSeek-V4 generated text (protocol A7, A11).
+"""Incremental parser of DeepSeek-V4 and V4.1 generated text (protocol A7, A11).
 
 `ReplyParser` takes decoded text in chunks of any size and turns it into reasoning deltas,
 content deltas and complete tool calls read from DSML blocks. It owns the token *strings* a

@@ -67,7 +67,7 @@ class Encoding:
     param_tag: str = "parameter"
 
 
-# Encoding field <- module-level name in encoding_dsv4.py.
+# Encoding field <- module-level name in the encoder file (V41_NAMES: V4.1's own).
 ENCODER_NAMES = {
     "bos": "bos_token", "eos": "eos_token", "think_open": "thinking_start_token",
     "think_close": "thinking_end_token", "dsml": "dsml_token", "user": "USER_SP_TOKEN",
@@ -79,7 +79,7 @@ ENCODER_NAMES = {
     "block_name": "tool_calls_block_name", "tool_output_tpl": "tool_output_template",
 }
 _OPTIONAL = {"tools_tpl": "TOOLS_TEMPLATE", "response_format_tpl": "response_format_template"}
-_V41_NAMES = {"system": "SYSTEM_SP_TOKEN", "effort_tpl": "REASONING_EFFORT_TEMPLATE",
+V41_NAMES = {"system": "SYSTEM_SP_TOKEN", "effort_tpl": "REASONING_EFFORT_TEMPLATE",
               "invoke_tag": "tool_call_tag_name", "param_tag": "tool_parameter_tag_name"}
 _PARAM_TPL = ("encode_arguments_to_dsml", "p_dsml_template")
 
@@ -170,11 +170,11 @@ def encoding_from_source(src: str, name: str = ENCODER_FILE) -> Encoding:
     scale = consts.get("REASONING_EFFORT_MAPPINGS")
     if "REASONING_EFFORT_TEMPLATE" in consts and isinstance(scale, dict):
         version, efforts = V41, _budgets(scale, default, name)
-        missing = [n for n in _V41_NAMES.values() if not isinstance(consts.get(n), str)]
+        missing = [n for n in V41_NAMES.values() if not isinstance(consts.get(n), str)]
         if missing:
             raise ChatFormatError(f"{name} is a V4.1 encoder without {', '.join(missing)}; "
                                   "this encoder generation is not supported")
-        fields.update({f: consts[n] for f, n in _V41_NAMES.items()})
+        fields.update({f: consts[n] for f, n in V41_NAMES.items()})
     elif isinstance(prompts, dict) and default in prompts:
         version, efforts = "0731", {None: prompts[default], **prompts}
     elif "REASONING_EFFORT_MAX" in consts:
