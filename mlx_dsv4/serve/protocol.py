@@ -76,17 +76,19 @@ def text_of(content: str | list[Part] | None, where: str) -> str:
     return "\n\n".join(part.text or part.refusal or "" for part in content)
 
 
-def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
+def normalize(req: ChatRequest, tools: list[dict], system_turns: bool = False) -> list[dict]:
     """OpenAI messages -> the encoder's messages (B4.2 steps 1-8).
 
     A system message right after a user or tool message joins that user turn, and one that ends
-    the conversation becomes a user turn: the encoder renders system text bare and opens an
+    the conversation becomes a user turn: the V4 encoder renders system text bare and opens an
     assistant turn only after a user turn, so either would leave the model no turn to answer in.
+    With `system_turns` (V4.1, whose encoder gives every system message a `<｜System｜>` turn
+    that the assistant answers) system messages stay as they are.
     A last assistant message is continued (as with `prefix`) unless it holds tool calls."""
     out: list[dict] = []
     for i, m in enumerate(req.messages):
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-        if role == "system" and out and out[-1]["role"] in ("user", "tool"):
+        if role == "system" and out and out[-1]["role"] in ("user", "tool") and not system_turns:
             role = "user"
         msg = {"role": role, "content": text_of(m.content, f"messages[{i}]")}
         if role == "assistant":
@@ -103,11 +105,11 @@ def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
                 msg["wo_eos"] = True
         elif role == "tool" and m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
-        if role == "system" and out and out[-1]["role"] == "system":
+        if role == "system" and out and out[-1]["role"] == "system" and not system_turns:
             out[-1]["content"] += "\n\n" + msg["content"]
         else:
             out.append(msg)
-    if out[-1]["role"] == "system":
+    if out[-1]["role"] == "system" and not (system_turns and len(out) > 1):
         out[-1]["role"] = "user"
     if tools or req.response_format:
         if out[0]["role"] != "system":
@@ -330,7 +332,7 @@ class Prompt:
 def render_prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
     """The request's prompt as token ids, and what decided it."""
     tools, force, forbid, named = tool_setup(req, cfg.encoding)
-    messages = normalize(req, tools)
+    messages = normalize(req, tools, system_turns=getattr(cfg.encoding, "version", None) == chat_format.V41)
     thinking, effort = resolve_thinking(req, cfg.thinking)
     level = effort_level(effort, cfg) if thinking else None
     try:

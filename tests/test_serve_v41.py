@@ -1,5 +1,7 @@
-"""Effort on a DeepSeek-V4.1 model: `reasoning_effort`, OpenRouter's `reasoning.effort`, template
-kwargs, Anthropic's effort and thinking budget and the chat's `/effort`, each onto V4.1's 1-100 scale.
+"""A DeepSeek-V4.1 model's chat encoding through the server and the chat: efforts
+(`reasoning_effort`, OpenRouter's `reasoning.effort`, template kwargs, Anthropic's effort and
+thinking budget, the chat's `/effort`) onto V4.1's 1-100 scale, its tool-call spelling, and its
+system turns.
 
 The server is test_server's scripted one (the real V4 tokenizer, a fake model that answers from
 the prompt) with the V4.1 encoding read from tests/fixtures/encoding/v41; what reaches the model
@@ -24,7 +26,7 @@ from test_server import (EOS, M, Running, ScriptedBackend, ScriptModel, ServerCo
 from mlx_dsv4.serve.engine import Engine
 
 EFFORT = "Reasoning Effort: {} (range 1-100, the higher the value, the more thorough the reasoning)\n\n"
-SYSTEM = "<｜System｜>"
+SYSTEM, EOS_TEXT = "<｜System｜>", "<｜end▁of▁sentence｜>"
 CALL41 = ('\n\n<｜DSML｜ calls>\n<｜DSML｜ invoke name="get_weather">\n'
           '<｜DSML｜ parameter name="city" string="true">Paris</｜DSML｜ parameter>\n'
           '<｜DSML｜ parameter name="days" string="false">2</｜DSML｜ parameter>\n</｜DSML｜ invoke>\n</｜DSML｜ calls>')
@@ -146,6 +148,22 @@ def test_v41_tool_call_comes_back_as_a_call(server):
     assert prompt(server).endswith('</think>\n\n<｜DSML｜ calls>\n<｜DSML｜ invoke name="')
     call = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]
     assert call["name"] == "get_weather" and call["arguments"] == '{"city": "Paris", "days": 2}'
+
+
+def test_system_messages_keep_their_turns(server):
+    """V4.1 answers a mid-conversation system message; the server keeps it rather than folding it
+    into the user turn (which V4 needs), and keeps consecutive ones apart."""
+    messages = [{"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"},
+                {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "Say hi"}, {"role": "system", "content": "Be brief."}]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": M, "messages": messages, "reasoning_effort": "none"})
+    assert r.status_code == 200, r.text
+    assert prompt(server) == (f"{SYSTEM}S1{SYSTEM}S2<｜User｜>U1<｜Assistant｜></think>A1{EOS_TEXT}"
+                              f"<｜User｜>Say hi{SYSTEM}Be brief.<｜Assistant｜></think>")
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": M, "reasoning_effort": "none", "messages": [{"role": "system", "content": "Only this."}]})
+    assert r.status_code == 200 and prompt(server) == "<｜User｜>Only this.<｜Assistant｜></think>"
 
 
 @pytest.mark.parametrize("body,budget", [
