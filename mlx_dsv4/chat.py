@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .text.chat_format import (ChatFormatError, ContentDelta, Encoding, ReasoningDelta, ReplyParser,
-                          ToolCallError, ToolCallEvent, render_segments)
+from .text.chat_format import (V41, ChatFormatError, ContentDelta, Encoding, ReasoningDelta, ReplyParser,
+                          ToolCallError, ToolCallEvent, effort_on_scale, render_segments)
 from .generation.generate import Chunk
 from .generation.session import Session
 
@@ -79,7 +79,7 @@ class Chat:
     tokenizer: object
     encoding: Encoding | None = None
     thinking: bool = True
-    effort: str | None = None
+    effort: str | int | None = None  # an encoder level (V4.1: or its 1-100 budget)
     system: str | None = None
     sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0})
     messages: list[dict] = field(default_factory=list)  # the whole conversation, as /save writes it
@@ -264,9 +264,10 @@ class Chat:
                 raise ValueError(f"message {i} is not an object with a \"role\"")
         system, effort = _clean(state.get("system")), state.get("effort")
         thinking = state.get("thinking", self.thinking)
-        if not (isinstance(system, (str, type(None))) and isinstance(effort, (str, type(None)))
-                and isinstance(thinking, bool)):
-            raise ValueError("\"system\" and \"effort\" must be strings or null, \"thinking\" true or false")
+        if not (isinstance(system, (str, type(None))) and isinstance(effort, (str, int, type(None)))
+                and not isinstance(effort, bool) and isinstance(thinking, bool)):
+            raise ValueError("\"system\" must be a string or null, \"effort\" a string, a number or null, "
+                             "\"thinking\" true or false")
         head = [{"role": "system", "content": system}] if system else []
         try:  # refuse now what the next turn could not render
             render_segments(head + messages, thinking=thinking,
@@ -290,7 +291,7 @@ def _collect(event, reasoning: list, content: list, calls: list):
 
 HELP = """\
 /think on|off        thinking mode (reasoning before the answer)
-/effort LEVEL        reasoning effort (the checkpoint's levels, e.g. high, max; 'default' resets)
+/effort LEVEL        reasoning effort (the checkpoint's levels, e.g. high, max; V4.1 also 1-100; 'default' resets)
 /system [TEXT]       set the system prompt (no text: clear it)
 /reasoning show|hide show the reasoning as it streams, or fold it to one line
 /reset               forget the conversation
@@ -383,6 +384,8 @@ def _set_effort(chat: Chat, level: str) -> str:
     if level in ("", "default", "none"):
         chat.effort = None
         return "Reasoning effort: the checkpoint's default."
+    if chat.encoding is not None and chat.encoding.version == V41:
+        return _set_budget(chat, level)
     if chat.encoding is not None and chat.encoding.version != "builtin":
         levels = [k for k in chat.encoding.efforts if k is not None]
         if level not in levels:
@@ -395,6 +398,20 @@ def _set_effort(chat: Chat, level: str) -> str:
             return str(e)
     chat.effort = level
     return f"Reasoning effort: {level}."
+
+
+def _set_budget(chat: Chat, level: str) -> str:
+    """V4.1: a level its encoder names, an API name between them (medium, ...), or 1-100."""
+    value = int(level) if level.isascii() and level.isdigit() else level
+    try:
+        budget = effort_on_scale(chat.encoding, value)
+    except ChatFormatError:
+        levels = ", ".join(k for k in chat.encoding.efforts if k is not None)
+        return f"Unknown effort {level!r}; this checkpoint accepts 1 to 100, {levels}, minimal, medium, " \
+               "xhigh, ultra (or default)."
+    chat.effort = value if value in chat.encoding.efforts else budget  # what its encoder takes
+    return f"Reasoning effort: {level} ({budget} of 100)." if isinstance(value, str) else \
+        f"Reasoning effort: {budget} of 100."
 
 
 __all__ = ["Chat", "Command", "Done", "Interrupted", "Quit", "Trimmed", "TurnError", "apply_command",

@@ -78,17 +78,19 @@ def text_of(content: str | list[Part] | None, where: str) -> str:
     return "\n\n".join(part.text or part.refusal or "" for part in content)
 
 
-def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
+def normalize(req: ChatRequest, tools: list[dict], system_turns: bool = False) -> list[dict]:
     """OpenAI messages -> the encoder's messages (B4.2 steps 1-8).
 
     A system message right after a user or tool message joins that user turn, and one that ends
-    the conversation becomes a user turn: the encoder renders system text bare and opens an
+    the conversation becomes a user turn: the V4 encoder renders system text bare and opens an
     assistant turn only after a user turn, so either would leave the model no turn to answer in.
+    With `system_turns` (V4.1, whose encoder gives every system message a `<｜System｜>` turn
+    that the assistant answers) system messages stay as they are.
     A last assistant message is continued (as with `prefix`) unless it holds tool calls."""
     out: list[dict] = []
     for i, m in enumerate(req.messages):
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-        if role == "system" and out and out[-1]["role"] in ("user", "tool"):
+        if role == "system" and out and out[-1]["role"] in ("user", "tool") and not system_turns:
             role = "user"
         msg = {"role": role, "content": text_of(m.content, f"messages[{i}]")}
         if role == "assistant":
@@ -105,11 +107,11 @@ def normalize(req: ChatRequest, tools: list[dict]) -> list[dict]:
                 msg["wo_eos"] = True
         elif role == "tool" and m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
-        if role == "system" and out and out[-1]["role"] == "system":
+        if role == "system" and out and out[-1]["role"] == "system" and not system_turns:
             out[-1]["content"] += "\n\n" + msg["content"]
         else:
             out.append(msg)
-    if out[-1]["role"] == "system":
+    if out[-1]["role"] == "system" and not (system_turns and len(out) > 1):
         out[-1]["role"] = "user"
     if tools or req.response_format:
         if out[0]["role"] != "system":
@@ -128,13 +130,28 @@ def _call(c: ToolCall) -> dict:
     return {"id": c.id or "", "type": "function", "function": {"name": c.function.name, "arguments": args}}
 
 
-def resolve_thinking(req: ChatRequest, default: bool) -> tuple[bool, str | None]:
+def _requested_effort(req: ChatRequest) -> str | int | None:
+    """The first effort given (B4.3): `reasoning_effort`, `reasoning.effort`, then the template's
+    `reasoning_effort`, which may also be a number for V4.1's 1-100 scale (as its encoder takes)."""
+    kw, r = req.chat_template_kwargs or {}, req.reasoning or {}
+    for value, where in ((req.reasoning_effort, "reasoning_effort"), (r.get("effort"), "reasoning.effort"),
+                         (kw.get("reasoning_effort"), "chat_template_kwargs.reasoning_effort")):
+        if value is None or value == "":  # not given
+            continue
+        if isinstance(value, str) and value in EFFORTS:
+            return value
+        number = where.startswith("chat_template_kwargs")
+        if number and type(value) is int and 1 <= value <= 100:
+            return value
+        raise APIError(400, f"{where} must be one of {', '.join(EFFORTS)}"
+                       + (" or an integer from 1 to 100." if number else "."), param=where)
+    return None
+
+
+def resolve_thinking(req: ChatRequest, default: bool) -> tuple[bool, str | int | None]:
     """(thinking on?, effort) by B4.3's precedence."""
     kw, r = req.chat_template_kwargs or {}, req.reasoning or {}
-    effort = req.reasoning_effort or r.get("effort") or kw.get("reasoning_effort")
-    if effort is not None and effort not in EFFORTS:
-        raise APIError(400, f"reasoning_effort must be one of {', '.join(EFFORTS)}.",
-                       param="reasoning_effort")
+    effort = _requested_effort(req)
     kind = (req.thinking or {}).get("type")
     on = None
     if kind in ("enabled", "disabled", "adaptive"):
@@ -153,15 +170,30 @@ def resolve_thinking(req: ChatRequest, default: bool) -> tuple[bool, str | None]
     return on, (effort if on and effort != "none" else None)
 
 
-def effort_level(effort: str | None, cfg: ServerConfig) -> str:
-    """API effort -> low / high / max (A6); `max` needs a long context, else `high` is used."""
+def effort_level(effort: str | int | None, cfg: ServerConfig) -> str | int:
+    """API effort -> V4's low / high / max (A6; `max` needs a long context, else `high` is used),
+    or V4.1's budget on its 1-100 scale (`chat_format.effort_on_scale`: the encoder's own levels,
+    the other API names between them, numbers as given). The 384K rule is V4's Think Max recipe;
+    V4.1 publishes none, so its budgets are not lowered."""
+    encoding = cfg.encoding
+    if getattr(encoding, "version", None) == chat_format.V41:
+        try:
+            return chat_format.effort_on_scale(encoding, effort)
+        except chat_format.ChatFormatError as e:
+            raise APIError(400, str(e), param="reasoning_effort") from e
+    if isinstance(effort, int):
+        raise APIError(400, "chat_template_kwargs.reasoning_effort: a number (1-100) is DeepSeek-V4.1's "
+                       f"effort scale; this model takes one of {', '.join(EFFORTS)}.",
+                       param="chat_template_kwargs.reasoning_effort")
     level = {"minimal": "low", "low": "low", "max": "max", "ultra": "max"}.get(effort or "high", "high")
     return "high" if level == "max" and cfg.max_context < MAX_EFFORT_CONTEXT else level
 
 
-def encoder_effort(level: str, encoding) -> str | None:
-    """The encoder's name for `level`: the preview encoder knows only unset (= high) and max."""
-    return level if getattr(encoding, "version", None) == "0731" or level == "max" else None
+def encoder_effort(level: str | int, encoding) -> str | int | None:
+    """The encoder's name for `level`: the preview encoder knows only unset (= high) and max;
+    V4.1's takes its budget."""
+    version = getattr(encoding, "version", None)
+    return level if version in ("0731", chat_format.V41) or level == "max" else None
 
 
 def _named(ref) -> str | None:
@@ -170,9 +202,9 @@ def _named(ref) -> str | None:
     return fn.name if fn else ref.name
 
 
-def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool, str | None]:
+def tool_setup(req: ChatRequest, encoding=None) -> tuple[list[dict], str | None, bool, str | None]:
     """(tools to render, forced text or None, tools forbidden?, the tool a choice names) from
-    tools and tool_choice (B4.4)."""
+    tools and tool_choice (B4.4); the forced text is in the DSML spelling of `encoding`."""
     tools = [t for t in req.tools or [] if t.get("type", "function") == "function" and "function" in t]
     tools += [{"type": "function", "function": f} for f in req.functions or []]
     choice = req.tool_choice if req.tool_choice is not None else req.function_call
@@ -188,12 +220,13 @@ def tool_setup(req: ChatRequest) -> tuple[list[dict], str | None, bool, str | No
     if not tools:
         raise APIError(400, f"tool_choice asks for a tool call ({name!r}), but the request offers no "
                        "tools.", param="tool_choice")
-    opener = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\""
+    tags = grammar.tags_of(encoding)
+    opener = tags.block_open + tags.invoke_prefix
     if choice in ("required", "any"):
         return tools, opener, False, None
     if name not in {t["function"]["name"] for t in tools}:
         raise APIError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
-    return tools, f'{opener}{name}">\n', False, name
+    return tools, tags.block_open + tags.invoke_open(name), False, name
 
 
 def context_error(prompt: int, cfg: ServerConfig, what: str = "messages") -> APIError:
@@ -295,18 +328,19 @@ class Prompt:
     forbid: bool  # tool_choice none
     named: str | None  # the tool tool_choice names
     thinking: bool
-    level: str | None  # the effort level, when thinking
+    level: str | int | None  # the effort level (V4.1: its budget), when thinking
 
 
 def render_prompt(req: ChatRequest, cfg: ServerConfig) -> Prompt:
     """The request's prompt as token ids, and what decided it."""
-    tools, force, forbid, named = tool_setup(req)
-    messages = normalize(req, tools)
+    tools, force, forbid, named = tool_setup(req, cfg.encoding)
+    messages = normalize(req, tools, system_turns=getattr(cfg.encoding, "version", None) == chat_format.V41)
     thinking, effort = resolve_thinking(req, cfg.thinking)
     level = effort_level(effort, cfg) if thinking else None
     try:
-        segments = chat_format.render_segments(messages, thinking=thinking, encoding=cfg.encoding,
-                                               reasoning_effort=level and encoder_effort(level, cfg.encoding))
+        segments = chat_format.render_segments(
+            messages, thinking=thinking, encoding=cfg.encoding,
+            reasoning_effort=None if level is None else encoder_effort(level, cfg.encoding))
     except chat_format.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
     ids = cfg.tokenizer.encode_segments(segments)
@@ -331,7 +365,8 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
     # A continued assistant message holds text the grammar never saw: it is left unconstrained.
     constraint = None if prefix else grammar.reply_constraint(
         tok, cfg.vocab, tools, forced=force, name=p.named, parallel=req.parallel_tool_calls,
-        forbid=forbid, response_format=req.response_format, thinking=thinking)
+        forbid=forbid, response_format=req.response_format, thinking=thinking,
+        tags=grammar.tags_of(cfg.encoding))
     if force is None:
         job = Job(ids, sampling)
         if constraint is not None:
@@ -342,7 +377,8 @@ def chat_job(req: ChatRequest, cfg: ServerConfig) -> ChatJob:
                          encode=lambda text: tok.encode(text, allow_control=True), constraint=constraint)
     job.report_progress = True  # `chat_deltas` turns it into `Delta.progress`
     return ChatJob(job, thinking and not prefix, bool(tools), stop, req.parallel_tool_calls,
-                   n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")), p.level)
+                   n if req.logprobs else None, bool((req.reasoning or {}).get("exclude")),
+                   None if p.level is None else str(p.level))
 
 
 def deepseek_compat(sampling: dict) -> None:

@@ -1,4 +1,4 @@
-"""Incremental parser of DeepSeek-V4 generated text (protocol A7, A11).
+"""Incremental parser of DeepSeek-V4 and V4.1 generated text (protocol A7, A11).
 
 `ReplyParser` takes decoded text in chunks of any size and turns it into reasoning deltas,
 content deltas and tool calls read from DSML blocks: each call as it is written (its start, then
@@ -21,10 +21,12 @@ ASSISTANT = "<｜Assistant｜>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 DSML = "｜DSML｜"
 
-# Look-alikes accepted on input (A11.3): ASCII pipes and V3.2's block name.
+# Look-alikes accepted on input (A11.3): ASCII pipes and V3.2's block name. V4.1 writes a space
+# after the DSML token and names the block `calls` (`<｜DSML｜ calls>`, `<｜DSML｜ invoke …>`);
+# both spellings are read whatever the model, as a model may write either.
 _BARS = (DSML, "|DSML|")
-_BLOCKS = ("tool_calls", "function_calls")
-_P = "(?:" + "|".join(re.escape(b) for b in _BARS) + ")"
+_BLOCKS = ("tool_calls", "function_calls", "calls")
+_P = "(?:" + "|".join(re.escape(b) for b in _BARS) + ") ?"
 _INVOKE_OPEN = re.compile(rf'<{_P}invoke\s+name="([^"]*)"\s*>')
 _PARAM_OPEN = re.compile(rf'<{_P}parameter\s+name="([^"]*)"(?:\s+string="(true|false)")?\s*>')
 _PARAM_CLOSE = re.compile(rf"</{_P}parameter>")
@@ -32,7 +34,7 @@ _INVOKE_CLOSE = re.compile(rf"</{_P}invoke>")
 _BLOCK_OPEN = re.compile(rf"<{_P}(?:{'|'.join(_BLOCKS)})>")
 _BLOCK_CLOSE = re.compile(rf"</{_P}(?:{'|'.join(_BLOCKS)})>")
 _CUT_TAGS = ("<｜", "</｜", "<|", "</|", "｜")  # a chat or DSML tag cut off by the end of the text
-_INVOKE_STARTS = tuple(f"<{b}invoke" for b in _BARS)
+_INVOKE_STARTS = tuple(f"<{b}{sp}invoke" for b in _BARS for sp in ("", " "))
 _STOPS = (EOS, USER, ASSISTANT)  # chat tokens after which nothing belongs to this reply (A11.6)
 # The tokenizer's other added tokens (A2): never reply text, dropped where they appear (A11.7).
 _SPECIAL = ("<｜begin▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜fim▁hole｜>", "<｜fim▁begin｜>", "<｜fim▁end｜>",
@@ -55,7 +57,7 @@ _TAG_STARTS = tuple(f"<{b}" for b in _BARS) + tuple(f"</{b}" for b in _BARS) + _
 # cannot read. Only the real `｜DSML｜` token is dropped when it stands alone.
 _TOOL_MARKERS = tuple(f"{lt}{b}" for b in _BARS for lt in ("<", "</"))
 _DSML_TAG = re.compile(rf"</?{_P}(\w*)")  # any DSML tag's start and name
-_PARAM_CLOSES = tuple(f"</{b}parameter>" for b in _BARS)
+_PARAM_CLOSES = tuple(f"</{b}{sp}parameter>" for b in _BARS for sp in ("", " "))  # both spellings
 
 
 @dataclass(frozen=True)
@@ -432,7 +434,7 @@ class ReplyParser:
             inv.note("the tool-call block closed the invoke (its </invoke> was missing)")
             self._close_invoke(out)
         elif any(len(pending) > len(o) - len("invoke") and (pending.startswith(o) or o.startswith(pending))
-                 for o in _INVOKE_STARTS):  # cut inside the invoke tag, past `<｜DSML｜`
+                 for o in _INVOKE_STARTS):  # cut inside the invoke tag, past `<｜DSML｜` (and its space)
             out.append(ToolCallError("the reply ended inside a tool call", pending, truncated=True))
         self._report_junk(out)
         self._block = False
