@@ -1,10 +1,10 @@
 """The FastAPI app: routes, errors in OpenAI's shape (Anthropic's under `/messages`), CORS, auth,
 SSE (protocol.md B1-B8).
 
-Handlers parse, call one function of `protocol` (or `anthropic`), render. Every route also answers without the
-`/v1` prefix, with a trailing slash or doubled slashes, and ignores the query string. A body
-larger than the context could need is refused before it is parsed; a stream cut by the server's
-shutdown ends with an error event.
+Handlers parse, call one function of `protocol` (or `anthropic`, `responses`), render. Every route
+also answers without the `/v1` prefix, with a trailing slash or doubled slashes, and ignores the
+query string. A body larger than the context could need is refused before it is parsed; a stream
+cut by the server's shutdown ends with an error event.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generation.generate import ContextError
-from . import anthropic, protocol
+from . import anthropic, protocol, responses
 from .engine import Busy, Engine, Job, Refused, Stopped
 from .protocol import ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, invalid
@@ -39,9 +39,10 @@ SHUTDOWN_GRACE = 2.0  # seconds a stream has to send its last event when the ser
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="mlx-dsv4", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Edge, max_body=config.max_body, api_key=config.api_key)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
-                       allow_headers=["*"], allow_private_network=True)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_headers=["*"], allow_private_network=True,
+                       allow_methods=["GET", "POST", "DELETE", "OPTIONS"])
     _errors(app)
+    store = responses.Store()
 
     @app.get("/health")
     @app.get("/healthz")
@@ -97,6 +98,24 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def count_tokens(req: anthropic.CountRequest):
         p = await run_in_threadpool(lambda: protocol.render_prompt(anthropic.chat_request(req), config))
         return {"input_tokens": len(p.ids)}
+
+    @app.post("/responses")
+    async def create_response(req: responses.ResponsesRequest, request: Request):
+        turn = await run_in_threadpool(responses.prepare, req, config, store)
+        reply = protocol.ChatReply(turn.cj, config.tokenizer)
+        deltas = protocol.chat_deltas(_submit(engine, turn.cj.job), reply)
+        if req.stream:
+            events = responses.events(deltas, turn, store, config.ping, describe=_client_error)
+            return _sse(events, turn.cj.job, config, named=True)
+        return await _json(request, responses.fold(deltas, turn, store))
+
+    @app.get("/responses/{response_id}")
+    async def get_response(response_id: str):
+        return store.get(response_id)
+
+    @app.delete("/responses/{response_id}")
+    async def delete_response(response_id: str):
+        return store.delete(response_id)
 
     return app
 
