@@ -343,32 +343,33 @@ def test_quiet_prompt_reading_sends_in_progress_and_a_closed_stream_stops_the_jo
     # While the prompt is read no delta comes: the stream says response.in_progress again every
     # `every` seconds, so that a client's idle timer (Codex: 300 s) sees the server working.
     cfg = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding)
-    store = responses.Store()
-    turn = responses.prepare(responses.ResponsesRequest(input="Say hi", reasoning=OFF), cfg, store)
-    gate, closed = asyncio.Event(), []
-
-    async def deltas():
-        try:
-            await gate.wait()  # opens only when the test says so
-            yield Delta(content="Hi!")
-            yield Delta(finish_reason="stop")
-            yield Delta(usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
-        finally:
-            closed.append(True)
+    store, closed = responses.Store(), []
 
     async def run(stop_early: bool):
+        turn = responses.prepare(responses.ResponsesRequest(input="Say hi", reasoning=OFF), cfg, store)
+        gate = asyncio.Event()
+
+        async def deltas():
+            try:
+                await gate.wait()  # opens only when the test says so
+                yield Delta(content="Hi!")
+                yield Delta(finish_reason="stop")
+                yield Delta(usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+            finally:
+                closed.append(True)
+
         events = responses.events(deltas(), turn, store, every=0.01)
         kinds = [(await anext(events))[0] for _ in range(4)]
         if stop_early:
             await events.aclose()  # the client left while the prompt was being read
-            return kinds
+            return kinds, turn
         gate.set()
-        return kinds + [name async for name, _ in events]
+        return kinds + [name async for name, _ in events], turn
 
-    kinds = asyncio.run(run(stop_early=True))
+    kinds, _ = asyncio.run(run(stop_early=True))
     assert kinds == ["response.created"] + ["response.in_progress"] * 3 and closed == [True]
     closed.clear()
-    kinds = asyncio.run(run(stop_early=False))
+    kinds, turn = asyncio.run(run(stop_early=False))
     assert kinds[:4] == ["response.created"] + ["response.in_progress"] * 3
     assert kinds[-1] == "response.completed" and "response.output_text.delta" in kinds and closed == [True]
     assert store.get(turn.response["id"])["output"][0]["content"][0]["text"] == "Hi!"
