@@ -125,7 +125,7 @@ def unseal(blob: str) -> str | None:
         return None
 
 
-def _texts(parts: str | list[dict] | None, where: str, kinds=TEXT_PARTS) -> str:
+def _texts(parts: str | list[dict] | None, where: str) -> str:
     if parts is None or isinstance(parts, str):
         return parts or ""
     out = []
@@ -133,7 +133,7 @@ def _texts(parts: str | list[dict] | None, where: str, kinds=TEXT_PARTS) -> str:
         kind = p.get("type")
         if kind == "refusal":
             out.append(p.get("refusal") or "")
-        elif kind in kinds:
+        elif kind in TEXT_PARTS:
             out.append(p.get("text") or "")
         else:
             raise APIError(400, f"{where}[{j}]: content parts of type {kind!r} are not supported; "
@@ -152,8 +152,10 @@ def _output(output: str | list[dict] | None) -> str:
 
 
 def _reasoning(item: Item) -> str | None:
-    if item.encrypted_content:
-        return unseal(item.encrypted_content)
+    """A reasoning item's text: sealed by this server, else its reasoning text, else its summary;
+    None when it holds only another server's encrypted content."""
+    if item.encrypted_content and (text := unseal(item.encrypted_content)) is not None:
+        return text
     if item.content:
         return _texts(item.content, "content")
     return "\n\n".join(s.get("text") or "" for s in item.summary or []) or None
@@ -276,7 +278,7 @@ def _custom_description(t: dict, where: str) -> str:
     return text.strip()
 
 
-def _tool_choice(choice: str | dict | None, t: Tools) -> str | dict | None:
+def _tool_choice(choice: str | dict | None) -> str | dict | None:
     if choice is None or isinstance(choice, str):
         return choice
     kind = choice.get("type")
@@ -327,7 +329,7 @@ def chat_request(req: ResponsesRequest, t: Tools, past: list[dict]) -> tuple[Cha
     body: dict[str, Any] = {
         "model": req.model, "messages": head + conversation, "max_tokens": req.max_output_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "reasoning_effort": r.effort,
-        "tool_choice": _tool_choice(req.tool_choice, t), "parallel_tool_calls": req.parallel_tool_calls,
+        "tool_choice": _tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": _format(req.text.format if req.text else None),
         "seed": (req.model_extra or {}).get("seed"),  # ours, not OpenAI's
         "tools": t.chat or None}
@@ -547,7 +549,7 @@ async def events(deltas: AsyncIterator[Delta], turn: Turn, store: "Store", every
     yield w.snapshot("response.in_progress")
     finish, use = None, None
     try:
-        async for d in _paced(deltas, every):
+        async for d in (_paced(deltas, every) if every else deltas):
             if d is None:
                 yield w.snapshot("response.in_progress")
                 continue
