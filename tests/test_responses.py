@@ -332,6 +332,9 @@ def test_errors_in_openai_shape(scripted, kw, param, words):
 
 
 def test_refused_in_stream_is_response_failed(scripted):
+    with pytest.raises(openai.BadRequestError) as e:  # not streamed: a 400 before any output
+        create(scripted, "refuse this")
+    assert e.value.code == "context_length_exceeded"
     events = streamed(scripted, "refuse this")
     check_lifecycle(events)
     assert events[-1].type == "response.failed"
@@ -373,6 +376,49 @@ def test_quiet_prompt_reading_sends_in_progress_and_a_closed_stream_stops_the_jo
     assert kinds[:4] == ["response.created"] + ["response.in_progress"] * 3
     assert kinds[-1] == "response.completed" and "response.output_text.delta" in kinds and closed == [True]
     assert store.get(turn.response["id"])["output"][0]["content"][0]["text"] == "Hi!"
+
+
+def test_incremental_tool_call_fragments(tokenizer, encoding):
+    # Protocol's tool-call deltas as chat streams them: the head (id, name, maybe a first piece of
+    # the arguments), then pieces; each piece is one function_call_arguments.delta. A custom
+    # tool's input is whole only at the end: one delta, then done.
+    cfg = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding)
+    patch = {"type": "custom", "name": "apply_patch", "description": "Patch."}
+    req = responses.ResponsesRequest(input="Say hi", reasoning=OFF, tools=[WEATHER, patch])
+    store = responses.Store()
+    turn = responses.prepare(req, cfg, store)
+    script = [Delta(content="Let me look."),
+              Delta(tool_calls=[{"index": 0, "id": "call_a", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": '{"city": "Pa'}}]),
+              Delta(tool_calls=[{"index": 0, "function": {"arguments": 'ris", "days"'}}]),
+              Delta(tool_calls=[{"index": 0, "function": {"arguments": ": 2}"}}]),
+              Delta(tool_calls=[{"index": 1, "id": "call_b", "type": "function",
+                                 "function": {"name": "apply_patch", "arguments": ""}}]),
+              Delta(tool_calls=[{"index": 1, "function": {"arguments": '{"input": "*** Begin'}}]),
+              Delta(tool_calls=[{"index": 1, "function": {"arguments": ' Patch\\n"}'}}]),
+              Delta(finish_reason="tool_calls"), Delta(usage={"prompt_tokens": 9, "completion_tokens": 20})]
+
+    async def deltas():
+        for d in script:
+            yield d
+
+    async def run():
+        return [data async for _, data in responses.events(deltas(), turn, store)]
+
+    events = [EVENT.validate_python(e) for e in asyncio.run(run())]
+    check_lifecycle(events)
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert pieces == ['{"city": "Pa', 'ris", "days"', ": 2}"]
+    message, call, custom = events[-1].response.output
+    assert message.content[0].text == "Let me look." and json.loads(call.arguments) == PARIS
+    assert (call.call_id, custom.call_id, custom.type, custom.input) == (
+        "call_a", "call_b", "custom_tool_call", "*** Begin Patch\n")
+    assert [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"] == [custom.input]
+    # Stored as the conversation's assistant turn, the custom call is its one string parameter.
+    (turn_msg,) = store.conversation(turn.response["id"])[1:]
+    assert [c["function"] for c in turn_msg["tool_calls"]] == [
+        {"name": "get_weather", "arguments": call.arguments},
+        {"name": "apply_patch", "arguments": json.dumps({"input": "*** Begin Patch\n"})}]
 
 
 def test_bounded_store_forgets_the_least_recently_used():
