@@ -1,10 +1,10 @@
 """The FastAPI app: routes, errors in OpenAI's shape (Anthropic's under `/messages`), CORS, auth,
 SSE (protocol.md B1-B8).
 
-Handlers parse, call one function of `protocol` (or `anthropic`, `responses`), render. Every route
-also answers without the `/v1` prefix, with a trailing slash or doubled slashes, and ignores the
-query string. A body larger than the context could need is refused before it is parsed; a stream
-cut by the server's shutdown ends with an error event.
+Handlers parse, call one function of `protocol` (or `anthropic`, `responses`), render. Every route also answers without the
+`/v1` prefix, with a trailing slash or doubled slashes, and ignores the query string. A body
+larger than the context could need is refused before it is parsed; a stream cut by the server's
+shutdown ends with an error event.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ SHUTDOWN_GRACE = 2.0  # seconds a stream has to send its last event when the ser
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="mlx-dsv4", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Edge, max_body=config.max_body, api_key=config.api_key)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_headers=["*"], allow_private_network=True,
-                       allow_methods=["GET", "POST", "DELETE", "OPTIONS"])
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                       allow_headers=["*"], allow_private_network=True)
     _errors(app)
     store = responses.Store()
 
