@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generation.generate import ContextError
-from . import anthropic, protocol, responses
+from . import anthropic, protocol, responses, responses_events
 from .engine import Busy, Engine, Job, Refused, Stopped
 from .protocol import ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, invalid
@@ -105,9 +105,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         reply = protocol.ChatReply(turn.cj, config.tokenizer)
         deltas = protocol.chat_deltas(_submit(engine, turn.cj.job), reply)
         if req.stream:
-            events = responses.events(deltas, turn, store, config.ping, describe=_client_error)
+            events = responses_events.events(deltas, turn, store, config.ping, describe=_client_error)
             return _sse(events, turn.cj.job, config, named=True)
-        return await _json(request, responses.fold(deltas, turn, store))
+        return await _json(request, responses_events.fold(deltas, turn, store))
 
     @app.get("/responses/{response_id}")
     async def get_response(response_id: str):
