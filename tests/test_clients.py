@@ -17,7 +17,7 @@ from mlx_dsv4.generation.generate import stream_generate
 from test_server import EOS, ScriptModel, dsml, encoding, start, tokenizer  # noqa: F401
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clients"
-RECORDED = sorted(FIXTURES.glob("*.json"))
+RECORDED = sorted(FIXTURES.glob("claude-code-*.json"))  # codex_*.json: test_responses replays them
 
 
 class AgentBackend:

@@ -1,7 +1,7 @@
 """The FastAPI app: routes, errors in OpenAI's shape (Anthropic's under `/messages`), CORS, auth,
 SSE (protocol.md B1-B8).
 
-Handlers parse, call one function of `protocol` (or `anthropic`), render. Every route also answers without the
+Handlers parse, call one function of `protocol` (or `anthropic`, `responses`), render. Every route also answers without the
 `/v1` prefix, with a trailing slash or doubled slashes, and ignores the query string. A body
 larger than the context could need is refused before it is parsed; a stream cut by the server's
 shutdown ends with an error event.
@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generation.generate import ContextError
-from . import anthropic, completions, protocol
+from . import anthropic, completions, protocol, responses, responses_events
 from .engine import Busy, Engine, Job, Refused, Stopped
 from .page import chat_page
 from .protocol import ServerConfig
@@ -40,9 +40,10 @@ SHUTDOWN_GRACE = 2.0  # seconds a stream has to send its last event when the ser
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="mlx-dsv4", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Edge, max_body=config.max_body, api_key=config.api_key)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                        allow_headers=["*"], allow_private_network=True)
     _errors(app)
+    store = responses.Store()
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -108,6 +109,24 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def count_tokens(req: anthropic.CountRequest):
         p = await run_in_threadpool(lambda: protocol.render_prompt(anthropic.chat_request(req), config))
         return {"input_tokens": len(p.ids)}
+
+    @app.post("/responses")
+    async def create_response(req: responses.ResponsesRequest, request: Request):
+        turn = await run_in_threadpool(responses.prepare, req, config, store)
+        reply = protocol.ChatReply(turn.cj, config.tokenizer)
+        deltas = protocol.chat_deltas(_submit(engine, turn.cj.job), reply)
+        if req.stream:
+            events = responses_events.events(deltas, turn, store, config.ping, describe=_client_error)
+            return _sse(events, turn.cj.job, config, named=True)
+        return await _json(request, responses_events.fold(deltas, turn, store))
+
+    @app.get("/responses/{response_id}")
+    async def get_response(response_id: str):
+        return store.get(response_id)
+
+    @app.delete("/responses/{response_id}")
+    async def delete_response(response_id: str):
+        return store.delete(response_id)
 
     return app
 
