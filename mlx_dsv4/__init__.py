@@ -6,6 +6,9 @@ modules are imported on first use so that
 """
 
 from .config import ConfigError, ModelArgs
+from .threads import release_at_exit
+
+release_at_exit()  # MLX asks every thread, the main one too, to free its streams before exit
 
 __version__ = "0.1.0"
 

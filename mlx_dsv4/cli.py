@@ -404,7 +404,7 @@ def serve(
         model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
         exact_sampling=exact_sampling, draft=0 if no_mtp else draft, expert_memory=expert_memory,
         prompt_cache=_prompt_cache(prompt_cache_bytes, prompt_cache_dir, prompt_cache_disk_bytes,
-                                   no_prompt_cache), max_batch=max_batch, exit_process=True)
+                                   no_prompt_cache), max_batch=max_batch)
 
 
 @command()

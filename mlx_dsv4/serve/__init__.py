@@ -8,7 +8,9 @@ imported only in this package.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 from pathlib import Path
 
@@ -99,10 +101,10 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
           log_level: str = "info", draft: int | None = None,
           expert_memory: int | str | None = None, prompt_cache: dict | None = None,
-          max_batch: int | None = None, exit_process: bool = False):
+          max_batch: int | None = None):
     """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
     to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound.
-    `exit_process` (the CLI) ends the process with status 0 once the server has stopped."""
+    Returns once the server has stopped and the engine's thread has ended."""
     import uvicorn
 
     from ..config import ConfigError
@@ -125,27 +127,29 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
             raise SystemExit(f"error: could not load {model_path}: {type(e).__name__}: {e}")
         log.info("serving %s as %r on http://%s:%d/v1 with %s tokens of context",
                  model_path, config.model_id, host, port, f"{config.max_context:,}")
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        with _sigterm_exits():
+            uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.stop()
-    if exit_process:
-        _exit_now()
 
 
-def _exit_now():
-    """Exit 0 without tearing the interpreter down. MLX, once used from a thread other than the
-    main one (the engine's), can abort during that teardown ("terminate called without an active
-    exception", exit 134) after a clean stop. Exit handlers (pending prompt-cache writes, telling
-    pipeline ranks to stop) run first."""
-    import atexit
-    import os
-    import sys
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (launchd, systemd, `docker stop`) stops the server as Ctrl-C does: uvicorn lets the
+    replies end, then raises the signal again once the server is down, and here that becomes a
+    normal exit (status 0; exit handlers run) instead of death by the signal (143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _log_to_stderr(level: str):
