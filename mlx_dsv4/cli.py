@@ -161,16 +161,21 @@ def convert(
                      shard_size=shard_size, progress=report)
     if dry_run:
         console.print(_plan_table(source, result))
-    elif not result.written:
-        console.print(f"{result.output} already holds this conversion.", highlight=False)
+    elif not result.finished:
+        console.print(f"{result.output} already holds this conversion.", highlight=False,
+                      soft_wrap=True)
+    elif not result.written:  # an earlier run wrote every shard and stopped before the end
+        console.print(f"Completed the conversion in {result.output}: the {len(result.reused)} "
+                      "shard(s) an earlier run wrote are kept, the index is written now.",
+                      highlight=False, soft_wrap=True)
     else:
         reused = f", kept {len(result.reused)} from an earlier run" if result.reused else ""
         console.print(f"Wrote {len(result.written)} shard(s){reused} to {result.output} "
-                      f"in {result.seconds:.0f} s.", highlight=False)
+                      f"in {result.seconds:.0f} s.", highlight=False, soft_wrap=True)
         if result.plan.dropped:
             from .convert import dropped_note
 
-            console.print(f"Note: {dropped_note(result.plan)}.", highlight=False)
+            console.print(f"Note: {dropped_note(result.plan)}.", highlight=False, soft_wrap=True)
 
 
 class _progress_bar:
