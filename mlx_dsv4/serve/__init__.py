@@ -100,8 +100,8 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     # The grammar engine's view of the vocabulary takes about a second to build: do it now, not
     # in the first request that asks for a tool call or JSON.
     threading.Thread(target=grammar_tokenizer, args=(tokenizer, args.vocab_size), daemon=True).start()
-    app = create_app(engine, config, cors_origins=[o if o == "*" else normal_origin(o) for o in cors_origins],
-                     hosts=hosts_for(host, allow_hosts))
+    origins = [o if o == "*" else normal_origin(o) for o in cors_origins]
+    app = create_app(engine, config, cors_origins=origins, hosts=hosts_for(host, allow_hosts))
     return engine, app, config
 
 

@@ -170,8 +170,12 @@ class ChatRequest(Sampling):
     function_call: Literal["auto", "none"] | Named | None = None
 
     @model_validator(mode="after")
-    def _rendered_shapes(self):
+    def _messages(self):
         check_messages(self.messages)
+        return self
+
+    @model_validator(mode="after")
+    def _rendered_shapes(self):
         for name, shape in RENDERED.items():
             try:
                 if getattr(self, name) is not None:
