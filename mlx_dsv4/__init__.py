@@ -8,6 +8,9 @@ modules are imported on first use so that
 from importlib.metadata import PackageNotFoundError, version
 
 from .config import ConfigError, ModelArgs
+from .threads import release_at_exit
+
+release_at_exit()  # MLX asks every thread, the main one too, to free its streams before exit
 
 try:
     __version__ = version("mlx-dsv4")  # pyproject.toml's, as installed: one place to bump it

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -239,23 +241,18 @@ class Chat:
         return reply, last, interrupted
 
     def save(self, path: str | Path):
-        """Write the whole conversation (trimmed turns too) as JSON; an existing file is only
-        replaced once the new one is written."""
-        path = Path(path)
+        """Write the whole conversation (trimmed turns too) as JSON (`write_regular`)."""
         state = {"messages": self.messages, "system": self.system, "thinking": self.thinking,
                  "effort": self.effort}
-        text = json.dumps(state, ensure_ascii=False, indent=1)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_regular(Path(path), json.dumps(state, ensure_ascii=False, indent=1))
 
     def load(self, path: str | Path):
         """Replace the conversation with a file written by `save`; a file that is not one, or
         that this checkpoint's encoder cannot render, changes nothing."""
-        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            state = json.loads(read_regular(Path(path)))
+        except RecursionError:
+            raise ValueError("it is nested too deeply to be a saved conversation") from None
         if not isinstance(state, dict) or not isinstance(state.get("messages", []), list):
             raise ValueError("not a saved conversation (a JSON object with a \"messages\" list)")
         messages = _clean(state.get("messages", []))
@@ -276,6 +273,44 @@ class Chat:
             raise ValueError(f"this model cannot render it: {e}") from None
         self.messages, self.first = messages, 0
         self.system, self.thinking, self.effort = system or None, thinking, effort
+
+
+def write_regular(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) beside `path`, then rename it over `path`: only over a regular file,
+    whose mode it keeps, or where nothing is (a new file is 0600: it holds a conversation). An
+    existing file is replaced only once the new one is whole. A symbolic link, directory, device
+    or FIFO at `path` is refused: the rename would replace it, not write into it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        mode = 0o600
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"it is {_kind(st.st_mode)}; /save writes regular files only")
+        mode = stat.S_IMODE(st.st_mode)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            os.fchmod(f.fileno(), mode)  # not subject to the umask, unlike a new file's mode
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_regular(path: Path) -> str:
+    """A regular file's text; a FIFO, device or directory is refused without waiting on it."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        kind = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(kind):
+            raise ValueError(f"it is {_kind(kind)}, not a regular file")
+        return f.read().decode("utf-8")
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _collect(event, reasoning: list, content: list, calls: list):

@@ -172,16 +172,21 @@ def convert(
                      shard_size=shard_size, progress=report)
     if dry_run:
         console.print(_plan_table(source, result))
-    elif not result.written:
-        console.print(f"{result.output} already holds this conversion.", highlight=False)
+    elif not result.finished:
+        console.print(f"{result.output} already holds this conversion.", highlight=False,
+                      soft_wrap=True)
+    elif not result.written:  # an earlier run wrote every shard and stopped before the end
+        console.print(f"Completed the conversion in {result.output}: the {len(result.reused)} "
+                      "shard(s) an earlier run wrote are kept, the index is written now.",
+                      highlight=False, soft_wrap=True)
     else:
         reused = f", kept {len(result.reused)} from an earlier run" if result.reused else ""
         console.print(f"Wrote {len(result.written)} shard(s){reused} to {result.output} "
-                      f"in {result.seconds:.0f} s.", highlight=False)
+                      f"in {result.seconds:.0f} s.", highlight=False, soft_wrap=True)
         if result.plan.dropped:
             from .convert import dropped_note
 
-            console.print(f"Note: {dropped_note(result.plan)}.", highlight=False)
+            console.print(f"Note: {dropped_note(result.plan)}.", highlight=False, soft_wrap=True)
 
 
 class _progress_bar:
@@ -394,10 +399,19 @@ def serve(
     max_batch: Annotated[int | None, typer.Option(
         min=1, metavar="N", help="Requests decoding together (default: as many as fit, up to 8; "
                                  "1 serves one at a time, with MTP speculation).")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", metavar="ORIGIN", help="A web page allowed to use the server, e.g. "
+        "http://localhost:3000 (repeatable; '*' for any page, with --api-key only). Default: none; "
+        "requests from other pages are refused.")] = None,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", metavar="NAME", help="Another Host name to answer to (repeatable; '*': any). "
+        "Default: localhost, 127.0.0.1 and [::1]; on a non-loopback --host also IP addresses and "
+        "this machine's name.")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
     Under mlx.launch, rank 0 serves and the other ranks hold their share of the layers."""
     _check_kv_bits(kv_bits)
+    origins = _check_origins(cors_origin or [], api_key)
     rank = _pipeline(model, expert_memory, max_context, kv_bits, prefill_chunk)
     if rank is not None:  # a pipeline: no MTP, no prompt cache
         if rank:
@@ -415,7 +429,20 @@ def serve(
         model_id=model_id, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
         exact_sampling=exact_sampling, draft=0 if no_mtp else draft, expert_memory=expert_memory,
         prompt_cache=_prompt_cache(prompt_cache_bytes, prompt_cache_dir, prompt_cache_disk_bytes,
-                                   no_prompt_cache), max_batch=max_batch, exit_process=True)
+                                   no_prompt_cache), max_batch=max_batch, cors_origins=origins,
+        allow_hosts=allow_host or [])
+
+
+def _check_origins(origins: list[str], api_key: str | None) -> list[str]:
+    from .serve.guard import normal_origin  # no MLX, no web stack
+
+    if "*" in origins and not api_key:
+        raise typer.BadParameter("'*' lets every web page you visit use the server; name the pages, "
+                                 "or set --api-key too.", param_hint="--cors-origin")
+    try:
+        return [o if o == "*" else normal_origin(o) for o in origins]
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--cors-origin") from None
 
 
 @command()

@@ -1,9 +1,10 @@
 """`dsv4 chat`: the terminal around `chat.Chat` (prompt-toolkit in, rich out).
 
 Input: Enter sends, Alt-Enter (or Esc then Enter) adds a line, pasted text keeps its newlines,
-history lives in a file; Ctrl-C clears the line, Ctrl-D or /quit leaves. Output: a status line
-until the first token (prefill progress when the prompt takes a while), then the reply as it is
-generated, reasoning dimmed (or folded to one line with /reasoning hide), then one stats line.
+history lives in a file only its owner reads (0600); Ctrl-C clears the line, Ctrl-D or /quit
+leaves. Output: a status line until the first token (prefill progress when the prompt takes a
+while), then the reply as it is generated, reasoning dimmed (or folded to one line with
+/reasoning hide), then one stats line.
 Model text is shown without terminal control sequences; the conversation keeps it as generated.
 Ctrl-C during a reply stops it and keeps the chat; no input and no failed turn ends the chat.
 Everything else is in chat.py, which knows no terminal.
@@ -11,8 +12,10 @@ Everything else is in chat.py, which knows no terminal.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -58,6 +61,23 @@ class ControlFilter:
         return strip_controls(text)
 
 
+def private_file(path: Path) -> None:
+    """Make `path` a file only its owner reads (0600), creating it if missing: the history holds
+    everything typed into the chat. A symbolic link or a file that is not regular is left as it
+    is (and never waited on)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError:
+        return  # prompt-toolkit says what it makes of it
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) and mode & 0o077:
+            os.fchmod(fd, stat.S_IMODE(mode) & 0o700)
+    finally:
+        os.close(fd)
+
+
 def _prompt_session(history: Path):
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
@@ -78,6 +98,7 @@ def _prompt_session(history: Path):
             event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
 
     history.parent.mkdir(parents=True, exist_ok=True)
+    private_file(history)
     return PromptSession(history=FileHistory(str(history)), key_bindings=keys, multiline=False)
 
 

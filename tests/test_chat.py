@@ -107,6 +107,56 @@ def test_save_and_load_round_trip(chat, tmp_path):
     assert "Could not load" in apply_command(chat, parse_command(f"/load {tmp_path}/nope.json"), {})
 
 
+def test_save_writes_regular_files_only_and_keeps_their_mode(chat, tmp_path):
+    """Issue 21: /save renamed over whatever was there (`/save /dev/full` said "Saved")."""
+    chat.messages = [{"role": "user", "content": "secret plans"}]
+    target = tmp_path / "real.json"
+    target.write_text("mine")
+    (tmp_path / "link.json").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name, kind in (("link.json", "a symbolic link"), ("fifo", "a FIFO"), ("dir", "a directory")):
+        msg = apply_command(chat, parse_command(f"/save {tmp_path / name}"), {})
+        assert msg == f"Could not save {tmp_path / name}: it is {kind}; /save writes regular files only.", msg
+    assert (tmp_path / "link.json").is_symlink() and target.read_text() == "mine"
+    assert (tmp_path / "fifo").is_fifo() and (tmp_path / "dir").is_dir()
+    target.chmod(0o640)
+    assert apply_command(chat, parse_command(f"/save {target}"), {}).startswith("Saved")
+    assert oct(target.stat().st_mode & 0o7777) == "0o640" and "secret plans" in target.read_text()
+    before = os.umask(0o022)
+    try:
+        apply_command(chat, parse_command(f"/save {tmp_path / 'new.json'}"), {})
+    finally:
+        os.umask(before)
+    assert oct((tmp_path / "new.json").stat().st_mode & 0o7777) == "0o600"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_load_errors_are_one_line(chat, tmp_path):
+    """Issue 21: a 100k-deep JSON printed a raw RecursionError; a FIFO would block the chat."""
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(tmp_path / "fifo")
+    for name, words in (("deep.json", "nested too deeply"), ("fifo", "it is a FIFO, not a regular file")):
+        msg = apply_command(chat, parse_command(f"/load {tmp_path / name}"), {})
+        assert msg.startswith(f"Could not load {tmp_path / name}: ") and words in msg and "\n" not in msg
+
+
+def test_the_history_file_is_private(tmp_path):
+    from mlx_dsv4.repl import private_file
+
+    new, old = tmp_path / "new_history", tmp_path / "old_history"
+    before = os.umask(0o022)
+    try:
+        private_file(new)
+    finally:
+        os.umask(before)
+    old.write_text("typed before\n")
+    old.chmod(0o644)
+    private_file(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in (new, old)] == ["0o600", "0o600"]
+    assert old.read_text() == "typed before\n"
+
+
 def test_stop_request_ends_the_turn_cleanly(chat):
     chat.sampling["max_tokens"] = 50
     seen = []

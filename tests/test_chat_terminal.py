@@ -103,6 +103,7 @@ def test_chat_streams_a_reply_resets_and_quits(selftest_model, tmp_path):
         term.send("/quit\r")
         assert term.proc.wait(timeout=30) == 0
         assert (tmp_path / ".dsv4_history").read_text().count("hello there") == 1
+        assert (tmp_path / ".dsv4_history").stat().st_mode & 0o777 == 0o600  # issue 21: not world-readable
     finally:
         term.close()
 

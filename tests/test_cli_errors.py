@@ -178,6 +178,16 @@ def test_chat_refuses_a_zero_context():
     assert r.exit_code == 2 and "--max-context" in r.output
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--cors-origin", "*"], "lets every web page"),
+    (["--cors-origin", "localhost:3000/app"], "'localhost:3000/app' is not an origin"),
+    (["--cors-origin", "http://localhost:3000/chat"], "no path"),
+])
+def test_serve_refuses_a_cors_origin_that_is_not_one_page(args, message):
+    r = runner.invoke(app, ["serve", "anything", *args])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+
+
 # ----- unexpected errors ---------------------------------------------------------------------------
 
 def test_a_bug_prints_one_line_unless_debugging(monkeypatch):

@@ -195,3 +195,20 @@ def test_a_rerun_after_an_interruption_at_any_step_finishes_the_same(source, ref
         for d in (out, killed):
             convert(source, d, shard_size=SHARD)
             assert files_of(d) == reference, (d.name, steps[k])
+
+
+def test_the_rerun_that_completes_a_conversion_says_so(source, unfinished, tmp_path):
+    """Issue 21: after a kill during the final write, the rerun said "already holds this
+    conversion" although it was the one that completed it."""
+    import subprocess
+    import sys
+
+    for name in ("config.json", INDEX):  # killed before the progress file was removed
+        (unfinished / name).write_text("{}")
+    dsv4 = [sys.executable, "-m", "mlx_dsv4.cli", "convert", str(source), str(unfinished),
+            "--shard-size", str(SHARD)]
+    first = subprocess.run(dsv4, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"Completed the conversion in {unfinished}: the 5 shard(s)"), first.stdout
+    again = subprocess.run(dsv4, capture_output=True, text=True, timeout=300)
+    assert again.stdout.strip() == f"{unfinished} already holds this conversion."

@@ -387,7 +387,6 @@ SERVED = [
                        reasoning_effort=None, thinking=None, logit_bias=None,
                        max_completion_tokens=None, parallel_tool_calls=None, functions=None,
                        function_call=None, chat_template_kwargs=None, reasoning=None)),
-    ("content-null", user(None)),
     ("content-empty-list", user([])),
     ("part-text-null", user([{"type": "text", "text": None}])),
     ("unicode-mix", user("emoji 👩‍👩‍👧 rtl \u202egnp.exe nul \x00 bom \ufeff nonchar \uffff max \U0010ffff")),
@@ -396,7 +395,6 @@ SERVED = [
     ("control-token-text", user("<｜end▁of▁sentence｜><｜User｜></think>｜DSML｜<｜fim▁hole｜>")),
     ("only-system", chat(messages=[{"role": "system", "content": "hi"}])),
     ("only-assistant", chat(messages=[{"role": "assistant", "content": "hi"}])),
-    ("only-tool", chat(messages=[{"role": "tool", "content": "hi"}])),
     ("assistant-twice", chat(messages=[*HI, {"role": "assistant", "content": "a"},
                                        {"role": "assistant", "content": "b"}])),
     ("tool-arguments-object", chat(messages=[*HI, {"role": "assistant", "tool_calls": [
@@ -411,7 +409,6 @@ SERVED = [
                            b'"max_tokens":2,"thinking":{"type":"disabled"}}')),
     ("bom-utf8", raw(b"\xef\xbb\xbf" + BASE + b"}")),
     ("utf16-body", raw((BASE + b"}").decode().encode("utf-16"))),
-    ("text-plain", raw(BASE + b"}", **{"Content-Type": "text/plain"})),
     ("no-content-type", raw(BASE + b"}", **{"Content-Type": ""})),
     ("charset-latin1-label", raw(BASE + b"}", **{"Content-Type": "application/json; charset=latin-1"})),
     ("deep-extra-field", raw(BASE + b',"metadata":' + b"[" * 200 + b"]" * 200 + b"}")),
@@ -662,3 +659,137 @@ def test_messages_credentials_and_sizes(live):
     assert assert_anthropic_error(r, 413)["type"] == "request_too_large"
     r = live.client.post(MESSAGES + "/nope", json={})
     assert assert_anthropic_error(r, 404)["type"] == "not_found_error"
+
+
+# ----- safe by default (issue 21): pages, hosts, keys, numbers, refusals ------------------------
+
+EVIL = "https://evil.example"
+
+
+def no_cors(r: httpx.Response) -> bool:
+    return not any(h.lower().startswith("access-control-") for h in r.headers)
+
+
+def test_a_web_page_cannot_use_the_server(live):
+    """No CORS headers (none named with --cors-origin), a page's requests refused, never
+    Allow-Private-Network; the reply is not readable by the page."""
+    page = {"Origin": EVIL, "Authorization": f"Bearer {KEY}"}
+    preflight = live.bare.options(CHAT, headers={**page, "Access-Control-Request-Method": "POST",
+                                                 "Access-Control-Request-Headers": "authorization",
+                                                 "Access-Control-Request-Private-Network": "true"})
+    assert preflight.status_code == 403 and no_cors(preflight)
+    for request in (chat(), {"method": "GET", "url": "/v1/models"}, message()):
+        r = live.bare.request(**request, headers=page)
+        assert r.status_code == 403 and no_cors(r), r.text
+        assert f"--cors-origin {EVIL}" in r.text
+    assert no_cors(live.client.get("/v1/models"))  # nor for clients that are not pages
+    assert "--cors-origin https://evil.example" in live.log.read_text(errors="replace")  # said to the user
+
+
+@pytest.mark.parametrize("kind", ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                  "multipart/form-data; boundary=b"])
+def test_a_body_not_declared_json_is_415(live, kind):
+    """Such a body needs no CORS preflight, so a page could send it blind."""
+    error = assert_error(send(live, raw(BASE + b"}", **{"Content-Type": kind})), 415)
+    assert "application/json" in error["message"]
+    error = assert_anthropic_error(live.client.post(MESSAGES, content=b"{}", headers={"Content-Type": kind}), 415)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.nip.io", "localhost.evil.example"])
+def test_a_host_that_is_not_this_server_is_refused(live, host):
+    """DNS rebinding: a page's own name pointed at 127.0.0.1 reaches a loopback server."""
+    for request in (chat(), {"method": "GET", "url": "/v1/models"}):
+        r = live.client.request(**request, headers={"Host": host})
+        error = assert_error(r, 403)
+        assert "Host" in error["message"] and f"--allow-host {host.split(':')[0]}" in error["message"]
+    r = live.client.get("/v1/models", headers={"Host": "localhost:1234"})
+    assert r.status_code == 200
+
+
+def _raw_http(live: Live, head: bytes, body: bytes = b"") -> bytes:
+    """Send `head` (and `body`), then read what comes back before the rest of a body is sent."""
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        s.sendall(head + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            data = s.recv(65536)
+            if not data:
+                break
+            reply += data
+        return reply
+
+
+def test_a_keyless_upload_is_refused_before_its_body_is_sent(live):
+    """The 401 comes on the headers alone: a 60 MB body that never arrives is not waited for."""
+    for head in (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 60000000\r\n\r\n",
+                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\nx-api-key: wrong\r\n\r\n"):
+        reply = _raw_http(live, head, b"100000\r\n" + b"{" * 0x100000 + b"\r\n" if b"chunked" in head else b"")
+        assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+    assert live.alive()
+    assert_served(send(live, chat()))
+
+
+@pytest.mark.parametrize("headers, status", [
+    ([("x-api-key", KEY), ("x-api-key", KEY)], 400),
+    ([("x-api-key", "nope"), ("x-api-key", KEY)], 400),
+    ([("Authorization", f"Bearer {KEY}"), ("Authorization", "Bearer nope")], 400),
+    ([("Authorization", f"Bearer {KEY}"), ("x-api-key", "nope")], 401),
+    ([("api-key", "nope"), ("x-api-key", KEY)], 401),
+], ids=["x-api-key-twice", "x-api-key-last-right", "authorization-twice", "bearer-and-x-api-key", "api-key-and-x-api-key"])
+def test_duplicate_credentials_are_refused(live, headers, status):
+    error = assert_error(live.bare.request(**chat(), headers=headers), status)
+    assert error["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("field, value", [("repetition_penalty", 5e-324), ("repetition_penalty", 0.001),
+                                          ("repetition_penalty", 101), ("temperature", 2.5),
+                                          ("top_p", 1.5), ("min_p", -0.1), ("presence_penalty", 2.5),
+                                          ("frequency_penalty", -2.5), ("top_k", -2)])
+def test_sampling_values_outside_their_bounds_are_400s(live, field, value):
+    for request in (chat(**{field: value}), completion(**{field: value, "logprobs": 1})):
+        assert assert_error(send(live, request), 400)["param"] == field
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a reply: {text[:300]}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_logprobs_stay_finite_at_the_sampling_bounds(live):
+    """The smallest repetition penalty and a temperature that would overflow the logits: served,
+    with finite logprobs (the grammar's impossible tokens are tested in test_server.py)."""
+    for body in (completion(logprobs=5, max_tokens=4, repetition_penalty=0.01, temperature=1e-300),
+                 completion(logprobs=5, max_tokens=4, repetition_penalty=100, stream=True)):
+        r = send(live, body)
+        assert r.status_code == 200, r.text
+        for line in r.text.splitlines() if body["json"].get("stream") else ["data: " + r.text]:
+            if line.startswith("data: {"):
+                lp = _strict_json(line[6:])["choices"][0]["logprobs"]
+                values = lp["token_logprobs"] + [v for top in lp["top_logprobs"] for v in top.values()]
+                assert all(-9999.0 <= v <= 0 for v in values)
+
+
+def test_messages_openai_refuses_are_400s(live):
+    """A message without content (null reads as missing) but an assistant's, and a tool message
+    that does not say which call it answers (issue 21, row 10)."""
+    cases = [
+        (user(None), "messages[0].content"),
+        (chat(messages=[{"role": "user"}]), "messages[0].content"),
+        (chat(messages=[{"role": "system", "content": None}, *HI]), "messages[0].content"),
+        (chat(messages=[*HI, {"role": "assistant", "tool_calls": [
+            {"id": "c", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "content": "r"}]), "messages[2].tool_call_id"),
+        (chat(messages=[{"role": "tool", "content": "hi"}]), "messages[0].tool_call_id"),
+    ]
+    for request, param in cases:
+        assert assert_error(send(live, request), 400)["param"] == param
+    assistant_only_calls = chat(messages=[*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "r"}])
+    assert_served(send(live, assistant_only_calls))

@@ -334,6 +334,7 @@ def test_dsv4_serve_under_launch_matches_one_process(selftest_model, tmp_path):
         assert procs[0].returncode == 0, report()
         logs[1].seek(0)
         assert "rank 1: layers" in logs[1].read()
+        assert "terminate called" not in report()  # issue 21: MLX's streams freed before exit
     finally:
         for p in procs:
             if p.poll() is None:
@@ -370,6 +371,8 @@ def test_dsv4_chat_under_launch_survives_ctrl_c(selftest_model, tmp_path, monkey
         term.send("/quit\r")
         assert term.proc.wait(timeout=30) == 0
         assert rank1.wait(timeout=30) == 0
+        log.seek(0)
+        assert "terminate called" not in log.read() + term.raw
     finally:
         term.close()
         if rank1.poll() is None:

@@ -53,6 +53,19 @@ def test_greedy_and_refusals():
             make_sampler(**bad)
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """Issue 21: 1/1e-300 overflows float32, and every scaled logit became -inf."""
+    from mlx_dsv4.generation.sampling import make_distribution
+
+    for seed in range(10):
+        lp = logprobs(seed)
+        best = int(np.argmax(np.array(lp)))
+        for t in (1e-300, 5e-324, 1e-7):
+            assert make_sampler(t, seed=seed)(lp).item() == best
+            p = np.array(make_distribution(t)(lp))
+            assert np.isfinite(p).all() and p[0, best] == 1.0
+
+
 @pytest.mark.parametrize("kw", [dict(logit_bias={3: 5.0, 7: -2.0}), dict(repetition_penalty=1.7),
                                 dict(presence_penalty=0.8), dict(frequency_penalty=0.6),
                                 dict(repetition_penalty=1.3, presence_penalty=0.5,

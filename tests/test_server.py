@@ -30,6 +30,7 @@ from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.generation.generate import Chunk, ContextError, stream_generate
 from mlx_dsv4.serve.app import create_app
 from mlx_dsv4.serve.engine import Engine
+from mlx_dsv4.serve.guard import LOOPBACK, hosts_for
 from mlx_dsv4.serve.protocol import ServerConfig
 from mlx_dsv4.generation.session import Session
 from mlx_dsv4.synthetic import random_weights, tiny_config
@@ -268,19 +269,138 @@ def test_c3_api_keys(scripted, tokenizer, encoding):
         bad = httpx.get(keyed.url + "/v1/models", headers={"Authorization": "Basic secret"})
         assert bad.status_code == 401
         assert httpx.get(keyed.url + "/health").status_code == 200
+        # Issue 21: a key sent twice, or two different keys, is refused (not "the last wins").
+        twice = [("x-api-key", "wrong"), ("x-api-key", "secret")]
+        for headers, status in ((twice, 400), (twice[::-1], 400),
+                                ([("Authorization", "Bearer secret")] * 2, 400),
+                                ({"Authorization": "Bearer wrong", "x-api-key": "secret"}, 401),
+                                ({"Authorization": "Bearer secret", "api-key": "other"}, 401)):
+            r = httpx.get(keyed.url + "/v1/models", headers=headers)
+            assert r.status_code == status and r.json()["error"]["code"] == "invalid_api_key", headers
+        both = {"Authorization": "Bearer secret", "x-api-key": "secret"}
+        assert httpx.get(keyed.url + "/v1/models", headers=both).status_code == 200
     finally:
         keyed.close()
 
 
-def test_c4_cors(scripted):
-    r = httpx.options(scripted.url + "/v1/chat/completions", headers={
-        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
-    assert 200 <= r.status_code < 300
-    allowed = r.headers["access-control-allow-headers"].lower()
-    assert all(h in allowed for h in ("authorization", "content-type", "x-stainless-os"))
+def test_the_key_is_checked_before_the_body_is_received():
+    """Issue 21: a keyless upload is refused on its headers; the body is never read."""
+    import asyncio
+
+    from mlx_dsv4.serve.app import _Edge
+
+    async def never(scope, receive, send):
+        raise AssertionError("the app ran")
+
+    received, sent = [], []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    edge = _Edge(never, max_body=1 << 20, api_key="secret", hosts=LOOPBACK, origins=frozenset())
+    for key in ([], [(b"authorization", b"Bearer wrong")]):
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                             (b"content-length", b"60000000"), *key]}
+        asyncio.run(edge(scope, receive, send))
+    assert not received
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [401, 401]
+
+
+def test_c4_cors_only_for_the_pages_named(scripted, tokenizer, encoding):
+    """Issue 21: no CORS headers unless --cors-origin names the page; never Allow-Private-Network."""
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+                 "Access-Control-Request-Private-Network": "true"}
+    r = httpx.options(scripted.url + "/v1/chat/completions", headers=preflight)
+    assert r.status_code == 403 and not any(h.startswith("access-control-") for h in r.headers)
     r = httpx.get(scripted.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
-    assert r.headers["access-control-allow-origin"] == "*"
+    assert r.status_code == 403 and "--cors-origin http://localhost:3000" in r.json()["error"]["message"]
+    assert not any(h.startswith("access-control-") for h in r.headers)
+    config = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding)
+    named = Running(create_app(scripted.engine, config, cors_origins=["http://localhost:3000"]))
+    try:
+        preflight.pop("Access-Control-Request-Private-Network")
+        r = httpx.options(named.url + "/v1/chat/completions", headers=preflight)
+        assert 200 <= r.status_code < 300
+        assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        allowed = r.headers["access-control-allow-headers"].lower()
+        assert all(h in allowed for h in ("authorization", "content-type", "x-stainless-os"))
+        assert "access-control-allow-private-network" not in r.headers
+        r = httpx.get(named.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.options(named.url + "/v1/chat/completions",
+                          headers={**preflight, "Access-Control-Request-Private-Network": "true"})
+        assert "access-control-allow-private-network" not in r.headers
+        r = httpx.post(named.url + "/v1/chat/completions", json={"messages": []},
+                       headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    finally:
+        named.close()
+
+
+def test_the_servers_own_page_passes_the_origin_check(scripted):
+    """The chat page at / posts with its own origin: Origin's host:port is the Host asked, which
+    the Host check admits only for this server's names (a rebinding page's Host is refused)."""
+    netloc = scripted.url.split("://", 1)[1]
+    body = {"model": M, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}
+    r = httpx.post(scripted.url + "/v1/chat/completions", json=body, headers={"Origin": f"http://{netloc}"})
+    assert r.status_code == 200, r.text
+    port = netloc.rsplit(":", 1)[1]
+    r = httpx.post(scripted.url + "/v1/chat/completions", json=body,
+                   headers={"Origin": f"http://localhost:{int(port) + 1}"})  # another local page
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    r = httpx.post(scripted.url + "/v1/chat/completions", json=body,
+                   headers={"Origin": f"http://evil.example:{port}", "Host": f"evil.example:{port}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+
+
+def test_a_body_not_declared_json_is_415_in_each_api_shape(scripted):
+    """Issue 21: a text/plain or form body needs no CORS preflight, so it is refused."""
+    body = json.dumps({"model": M, "messages": [{"role": "user", "content": "Say hi"}]})
+    for kind in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                 "multipart/form-data; boundary=x"):
+        r = httpx.post(scripted.url + "/v1/chat/completions", content=body, headers={"Content-Type": kind})
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
+        r = httpx.post(scripted.url + "/v1/messages", content=body, headers={"Content-Type": kind})
+        assert r.status_code == 415 and r.json()["type"] == "error", r.text
+    for kind in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+        r = httpx.post(scripted.url + "/v1/chat/completions", content=body, headers={"Content-Type": kind})
+        assert r.status_code == 200, (kind, r.text)
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1", "127.0.0.1:1", "[::1]:80",
+                                  "LocalHost:8000"])
+def test_loopback_names_pass_the_host_check(host):
+    assert LOOPBACK.allows(host)
+
+
+def test_other_host_names_are_refused_unless_allowed(scripted, tokenizer, encoding):
+    """Issue 21 (DNS rebinding): on a loopback bind only the loopback names; --allow-host widens."""
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io", "192.168.1.2"):
+        r = httpx.get(scripted.url + "/v1/models", headers={"Host": host})
+        assert r.status_code == 403, host
+        message = r.json()["error"]["message"]
+        assert "Host" in message and f"--allow-host {host.split(':')[0]}" in message
+    r = httpx.post(scripted.url + "/v1/messages", json={}, headers={"Host": "evil.example"})
+    assert r.status_code == 403 and r.json()["type"] == "error"
+    config = ServerConfig(model_id=M, tokenizer=tokenizer, max_context=4096, encoding=encoding)
+    wider = Running(create_app(scripted.engine, config, hosts=hosts_for("127.0.0.1", ["box.lan"])))
+    try:
+        assert httpx.get(wider.url + "/v1/models", headers={"Host": "box.lan:8000"}).status_code == 200
+        assert httpx.get(wider.url + "/v1/models", headers={"Host": "evil.example"}).status_code == 403
+    finally:
+        wider.close()
+    # Listening on the network: clients use its addresses and this machine's name.
+    lan = hosts_for("0.0.0.0")
+    assert lan.allows("192.168.1.2:8000") and lan.allows("[fe80::1]") and lan.allows("localhost")
+    assert not lan.allows("evil.example")
+    assert hosts_for("0.0.0.0", ["*"]).allows("evil.example")
 
 
 def test_c5_chunked_body(scripted):
@@ -771,6 +891,37 @@ def test_c20_c52_response_format_and_prefix(client, scripted):
         {"role": "user", "content": "Write hello world"},
         {"role": "assistant", "content": "```python\n", "prefix": True}])
     assert r.choices[0].message.content and last_call(scripted).prompt.endswith("</think>```python\n")
+
+
+def test_logprobs_of_impossible_tokens_are_a_finite_floor(scripted):
+    """Issue 21: a JSON grammar rules out most tokens (logprob -inf), and the top 20 then holds
+    some; they are reported as OpenAI does, at -9999.0, plain and streamed (not a 500, not
+    `-Infinity`)."""
+    def strict(text):
+        def refuse(constant):
+            raise AssertionError(f"{constant} in {text[:200]}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    body = {"model": M, "messages": [{"role": "user", "content": "Reply in JSON"}], "logprobs": True,
+            "top_logprobs": 20, "max_tokens": 6, "response_format": {"type": "json_object"}, **OFF}
+    r = httpx.post(scripted.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    entries = strict(r.text)["choices"][0]["logprobs"]["content"]
+    values = [t["logprob"] for e in entries for t in [e, *e["top_logprobs"]]]
+    assert -9999.0 in values and all(-9999.0 <= v <= 0 for v in values)
+    r = httpx.post(scripted.url + "/v1/chat/completions", json=dict(body, stream=True), timeout=60)
+    events = [strict(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    streamed = [t["logprob"] for e in events for c in e["choices"] if c.get("logprobs")
+                for x in c["logprobs"]["content"] for t in [x, *x["top_logprobs"]]]
+    assert streamed == values
+
+
+def test_reported_logprobs_are_finite():
+    from mlx_dsv4.serve.protocol import reported
+
+    assert [reported(v) for v in (-0.5, 0.0, 1e-7, -9999.0, -1e9, float("-inf"), float("nan"))] == \
+        [-0.5, 0.0, 0.0, -9999.0, -9999.0, -9999.0, -9999.0]
 
 
 def test_c51_injection_guard(client, scripted):

@@ -56,6 +56,7 @@ class Result:
     reused: list[str] = field(default_factory=list)  # shards kept from an interrupted run
     written: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    finished: bool = False  # this run wrote the index (False: the directory was complete already)
 
     @property
     def disk_bytes(self) -> int:
@@ -123,7 +124,7 @@ def convert(source: str | Path, output_dir: str | Path, *, recipe: str | Recipe 
         writer.close()
     written = [s.name for s in plan.shards if s.name not in writer.reused]
     return Result(plan, out, False, reused=writer.reused, written=written,
-                  seconds=time.perf_counter() - t0)
+                  seconds=time.perf_counter() - t0, finished=True)
 
 
 def _stream(plan: Plan, root: Path, writer: ShardWriter, progress) -> None:

@@ -18,6 +18,9 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 PENALTY_CONTEXT = 20  # tokens the penalties look back over
+# Below this a temperature samples greedily, as 0 does: dividing by it would overflow the logits
+# (1e-300 made them infinite); from it up they stay below ~1e10, far from float32's 3e38.
+MIN_TEMPERATURE = 1e-6
 
 
 def greedy(logprobs: mx.array) -> mx.array:
@@ -71,14 +74,15 @@ def _filters(temperature: float, top_p: float, min_p: float, top_k: int):
 
 def make_sampler(temperature: float = 0.0, top_p: float = 0.0, min_p: float = 0.0,
                  top_k: int = 0, seed: int | None = None) -> Sampler:
-    """Greedy at temperature 0; otherwise categorical over the filtered, tempered distribution.
+    """Greedy at temperature 0 (or below `MIN_TEMPERATURE`); otherwise categorical over the
+    filtered, tempered distribution.
 
     `top_p` outside (0, 1), `min_p` 0 and `top_k` 0 (or not below the vocabulary) filter nothing.
     With `seed`, draws come from a key of the sampler's own: those of `mx.random.seed(seed)`
     followed by this sampler alone, whatever else draws in between (a batch of requests).
     """
     tempered = _filters(temperature, top_p, min_p, top_k)
-    if temperature == 0:
+    if temperature < MIN_TEMPERATURE:
         return greedy
     if seed is None:
         return lambda logprobs: mx.random.categorical(tempered(logprobs))
@@ -97,7 +101,7 @@ def make_distribution(temperature: float = 0.0, top_p: float = 0.0, min_p: float
     """The distribution `make_sampler` draws from, as probabilities `[..., V]` (fp32): one-hot
     at the argmax for temperature 0. Speculative decoding compares draft and target with it."""
     tempered = _filters(temperature, top_p, min_p, top_k)
-    if temperature == 0:
+    if temperature < MIN_TEMPERATURE:
         def one_hot(logprobs: mx.array) -> mx.array:
             return (mx.arange(logprobs.shape[-1]) == greedy(logprobs)[..., None]).astype(mx.float32)
 

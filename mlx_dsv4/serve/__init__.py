@@ -8,9 +8,12 @@ FastAPI, uvicorn and sse-starlette are imported only in this package.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 from pathlib import Path
+from typing import Sequence
 
 log = logging.getLogger("mlx_dsv4.serve")
 
@@ -20,7 +23,9 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
                   kv_bits: int | None = None, prefill_chunk: int = 512, thinking: bool = True,
                   exact_sampling: bool = False, wire_memory: bool = True,
                   draft: int | None = None, expert_memory: int | str | None = None,
-                  prompt_cache: dict | None = None, max_batch: int | None = None):
+                  prompt_cache: dict | None = None, max_batch: int | None = None,
+                  host: str = "127.0.0.1", cors_origins: Sequence[str] = (),
+                  allow_hosts: Sequence[str] = ()):
     """Plan memory and build `(engine, app, config)` for a converted model; the engine is not
     started (it loads the model on its own thread when it is). `draft`: MTP draft tokens per
     step (None: the default when the checkpoint has an MTP block; 0: no speculation).
@@ -29,6 +34,9 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     `disk_bytes`) for the states kept across requests and restarts (None: the live cache only).
     `max_batch`: requests decoding together (None: as many as the planner fits, up to 8); above
     1 the engine batches them (`generation.batch`), without speculative decoding.
+
+    `host`: the address the server will listen on, for the Host check (`guard.hosts_for`, widened
+    by `allow_hosts`); `cors_origins`: the web pages allowed to use the server (none by default).
 
     `max_context` defaults to the largest context that fits this machine, capped by the model's
     maximum; a given value that does not fit is refused with the planner's verdict.
@@ -43,6 +51,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     from ..model.weights import load_model
     from .app import create_app
     from .engine import Engine
+    from .guard import hosts_for, normal_origin
     from .protocol import ServerConfig
 
     path = Path(model_path).expanduser()
@@ -91,7 +100,9 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     # The grammar engine's view of the vocabulary takes about a second to build: do it now, not
     # in the first request that asks for a tool call or JSON.
     threading.Thread(target=grammar_tokenizer, args=(tokenizer, args.vocab_size), daemon=True).start()
-    return engine, create_app(engine, config), config
+    origins = [o if o == "*" else normal_origin(o) for o in cors_origins]
+    app = create_app(engine, config, cors_origins=origins, hosts=hosts_for(host, allow_hosts))
+    return engine, app, config
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -99,14 +110,16 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
           prefill_chunk: int = 512, thinking: bool = True, exact_sampling: bool = False,
           log_level: str = "info", draft: int | None = None,
           expert_memory: int | str | None = None, prompt_cache: dict | None = None,
-          max_batch: int | None = None, exit_process: bool = False):
+          max_batch: int | None = None, cors_origins: Sequence[str] = (),
+          allow_hosts: Sequence[str] = ()):
     """`create_server`, load the model, then run uvicorn until interrupted. A model that fails
     to load is raised (LoadError, ConfigError) or exits with the reason before any port is bound.
-    `exit_process` (the CLI) ends the process with status 0 once the server has stopped."""
+    Returns once the server has stopped and the engine's thread has ended."""
     import uvicorn
 
     from ..config import ConfigError
     from ..model.weights import LoadError
+    from .guard import is_loopback
 
     _log_to_stderr(log_level)
     engine, app, config = create_server(model_path, api_key=api_key, max_context=max_context,
@@ -114,7 +127,11 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
                                         prefill_chunk=prefill_chunk, thinking=thinking,
                                         exact_sampling=exact_sampling, draft=draft,
                                         expert_memory=expert_memory, prompt_cache=prompt_cache,
-                                        max_batch=max_batch)
+                                        max_batch=max_batch, host=host, cors_origins=cors_origins,
+                                        allow_hosts=allow_hosts)
+    if not is_loopback(host) and not api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use "
+                    "the model", host)
     log.info("loading %s", model_path)
     engine.start()
     try:
@@ -125,27 +142,29 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, api
             raise SystemExit(f"error: could not load {model_path}: {type(e).__name__}: {e}")
         log.info("serving %s as %r on http://%s:%d/v1 with %s tokens of context",
                  model_path, config.model_id, host, port, f"{config.max_context:,}")
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        with _sigterm_exits():
+            uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.stop()
-    if exit_process:
-        _exit_now()
 
 
-def _exit_now():
-    """Exit 0 without tearing the interpreter down. MLX, once used from a thread other than the
-    main one (the engine's), can abort during that teardown ("terminate called without an active
-    exception", exit 134) after a clean stop. Exit handlers (pending prompt-cache writes, telling
-    pipeline ranks to stop) run first."""
-    import atexit
-    import os
-    import sys
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (launchd, systemd, `docker stop`) stops the server as Ctrl-C does: uvicorn lets the
+    replies end, then raises the signal again once the server is down, and here that becomes a
+    normal exit (status 0; exit handlers run) instead of death by the signal (143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _log_to_stderr(level: str):

@@ -1,5 +1,6 @@
-"""The FastAPI app: routes, errors in OpenAI's shape (Anthropic's under `/messages`), CORS, auth,
-SSE (protocol.md B1-B8).
+"""The FastAPI app: routes, errors in OpenAI's shape (Anthropic's under `/messages`), the checks
+every request passes first (`guard`: Host, Origin, key, JSON), CORS for allowed pages, SSE
+(protocol.md B1-B8).
 
 Handlers parse, call one function of `protocol` (or `anthropic`, `responses`), render. Every route also answers without the
 `/v1` prefix, with a trailing slash or doubled slashes, and ignores the query string. A body
@@ -13,8 +14,8 @@ import asyncio
 import json
 import logging
 import re
-import secrets
 import time
+from typing import Sequence
 
 import anyio
 from fastapi import FastAPI, Request
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException
 from ..generation.generate import ContextError
 from . import anthropic, completions, protocol, responses, responses_events
 from .engine import Busy, Engine, Job, Refused, Stopped
+from .guard import LOOPBACK, Hosts, check_host, check_json, check_key, check_origin
 from .page import chat_page
 from .protocol import ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, invalid
@@ -37,11 +39,18 @@ OPEN = ("/", "/health", "/healthz")  # answered without an API key (the page ask
 SHUTDOWN_GRACE = 2.0  # seconds a stream has to send its last event when the server stops
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+def create_app(engine: Engine, config: ServerConfig, *, cors_origins: Sequence[str] = (),
+               hosts: Hosts = LOOPBACK) -> FastAPI:
+    """The app; `cors_origins`: the web pages (`https://host:port`) that may use it, answered with
+    CORS headers (none by default: no page may); `hosts`: the Host names it answers to."""
+    origins = frozenset(cors_origins)
     app = FastAPI(title="mlx-dsv4", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Edge, max_body=config.max_body, api_key=config.api_key)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                       allow_headers=["*"], allow_private_network=True)
+    app.add_middleware(_Edge, max_body=config.max_body, api_key=config.api_key, hosts=hosts,
+                       origins=origins)
+    if origins:  # outside _Edge: a preflight carries no key, and refusals carry the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(origins),
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
+                           allow_private_network=False)
     _errors(app)
     store = responses.Store()
 
@@ -240,14 +249,28 @@ def _errors(app: FastAPI):
 
 
 class _Edge:
-    """Route on a normalised path (no `/v1` prefix, single slashes, no trailing slash), read
-    every POST body as JSON whatever its Content-Type says (B1), refuse a body over `max_body`
-    bytes before parsing it, check the API key before anything looks at the body, and answer
-    an unexpected failure with a 500 in the error shape. (A Starlette handler for `Exception`
-    re-raises after answering, and uvicorn then drops the kept-alive connection.)"""
+    """What every request passes before a route sees it, in this order: route on a normalised
+    path (no `/v1` prefix, single slashes, no trailing slash); refuse a Host that is not this
+    server's, an Origin the user did not allow, a missing or repeated API key and a body not
+    declared JSON (`guard`: all on the headers, before a byte of the body is received); read the
+    body, refusing one over `max_body` bytes before parsing it; answer an unexpected failure with
+    a 500 in the error shape. (A Starlette handler for `Exception` re-raises after answering, and
+    uvicorn then drops the kept-alive connection.)"""
 
-    def __init__(self, app, max_body: int, api_key: str | None):
+    def __init__(self, app, max_body: int, api_key: str | None, hosts: Hosts, origins: frozenset[str]):
         self.app, self.max_body, self.api_key = app, max_body, api_key
+        self.hosts, self.origins = hosts, origins
+
+    def _refusal(self, scope, path: str) -> APIError | None:
+        headers = scope["headers"]
+        error = check_host(headers, self.hosts) or check_origin(headers, self.origins)
+        if error is None and path not in OPEN:
+            error = check_key(headers, self.api_key)
+        if error is None and scope["method"] == "POST":
+            error = check_json(headers)
+        if error is not None and error.status == 403:  # the browser hides it from the page: say it here
+            log.warning("refused %s %s: %s", scope["method"], scope["path"], error.message)
+        return error
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -255,9 +278,11 @@ class _Edge:
         path = re.sub("/+", "/", scope["path"]).rstrip("/") or "/"
         if path == "/v1" or path.startswith("/v1/"):
             path = path[3:] or "/"
+        if (error := self._refusal(scope, path)) is not None:  # uvicorn discards the unread body
+            return await _error(error, path)(scope, receive, send)
         headers = scope["headers"]
         if scope["method"] == "POST":
-            headers = [h for h in headers if h[0] != b"content-type"]
+            headers = [h for h in headers if h[0] != b"content-type"]  # none or JSON: read as JSON (B1)
             headers.append((b"content-type", b"application/json"))
             body = await _read_body(receive, self.max_body, dict(headers).get(b"content-length"))
             if body is None:
@@ -266,9 +291,6 @@ class _Edge:
                                  headers={"Connection": "close"})
                 return await _error(error, path)(scope, receive, send)
             receive = _replay(body, receive)
-        if self.api_key and path not in OPEN and not _has_key(dict(headers), self.api_key):
-            error = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-            return await _error(error, path)(scope, receive, send)
         scope = dict(scope, path=path, raw_path=path.encode(), original_path=scope["path"], headers=headers)
         started = False
 
@@ -286,15 +308,6 @@ class _Edge:
             error = APIError(500, str(e) or type(e).__name__, type="server_error",
                              headers={"x-should-retry": "false"})
             await _error(error, path)(scope, receive, send)
-
-
-def _has_key(headers: dict[bytes, bytes], key: str) -> bool:
-    """The key as a bearer token (any case of "Bearer"), or in `x-api-key` or `api-key` (B1);
-    compared in constant time."""
-    scheme, _, bearer = headers.get(b"authorization", b"").strip().partition(b" ")
-    sent = [bearer.strip()] if scheme.lower() == b"bearer" else []
-    sent += [headers[h] for h in (b"x-api-key", b"api-key") if h in headers]
-    return any([secrets.compare_digest(s, key.encode()) for s in sent])
 
 
 async def _read_body(receive, limit: int, declared: bytes | None) -> bytes | None:

@@ -13,7 +13,7 @@ from typing import AsyncIterator
 from ..generation.generate import Chunk
 from ..text import chat_format
 from .engine import Job, Progress
-from .protocol import ServerConfig, budget, ending, token_ids, token_text, usage
+from .protocol import ServerConfig, budget, ending, reported, token_ids, token_text, usage
 from .schema import APIError, CompletionRequest, check_ids
 
 
@@ -64,8 +64,8 @@ class CompletionReply:
     def choice(self, chunk: Chunk, text: str) -> dict:
         lp = None
         if self.n is not None and chunk.logprob is not None and not self.ender(chunk):
-            lp = {"tokens": [token_text(self.tok, chunk.token)[0]], "token_logprobs": [chunk.logprob],
-                  "top_logprobs": [{token_text(self.tok, t)[0]: v for t, v in chunk.top_logprobs[: self.n]}],
+            lp = {"tokens": [token_text(self.tok, chunk.token)[0]], "token_logprobs": [reported(chunk.logprob)],
+                  "top_logprobs": [{token_text(self.tok, t)[0]: reported(v) for t, v in chunk.top_logprobs[: self.n]}],
                   "text_offset": [self.offset]}
         if self.echoed is not None:
             echoed, self.echoed = self.echoed, None

@@ -29,6 +29,7 @@ from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from ..generation.batch import DONE, Cancelled, Request
 from ..generation.generate import Chunk
+from ..threads import start_thread
 
 log = logging.getLogger("mlx_dsv4.serve")
 
@@ -145,8 +146,7 @@ class Engine:
     def start(self) -> "Engine":
         if self._thread is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="dsv4-engine", daemon=True)
-            self._thread.start()
+            self._thread = start_thread(self._run, name="dsv4-engine")
         return self
 
     def stop(self, timeout: float = 10.0):

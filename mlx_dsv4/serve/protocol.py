@@ -29,6 +29,7 @@ log = logging.getLogger("mlx_dsv4.serve")
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max", "ultra")
 TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
 BAN = -1e9  # logit bias that forbids a token
+LOGPROB_FLOOR = -9999.0  # the logprob OpenAI reports for a token of no probability
 MAX_EFFORT_CONTEXT = 393_216  # Think Max wants >= 384K of context (A6); below it, "high" is used
 # A token is ~4 bytes of text, up to ~12 as JSON \u escapes; 64 covers that and the structure.
 BODY_BYTES_PER_TOKEN, BODY_FLOOR = 64, 4 << 20
@@ -523,7 +524,7 @@ class ChatReply:
     def _logprob(self, chunk: Chunk) -> dict:
         def item(t, lp):
             text, raw = token_text(self.tok, t)
-            return {"token": text, "logprob": lp, "bytes": list(raw)}
+            return {"token": text, "logprob": reported(lp), "bytes": list(raw)}
 
         top = [item(t, lp) for t, lp in chunk.top_logprobs[: self.cj.logprobs]]
         return {**item(chunk.token, chunk.logprob), "top_logprobs": top}
@@ -549,6 +550,12 @@ def ending(job: Job, tok) -> Callable[[Chunk], bool]:
     it gets no logprobs entry; every other generated token gets one."""
     enders = set(tok.eos_token_ids) | set(job.sampling.get("stop_token_ids", ()))
     return lambda chunk: chunk.finish_reason == "stop" and chunk.token in enders
+
+
+def reported(logprob: float) -> float:
+    """A logprob as JSON can carry it: a token the grammar or a bias rules out has -inf (or a
+    NaN), which JSON cannot hold; such tokens are reported at OpenAI's floor, `LOGPROB_FLOOR`."""
+    return min(logprob, 0.0) if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def token_text(tok, token: int) -> tuple[str, bytes]:

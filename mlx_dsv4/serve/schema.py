@@ -108,6 +108,10 @@ class StreamOptions(Loose):
 RENDERED = {"tools": TypeAdapter(list[Tool]), "functions": TypeAdapter(list[Function]),
             "response_format": TypeAdapter(ResponseFormat)}
 MAX_STOPS = 32
+# Logits are divided or multiplied by the repetition penalty: from 0.01 to 100 they stay finite
+# (a penalty of 5e-324 made them infinite, and every logprob with them).
+MIN_REPETITION_PENALTY = 0.01
+NEEDS_CONTENT = ("system", "developer", "user", "tool")  # as OpenAI: only an assistant may omit it
 
 
 class Sampling(Loose):
@@ -119,7 +123,7 @@ class Sampling(Loose):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=100)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
@@ -164,6 +168,11 @@ class ChatRequest(Sampling):
     reasoning: dict | None = None
     functions: list[dict] | None = None
     function_call: Literal["auto", "none"] | Named | None = None
+
+    @model_validator(mode="after")
+    def _messages(self):
+        check_messages(self.messages)
+        return self
 
     @model_validator(mode="after")
     def _rendered_shapes(self):
@@ -247,6 +256,21 @@ def check_text(data: Any) -> None:
         elif isinstance(value, list):
             items = [(v, f"{where}[{i}]") for i, v in enumerate(value) if isinstance(v, (str, dict, list))]
             stack.extend(reversed(items))
+
+
+def check_messages(messages: list[Message]) -> None:
+    """What OpenAI refuses of a message list the declarations let through: a message other than
+    an assistant's without content (`null` reads as missing), a tool message without the id of
+    the call it answers."""
+    for i, m in enumerate(messages):
+        if m.content is None and m.role in NEEDS_CONTENT:
+            raise APIError(400, f"messages[{i}].content: a {m.role} message needs content (a string "
+                           "or a list of content parts); it is missing or null.",
+                           param=f"messages[{i}].content")
+        if m.role == "tool" and not m.tool_call_id:
+            raise APIError(400, f"Missing required parameter: 'messages[{i}].tool_call_id' (the id of "
+                           "the assistant's tool call this message answers).",
+                           param=f"messages[{i}].tool_call_id")
 
 
 def check_ids(ids, vocab: int, where: str) -> None:
