@@ -464,7 +464,8 @@ def test_a_fifo_or_link_under_an_entrys_name_is_skipped_with_a_warning(
 
     def look():
         try:
-            result.append(session(tiny_model, disk(tmp_path, disk_min_tokens=10_000)).prefill(a[:-1] + [5])[1])
+            restarted = session(tiny_model, disk(tmp_path, disk_min_tokens=10_000))
+            result.append(restarted.prefill(a[:-1] + [5])[1])
         finally:
             mx.clear_streams()  # this thread ran MLX (ml-explore/mlx#4327)
 

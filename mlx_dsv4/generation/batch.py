@@ -4,13 +4,14 @@ A `Batcher` owns the running sequences of one model. Each `step()` admits waitin
 (a fresh cache each, or the longest prefix the shared `PromptCache` holds), feeds at most
 `prefill_chunk` prompt tokens (of one long prompt, or of several short ones; chunks end at
 multiples of `prefill_chunk`, where the prompt cache takes its restore points, and a cancelled
-request leaves one where its prefill stopped), then runs one batched one-token step (`model/batch_decode.py`)
-for every sequence whose prompt is in, samples each row with that request's own sampler and
-processors, and hands each request its `Chunk` through its `sink`. A new prompt is thus
-prefilled between the running streams' tokens, a chunk at a time, and a finished or cancelled
-sequence leaves the batch (and frees its cache) at the next step. Steps are pipelined: a step's
-forward is queued before the previous step's tokens are read and handed out, so the device does
-not wait on Python; a request's chunk thus comes one step after its token is computed.
+request leaves one where its prefill stopped), then runs one batched one-token step
+(`model/batch_decode.py`) for every sequence whose prompt is in, samples each row with that
+request's own sampler and processors, and hands each request its `Chunk` through its `sink`. A
+new prompt is thus prefilled between the running streams' tokens, a chunk at a time, and a
+finished or cancelled sequence leaves the batch (and frees its cache) at the next step. Steps
+are pipelined: a step's forward is queued before the previous step's tokens are read and handed
+out, so the device does not wait on Python; a request's chunk thus comes one step after its
+token is computed.
 
 A request's tokens are those it would get alone: its prompt's last token goes through the same
 batched step as the others' next tokens, each sequence keeps its own pools, and a seeded request
@@ -188,7 +189,8 @@ class Batcher:
         """Up to `budget` more tokens of `r`'s prompt (all but its last token, which the decode
         step feeds), to the next multiple of `prefill_chunk` at most; returns how many it fed."""
         start = r.fed
-        end = min(r.fed + budget, len(r.ids) - 1, (r.fed // self.prefill_chunk + 1) * self.prefill_chunk)
+        boundary = (r.fed // self.prefill_chunk + 1) * self.prefill_chunk
+        end = min(r.fed + budget, len(r.ids) - 1, boundary)
         try:
             self.model(mx.array(r.ids[r.fed : end])[None], r.cache, last_only=True)
             with paced(self.model.args, end - start, end):

@@ -38,8 +38,9 @@ SUFFIX = ".dsv4state"
 NAME = re.compile(r"([0-9a-f]{16})-(\d{9})-([0-9a-f]{32})" + re.escape(SUFFIX))
 TEMP = re.compile(r"\.([0-9a-f]{16}-\d{9}-[0-9a-f]{32}" + re.escape(SUFFIX) + r")\.\d+\.\d+\.tmp")
 # Version 1 wrote `*.safetensors` into an unmarked folder; a folder holding only those (checked
-# by header) is claimed and they are removed, since this version cannot read them.
+# by header) and their temporaries is claimed and they are removed: this version cannot read them.
 OLD_NAME = re.compile(r"[0-9a-f]{16}-\d{9}-[0-9a-f]{32}\.safetensors")
+OLD_TEMP = re.compile(r"\.[0-9a-f]{16}-\d{9}-[0-9a-f]{32}\.safetensors\.\d+\.\d+\.tmp")
 # The header is a few KB per layer; a larger one is not ours and is not read.
 MAX_HEADER = 16 << 20
 STALE_TEMP = 24 * 3600  # seconds: an older temporary is a crashed write, not a slow one
@@ -67,12 +68,12 @@ def claim(directory: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise CacheFolderError(f"--prompt-cache-dir {path} is not a folder; point it at an empty "
                                "or new folder the prompt cache can keep to itself.")
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if _marked(path):
         _private(path)
         return path
     names = os.listdir(path)
-    old = [n for n in names if OLD_NAME.fullmatch(n) and _old_state(path / n)]
+    old = [n for n in names if OLD_NAME.fullmatch(n) and _old_state(path / n) or OLD_TEMP.fullmatch(n)]
     foreign = sorted(set(names) - set(old))
     if foreign:
         raise CacheFolderError(_refusal(path, foreign))
@@ -92,9 +93,7 @@ def claim_option(options: dict | None):
     if options and options.get("directory") is not None and options.get("disk_bytes", 1) > 0:
         try:
             claim(options["directory"])
-        except CacheFolderError:
-            raise
-        except OSError:
+        except OSError:  # (CacheFolderError is a ValueError: it goes up)
             pass
 
 

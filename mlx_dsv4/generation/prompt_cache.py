@@ -55,6 +55,8 @@ DEFAULT_DISK_BYTES = 20 * 10**9
 # 128 costs 5.8 MiB of small parts against 28 MB of pool rows per 4,096 tokens (+21%), and a
 # retry or re-ask re-reads at most 4,096 tokens.
 INTERVAL = 4096
+# Host copies waiting for the disk writer, at most (one write is always let through).
+PENDING_BYTES = 1 << 30
 _POOLS = ("kv_pool", "index_pool")
 _DEAD = ("kv", "gate")  # a compressor's partial-window rows, dead between windows
 
@@ -232,7 +234,9 @@ class _Write:
     end: int
     parent: str
     layers: int
-    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.nbytes = sum(a.nbytes for _, a in self.tensors.values())
 
 
 class PromptCache:
@@ -256,7 +260,7 @@ class PromptCache:
             self.directory = cache_folder.claim(directory)
             cache_folder.clean_temporaries(self.directory)
             self._evictor = cache_folder.Evictor(self.directory)
-            self._queue = queue.Queue(maxsize=2)  # each pending write holds a link's bytes
+            self._queue = queue.Queue()  # bounded by PENDING_BYTES of host copies, not by count
             threading.Thread(target=self._writer, name="dsv4-prompt-cache", daemon=True).start()
             atexit.register(self.flush, 60.0)
 
@@ -440,14 +444,15 @@ class PromptCache:
                 break
         small = state.small if state is not None else [_small(c) for c in cache]
         layers = [{**s, **_rows(c, start, n)} for s, c in zip(small, cache)]
+        waiting = sum(j.nbytes for j in list(self._pending.values()))
+        if waiting and waiting + sum(a.nbytes for layer in layers for a in layer.values()) > PENDING_BYTES:
+            log.info("prompt cache: %.0f MB of writes pending, not writing the state of %d tokens",
+                     waiting / 1e6, n)
+            return
         job = _Write(path, host_tensors(np.asarray(tokens[start:n], np.int32), layers), start, n,
                      parent, len(cache))
-        try:
-            self._pending[path] = job
-            self._queue.put_nowait(job)
-        except queue.Full:
-            del self._pending[path]
-            log.info("prompt cache: %d writes pending, not writing the state of %d tokens", 2, n)
+        self._pending[path] = job
+        self._queue.put(job)
 
     def _remember(self, state: State) -> bool:
         """Add `state` to memory (least recently used go to make room); False if it cannot fit."""
@@ -523,9 +528,7 @@ def open_prompt_cache(model_dir: str | Path, *, kv_bits: int | None = None,
     if directory is not None and disk_bytes > 0:
         try:
             directory = cache_folder.claim(directory)
-        except cache_folder.CacheFolderError:
-            raise
-        except OSError as e:
+        except OSError as e:  # (a folder that is not the cache's own raises CacheFolderError)
             log.warning("prompt cache: cannot use %s (%s); keeping states in memory only", directory, e)
             directory = None
     if max_bytes <= 0 and (directory is None or disk_bytes <= 0):
