@@ -45,7 +45,7 @@ import numpy as np
 from ..model.cache import EntryPool, LayerCache, _write
 from . import cache_folder
 from .cache_folder import NotRegular, default_dir
-from .prompt_files import POOL_KEYS, decode, encode, host_tensors, model_fingerprint, token_hash
+from .prompt_files import decode, encode, host_tensors, model_fingerprint, token_hash
 
 log = logging.getLogger("mlx_dsv4.generation.prompt_cache")
 
