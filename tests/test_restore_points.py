@@ -248,3 +248,28 @@ def test_usage_reports_the_tokens_a_restore_point_gave(selftest_model):
     finally:
         server.close()
         engine.stop()
+
+
+def test_a_prefill_stopped_between_chunks_leaves_the_session_consistent(tiny_model, token_ids,
+                                                                        monkeypatch):
+    import mlx_dsv4.generation.session as session_module
+
+    ids = token_ids[0, :600].tolist()
+    s = session(tiny_model, None)
+    chunks = []
+
+    def stop_at_the_third():
+        chunks.append(1)
+        if len(chunks) == 3:
+            raise Cancelled
+
+    real = session_module.prefill
+    monkeypatch.setattr(session_module, "prefill",
+                        lambda *a, **kw: real(*a, **{**kw, "on_chunk": stop_at_the_third}))
+    with pytest.raises(Cancelled):
+        s.prefill(ids)
+    monkeypatch.undo()
+    assert s.tokens == ids[:192]  # what the cache holds, not the tokens it held before
+    logits, reused = s.prefill(ids)
+    assert reused == 192
+    np.testing.assert_array_equal(np.array(logits), np.array(session(tiny_model, None).prefill(ids)[0]))

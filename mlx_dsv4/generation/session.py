@@ -146,9 +146,9 @@ class Session:
             logits = prefill(self.model, ids[reused:], self.cache, self.prefill_chunk,
                              on_prefilled=points.prefilled, on_chunk=points.chunk)
         finally:
-            if self.cache is not None:
+            if self.cache is not None:  # stopped early, the cache holds what it was fed
                 points.stopped()
-        self.tokens = ids
+                self.tokens = ids[: self.cache[0].offset]
         return logits[0], reused
 
 
@@ -180,6 +180,6 @@ class _Points:
     def stopped(self):
         """After the stream ended: if it ended inside the prefill, at a chunk end (the cache
         whole), keep a point there so that a retry resumes from it."""
-        cache = self.session.cache
-        if not self.done and self.chunk_end > self.start and {c.offset for c in cache} == {self.chunk_end}:
+        whole = {c.offset for c in self.session.cache} == {self.chunk_end}
+        if not self.done and self.chunk_end > self.start and whole:
             self._keep(force=True)
