@@ -98,6 +98,7 @@ class Chat:
         `expert_memory` (bytes, or "auto") streams the routed experts from disk through a cache.
         `prompt_cache`: `open_prompt_cache`'s options (None: no prompt cache); with a folder, a
         conversation reopened with /load after a restart resumes from the states kept there."""
+        from .generation.cache_folder import claim_option
         from .generation.prompt_cache import DEFAULT_BYTES, open_prompt_cache
         from .generation.speculative import resolve_draft
         from .text.chat_format import load_encoding
@@ -105,6 +106,7 @@ class Chat:
         from .model.weights import load, resolve_model
 
         path = resolve_model(model)
+        claim_option(prompt_cache)  # a folder that is not the cache's own is refused before loading
         plan, context = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk,
                                      expert_memory=expert_memory,
                                      other_bytes=prompt_cache.get("max_bytes", DEFAULT_BYTES) if prompt_cache else 0)

@@ -278,7 +278,9 @@ CacheBytes = Annotated[int, typer.Option(
          "starts with one (least recently used go first); 0 keeps none.")]
 CacheDir = Annotated[Path | None, typer.Option(
     "--prompt-cache-dir", metavar="DIR", help="Folder for the states of long prompts, reused "
-                                              "after a restart; default: ~/.cache/mlx-dsv4/prompt-cache.")]
+                                              "after a restart: a new or empty folder the cache "
+                                              "keeps to itself (one holding other files is "
+                                              "refused); default: ~/.cache/mlx-dsv4/prompt-cache.")]
 CacheDiskBytes = Annotated[int, typer.Option(
     "--prompt-cache-disk-bytes", parser=parse_size_or_zero, metavar="SIZE",
     help="Most the folder holds (least recently used go first); 0 writes nothing.")]
@@ -291,9 +293,9 @@ def _prompt_cache(max_bytes: int, directory: Path | None, disk_bytes: int, off: 
     if off:
         return None
     if directory is None:
-        # As prompt_cache.default_dir(), without importing MLX here.
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        directory = Path(base) / "mlx-dsv4" / "prompt-cache"
+        from .generation.cache_folder import default_dir  # imports no MLX
+
+        directory = default_dir()
     return {"max_bytes": max_bytes, "directory": directory, "disk_bytes": disk_bytes}
 
 

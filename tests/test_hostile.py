@@ -793,3 +793,59 @@ def test_messages_openai_refuses_are_400s(live):
         {"id": "c", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c", "content": "r"}])
     assert_served(send(live, assistant_only_calls))
+
+
+# ----- the prompt cache's folder and files (issue 21 rows 1, 5, 7) -------------------------------
+
+def serve_with_cache(model: Path, log: Path, folder: Path) -> tuple[subprocess.Popen, str | None]:
+    cmd = [sys.executable, "-m", "mlx_dsv4.cli", "serve", str(model), "--port", "0", "--max-context",
+           str(CONTEXT * 4), "--api-key", KEY, "--model-id", MODEL_ID, "--prompt-cache-dir", str(folder)]
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace")):
+            return proc, m[1]
+        time.sleep(0.05)
+    return proc, None
+
+
+def test_a_state_file_swapped_for_a_fifo_or_a_link_to_dev_zero_is_skipped(selftest_model, tmp_path):
+    import os
+    import stat
+
+    folder, log = tmp_path / "cache", tmp_path / "first.log"
+    asks = [chat(messages=[{"role": "user", "content": word * 700}], max_tokens=1) for word in ("ab", "cd")]
+    proc, url = serve_with_cache(selftest_model, log, folder)
+    assert url, log.read_text(errors="replace")
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          trust_env=False) as client:
+            for ask in asks:
+                assert_served(client.request(**ask))
+    finally:
+        stop_server(proc)
+    states = sorted(folder.glob("*.dsv4state"))
+    assert len(states) == 2  # prompts of 1,024 tokens or more go to disk
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o600}
+    states[0].unlink()
+    os.mkfifo(states[0])
+    states[1].unlink()
+    states[1].symlink_to("/dev/zero")
+
+    log = tmp_path / "restarted.log"
+    proc, url = serve_with_cache(selftest_model, log, folder)
+    assert url, log.read_text(errors="replace")
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          trust_env=False) as client:
+            for ask in asks:  # each answered (the old reader blocked on the FIFO, or read forever)
+                r = client.request(**ask)
+                assert_served(r)
+                assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    finally:
+        stop_server(proc)
+    text = log.read_text(errors="replace")
+    assert text.count("skipping") >= 2 and "Traceback" not in text, text[-3000:]
+    assert stat.S_ISFIFO(os.lstat(states[0]).st_mode) and os.path.islink(states[1])  # not removed

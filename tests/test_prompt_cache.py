@@ -3,6 +3,7 @@ prefilling gives, and whatever is wrong with a file on disk never reaches a cach
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -13,7 +14,8 @@ import pytest
 
 from fakes import ByteTokenizer
 from mlx_dsv4.model.cache import make_cache
-from mlx_dsv4.generation.prompt_cache import PromptCache, model_fingerprint, write_atomic
+from mlx_dsv4.generation.cache_folder import NAME, model_tag, write_atomic
+from mlx_dsv4.generation.prompt_cache import PromptCache, model_fingerprint
 from mlx_dsv4.generation.session import Session
 
 FP = "tiny-model-fingerprint-0123456789abcdef"
@@ -33,7 +35,7 @@ def disk(tmp_path, fp=FP, **kw):
 
 
 def files(tmp_path):
-    return sorted(p for p in tmp_path.iterdir() if p.suffix == ".safetensors")
+    return sorted(p for p in tmp_path.iterdir() if NAME.fullmatch(p.name))
 
 
 def sequential(model, first, then, kv_bits=None):
@@ -123,7 +125,7 @@ def test_a_damaged_or_foreign_file_is_ignored_with_a_warning(tiny_model, token_i
         blob[8 + hlen // 2] ^= 0x01
     path.unlink()
     # Under the name this model's cache looks for: only its contents can tell it apart.
-    target = tmp_path / (FP[:16] + path.name[16:])
+    target = tmp_path / (model_tag(FP) + path.name[16:])
     target.write_bytes(bytes(blob))
 
     caplog.set_level(logging.WARNING, "mlx_dsv4.generation.prompt_cache")
@@ -145,7 +147,8 @@ def test_a_state_of_another_layout_is_never_restored(tiny_model, tiny_args, toke
     assert any("does not fit" in r.getMessage() for r in caplog.records)
     # The bf16 state went; what is kept now is the 8-bit session's own.
     (kept,) = pc.states.values()
-    assert all(a.dtype == mx.uint32 for layer in kept.layers for k, a in layer.items() if k.endswith(".data"))
+    assert all(a.dtype == mx.uint32 for seg in kept.segments for layer in seg.layers
+               for k, a in layer.items() if k.endswith(".data"))
 
 
 def test_writes_are_atomic(tmp_path):
@@ -315,14 +318,14 @@ def test_the_cli_options_reach_the_server(monkeypatch, tmp_path):
 
 def test_a_failed_write_is_warned_about_and_costs_the_request_nothing(tiny_model, token_ids, tmp_path,
                                                                      monkeypatch, caplog):
-    import mlx_dsv4.generation.prompt_cache as prompt_cache
+    import mlx_dsv4.generation.cache_folder as cache_folder
 
     def full(path, pieces):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(prompt_cache, "write_atomic", full)
+    pc = disk(tmp_path, disk_min_tokens=100)  # the folder is claimed (its marker written) first
+    monkeypatch.setattr(cache_folder, "write_atomic", full)
     caplog.set_level(logging.WARNING, "mlx_dsv4.generation.prompt_cache")
-    pc = disk(tmp_path, disk_min_tokens=100)
     s = session(tiny_model, pc)
     a = token_ids[0, :150].tolist()
     logits, _ = s.prefill(a)
@@ -341,7 +344,7 @@ def test_a_state_that_cannot_be_captured_is_warned_about_and_the_reply_goes_on(
         tiny_model, token_ids, monkeypatch, caplog):
     import mlx_dsv4.generation.prompt_cache as prompt_cache
 
-    def broken(cache, tokens):
+    def broken(cache, tokens, base=None):
         raise MemoryError("no room for a copy")
 
     monkeypatch.setattr(prompt_cache, "capture", broken)
@@ -352,3 +355,262 @@ def test_a_state_that_cannot_be_captured_is_warned_about_and_the_reply_goes_on(
     np.testing.assert_allclose(np.array(logits), fresh_logits(tiny_model, a), atol=1e-4)
     assert reused == 0 and len(pc.states) == 0
     assert ["no room for a copy" in r.getMessage() for r in caplog.records] == [True]
+
+
+# ----- the folder is the cache's own, and only its own files are touched (issue 21) -------------
+
+def fake_model_dir(path):
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "deepseek_v4"}')
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "my-adapter.safetensors"):
+        (path / name).write_bytes(os.urandom(200_000))
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_a_folder_holding_a_model_is_refused_and_left_as_it_was(tmp_path):
+    from mlx_dsv4.generation.cache_folder import CacheFolderError
+    from mlx_dsv4.generation.prompt_cache import open_prompt_cache
+
+    model = tmp_path / "model"
+    before = fake_model_dir(model)
+    with pytest.raises(CacheFolderError) as e:
+        open_prompt_cache(model, directory=model, disk_bytes=10**6)
+    assert str(e.value).startswith(f"--prompt-cache-dir {model} holds a model (config.json, ")
+    assert "point --prompt-cache-dir at an empty or new folder" in str(e.value)
+    # Someone's other files, no model: refused too, with what they are.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("x")
+    with pytest.raises(CacheFolderError, match="holds files the prompt cache did not write"):
+        PromptCache(FP, directory=other)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert [p.name for p in other.iterdir()] == ["todo.txt"]
+
+
+def test_eviction_removes_only_the_caches_own_files(tiny_model, token_ids, tmp_path):
+    folder = tmp_path / "cache"
+    pc = disk(folder, disk_bytes=1, max_bytes=0)  # a bound no state fits: every write is evicted
+    # Files dropped into the cache's folder later, under names a careless eviction would take.
+    planted = {"model-00001-of-00001.safetensors": os.urandom(50_000), "my-adapter.safetensors": b"w",
+               "notes.dsv4state": b"mine", model_tag(FP) + "-000000100-" + "0" * 32 + ".dsv4state.bak": b"b"}
+    for name, blob in planted.items():
+        (folder / name).write_bytes(blob)
+    os.utime(folder / "my-adapter.safetensors", (0, 0))  # the oldest file in the folder
+    session(tiny_model, pc).prefill(token_ids[0, :300].tolist())
+    assert pc.flush(60)
+    assert files(folder) == []  # its own state went
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in planted} == planted
+
+
+def test_the_cli_refuses_a_model_folder_as_the_cache_before_loading(selftest_model, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(selftest_model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    for command in ("serve", "chat"):
+        r = subprocess.run([sys.executable, "-m", "mlx_dsv4.cli", command, str(model),
+                            "--prompt-cache-dir", str(model), "--prompt-cache-disk-bytes", "1MB"],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1, r.stderr
+        assert f"--prompt-cache-dir {model} holds a model" in r.stdout + r.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+
+
+def test_a_folder_of_the_old_version_is_claimed_and_its_states_removed(tmp_path):
+    from mlx_dsv4.generation.cache_folder import MARKER, claim
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    meta = json.dumps({"__metadata__": {"format": "mlx-dsv4-prompt-cache", "version": "1"}}).encode()
+    old = folder / ("ab" * 8 + "-000001399-" + "cd" * 16 + ".safetensors")
+    old.write_bytes(struct.pack("<Q", len(meta)) + meta)
+    assert claim(folder) == folder
+    assert [p.name for p in folder.iterdir()] == [MARKER]
+
+
+# ----- reading: regular files only, never more than the header declares (issue 21) --------------
+
+def plant(tmp_path, tiny_model, token_ids):
+    """A 300-token state on disk, and its file's path."""
+    pc = disk(tmp_path)
+    a = token_ids[0, :300].tolist()
+    session(tiny_model, pc).prefill(a)
+    assert pc.flush(60)
+    (path,) = files(tmp_path)
+    return a, path
+
+
+@pytest.mark.parametrize("thing", ["fifo", "link to /dev/zero", "link to a state"])
+def test_a_fifo_or_link_under_an_entrys_name_is_skipped_with_a_warning(
+        tiny_model, token_ids, tmp_path, caplog, thing):
+    import threading
+
+    a, path = plant(tmp_path, tiny_model, token_ids)
+    if thing == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif thing == "link to /dev/zero":
+        path.unlink()
+        path.symlink_to("/dev/zero")
+    else:
+        real = path.rename(tmp_path / "elsewhere")
+        path.symlink_to(real)
+    caplog.set_level(logging.WARNING, "mlx_dsv4.generation.prompt_cache")
+    result = []
+
+    def look():
+        try:
+            restarted = session(tiny_model, disk(tmp_path, disk_min_tokens=10_000))
+            result.append(restarted.prefill(a[:-1] + [5])[1])
+        finally:
+            mx.clear_streams()  # this thread ran MLX (ml-explore/mlx#4327)
+
+    worker = threading.Thread(target=look)
+    worker.start()
+    worker.join(120)  # the old reader blocked on a FIFO forever
+    if worker.is_alive():  # let it go before failing: a writer opens the FIFO
+        with open(path, "wb"):
+            pass
+        worker.join(60)
+        pytest.fail("the lookup blocked on the planted file")
+    assert result == [0]
+    assert any(f"skipping {path.name}" in r.getMessage() for r in caplog.records)
+    assert os.path.lexists(path)  # skipped, not removed: it is not the cache's to remove
+
+
+def test_a_file_longer_than_its_header_declares_is_not_read(tiny_model, token_ids, tmp_path,
+                                                            monkeypatch, caplog):
+    import mlx_dsv4.generation.cache_folder as cache_folder
+
+    a, path = plant(tmp_path, tiny_model, token_ids)
+    size = path.stat().st_size
+    with path.open("ab") as f:
+        f.write(b"\0" * (8 << 20))
+    reads = []
+    real = os.read
+    monkeypatch.setattr(cache_folder.os, "read", lambda fd, n: reads.append(n) or real(fd, n))
+    caplog.set_level(logging.WARNING, "mlx_dsv4.generation.prompt_cache")
+    assert session(tiny_model, disk(tmp_path, disk_min_tokens=10_000)).prefill(a[:-1] + [5])[1] == 0
+    assert sum(reads) < size  # the header alone told it the file is not what it says
+    assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+# ----- the fingerprint follows every weight file (issue 21) -------------------------------------
+
+def test_weights_edited_in_place_mid_shard_are_not_served_from_old_states(selftest_model, tmp_path):
+    import shutil
+
+    from mlx_dsv4.model.weights import load
+    from mlx_dsv4.generation.prompt_cache import open_prompt_cache
+
+    model = tmp_path / "model"
+    shutil.copytree(selftest_model, model)
+    prompt = list(range(40, 240)) * 2
+
+    def reply(pc=None):
+        lm, tokenizer = load(model)
+        chunks = list(Session(lm, tokenizer, prefill_chunk=64, prompt_cache=pc).generate(
+            prompt, max_tokens=8, temperature=0.0))
+        return [c.token for c in chunks if c.token is not None], chunks[-1].reused_tokens
+
+    def cache():
+        pc = open_prompt_cache(model, directory=tmp_path / "cache", disk_bytes=10**9)
+        pc.disk_min_tokens = 1
+        return pc
+
+    pc = cache()
+    reply(pc)  # the state of `prompt` goes to disk
+    assert pc.flush(60)
+    assert reply(cache())[1] == len(prompt) - 1  # and serves the unchanged model
+    (shard,) = model.glob("*.safetensors")
+    st = shard.stat()
+    blob = bytearray(shard.read_bytes())
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + hlen])
+    header.pop("__metadata__", None)
+    # Three tensors that shape the KV state, in the middle of the shard (far from its first and
+    # last 64 KiB): their signs flipped.
+    for name in ("layers.2.attn.kv_norm.weight", "layers.2.attn.wkv.scales",
+                 "layers.2.attn.compressor.wkv.weight"):
+        assert header[name]["dtype"] == "BF16"
+        begin, end = (8 + hlen + x for x in header[name]["data_offsets"])
+        assert 1 << 16 < begin and end < len(blob) - (1 << 16), name
+        for i in range(begin + 1, end, 2):
+            blob[i] ^= 0x80
+    with shard.open("r+b") as f:  # in place: the same inode and size
+        f.write(blob)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime: only content tells
+    assert shard.stat().st_ino == st.st_ino
+
+    fresh, _ = reply()
+    assert reply(cache()) == (fresh, 0)
+
+
+def test_the_fingerprint_samples_large_files_throughout(tmp_path, monkeypatch):
+    import mlx_dsv4.generation.prompt_files as prompt_files
+
+    monkeypatch.setattr(prompt_files, "WHOLE_FILE", 1 << 16)
+    shard = tmp_path / "model.safetensors"
+    meta = json.dumps({"__metadata__": {}}).encode()
+    shard.write_bytes(struct.pack("<Q", len(meta)) + meta + os.urandom(4 << 20))
+    seen = {model_fingerprint(tmp_path)}
+
+    def changed(edit):
+        st = shard.stat()
+        edit()
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+        fp = model_fingerprint(tmp_path)
+        assert fp not in seen
+        seen.add(fp)
+
+    def poke(at):
+        def edit():
+            with shard.open("r+b") as f:
+                f.seek(at)
+                b = f.read(1)
+                f.seek(at)
+                f.write(bytes([b[0] ^ 1]))
+        return edit
+
+    offsets = prompt_files.sample_offsets(shard.stat().st_size)
+    assert offsets[0] == 0 and offsets[-1] + prompt_files.SAMPLE_BYTES == shard.stat().st_size
+    # In place, the mtime kept: caught where sampled (the middle, near the end).
+    for at in (offsets[len(offsets) // 2] + 100, offsets[-1] + 4000):
+        changed(poke(at))
+
+    def copy():  # the same bytes in a new file (a new inode), as a re-download gives
+        (tmp_path / "copy").write_bytes(shard.read_bytes())
+        os.replace(tmp_path / "copy", shard)
+
+    changed(copy)
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # any rewrite changes the mtime
+    assert model_fingerprint(tmp_path) not in seen
+
+
+# ----- permissions (issue 21) --------------------------------------------------------------------
+
+def test_the_folder_and_files_are_private_whatever_the_umask(tiny_model, token_ids, tmp_path):
+    import stat
+
+    from mlx_dsv4.generation.cache_folder import MARKER
+
+    old = os.umask(0)
+    try:
+        folder = tmp_path / "cache"
+        pc = disk(folder)
+        session(tiny_model, pc).prefill(token_ids[0, :200].tolist())
+        assert pc.flush(60)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert MARKER in modes and len(modes) == 2 and set(modes.values()) == {0o600}
+    # A folder of an earlier run left readable is made private again.
+    os.chmod(folder, 0o755)
+    disk(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700

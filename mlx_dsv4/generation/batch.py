@@ -2,13 +2,16 @@
 
 A `Batcher` owns the running sequences of one model. Each `step()` admits waiting requests
 (a fresh cache each, or the longest prefix the shared `PromptCache` holds), feeds at most
-`prefill_chunk` prompt tokens (of one long prompt, or of several short ones), then runs one batched one-token step (`model/batch_decode.py`)
-for every sequence whose prompt is in, samples each row with that request's own sampler and
-processors, and hands each request its `Chunk` through its `sink`. A new prompt is thus
-prefilled between the running streams' tokens, a chunk at a time, and a finished or cancelled
-sequence leaves the batch (and frees its cache) at the next step. Steps are pipelined: a step's
-forward is queued before the previous step's tokens are read and handed out, so the device does
-not wait on Python; a request's chunk thus comes one step after its token is computed.
+`prefill_chunk` prompt tokens (of one long prompt, or of several short ones; chunks end at
+multiples of `prefill_chunk`, where the prompt cache takes its restore points, and a cancelled
+request leaves one where its prefill stopped), then runs one batched one-token step
+(`model/batch_decode.py`) for every sequence whose prompt is in, samples each row with that
+request's own sampler and processors, and hands each request its `Chunk` through its `sink`. A
+new prompt is thus prefilled between the running streams' tokens, a chunk at a time, and a
+finished or cancelled sequence leaves the batch (and frees its cache) at the next step. Steps
+are pipelined: a step's forward is queued before the previous step's tokens are read and handed
+out, so the device does not wait on Python; a request's chunk thus comes one step after its
+token is computed.
 
 A request's tokens are those it would get alone: its prompt's last token goes through the same
 batched step as the others' next tokens, each sequence keeps its own pools, and a seeded request
@@ -58,6 +61,7 @@ class Request:
         self.max_tokens, self.logprobs, self.progress = max_tokens, logprobs, progress
         self.extra_processors = list(logits_processors)
         self.cache = self.sample = self.make = None
+        self.trail = None  # the prompt cache's restore points along `cache`
         self.fed = 0  # prompt tokens in the cache
         self.next: int | mx.array | None = None  # the token the next decode step feeds
         self.pending: tuple[mx.array, mx.array] | None = None  # sampled, not yet handed out
@@ -67,7 +71,7 @@ class Request:
         """Hand the caller its last item (DONE or an exception) and free the decode state."""
         if not self.finished:
             self.finished = True
-            self.cache = self.sample = self.pending = None
+            self.cache = self.sample = self.pending = self.trail = None
             self.sink(item)
 
 
@@ -111,6 +115,7 @@ class Batcher:
         whose prompt is in (and hand out the previous step's tokens)."""
         for r in self.active:
             if r.cancelled():
+                self._keep(r, force=True)
                 r.leave(Cancelled())
         self.active = [r for r in self.active if not r.finished]
         with self._lock:
@@ -165,28 +170,38 @@ class Batcher:
         found = None if self.prompt_cache is None else self.prompt_cache.lookup_for(r.ids, fresh)
         if found is None:
             r.cache = fresh()
+            r.trail = self.prompt_cache.trail() if self.prompt_cache is not None else None
             return 0
         from .prompt_cache import restore
 
         hit, r.cache = found
         restore(r.cache, hit.state)
-        r.fed = hit.n
+        r.fed, r.trail = hit.n, self.prompt_cache.trail(hit.state)
         return hit.n
+
+    def _keep(self, r: Request, force: bool = False):
+        """A restore point of `r`'s prompt where its prefill is (if due, or `force`: its end,
+        or where a cancelled prefill stopped)."""
+        if r.trail is not None and r.cache is not None and r.next is None and r.fed:
+            self.prompt_cache.keep(r.trail, r.ids[: r.fed], r.cache, force=force)
 
     def _prefill(self, r: Request, budget: int) -> int:
         """Up to `budget` more tokens of `r`'s prompt (all but its last token, which the decode
-        step feeds); returns how many it fed."""
+        step feeds), to the next multiple of `prefill_chunk` at most; returns how many it fed."""
         start = r.fed
-        end = min(r.fed + budget, len(r.ids) - 1)
+        boundary = (r.fed // self.prefill_chunk + 1) * self.prefill_chunk
+        end = min(r.fed + budget, len(r.ids) - 1, boundary)
         try:
             self.model(mx.array(r.ids[r.fed : end])[None], r.cache, last_only=True)
             with paced(self.model.args, end - start, end):
                 mx.eval([c.state for c in r.cache])
             r.fed = end
+            self._keep(r, force=end == len(r.ids) - 1)
             if r.progress:  # as `Session` counts: the tokens this request reads, no reused prefix
                 reused = r.make.reused_tokens
                 r.progress(end - reused, len(r.ids) - reused)
         except Cancelled as e:
+            self._keep(r, force=True)
             r.leave(e)
             return end - start
         except Exception as e:  # this request's failure, not the batch's
@@ -195,8 +210,6 @@ class Batcher:
             return end - start
         if end == len(r.ids) - 1:
             r.next = r.ids[-1]
-            if self.prompt_cache is not None:
-                self.prompt_cache.store(r.ids[:-1], r.cache)
         return end - start
 
     def _decode(self, ready: list[Request]):

@@ -82,19 +82,26 @@ class Chunk:
 def prefill(model, ids: Sequence[int], cache: list[LayerCache], chunk: int = 512,
             progress: Callable[[int, int], None] | None = None,
             on_prefilled: Callable[[], None] | None = None,
-            observe: Callable[[mx.array, int], None] | None = None):
+            observe: Callable[[mx.array, int], None] | None = None,
+            on_chunk: Callable[[], None] | None = None):
     """Feed `ids` into the cache in chunks; return the last position's logits `[1, V]`.
 
-    `on_prefilled` runs when the cache holds all but the last token: a snapshot taken there
-    lets the same prompt be continued again by feeding just that token. With `observe`, each
-    chunk's final residual streams `[1, S, N, D]` go to `observe(streams, start)` and the return
-    is `(logits, streams of the last token)` (the MTP drafter reads them).
+    Chunks end at multiples of `chunk` counted from the sequence's start (the first may be
+    shorter), so a prefill resumed from a restore point at such a multiple runs the same chunks
+    as one from the start. `on_chunk` runs after each chunk, once the cache holds it (restore
+    points are taken there); `on_prefilled` when the cache holds all but the last token: a
+    snapshot taken there lets the same prompt be continued again by feeding just that token.
+    With `observe`, each chunk's final residual streams `[1, S, N, D]` go to
+    `observe(streams, start)` and the return is `(logits, streams of the last token)` (the MTP
+    drafter reads them).
     """
     check_token_ids(ids, model.args.vocab_size)
     head, streams = list(ids[:-1]), observe is not None
     kw = {"last_only": True, **({"return_streams": True} if streams else {})}
-    for start in range(0, len(head), chunk):
-        part = head[start : start + chunk]
+    start, offset = 0, cache[0].offset
+    while start < len(head):
+        end = min(len(head), start + chunk - (offset + start) % chunk)
+        part = head[start:end]
         out = model(mx.array(part)[None], cache, **kw)
         if streams:
             observe(out[1], start)
@@ -102,8 +109,11 @@ def prefill(model, ids: Sequence[int], cache: list[LayerCache], chunk: int = 512
         with paced(model.args, len(part), cache[0].offset):
             mx.eval([c.state for c in cache], out[1] if streams else [])
         mx.clear_cache()
+        start = end
+        if on_chunk:
+            on_chunk()
         if progress:
-            progress(min(start + chunk, len(head)), len(ids))
+            progress(end, len(ids))
     if on_prefilled:
         on_prefilled()
     out = model(mx.array(list(ids[-1:]))[None], cache, **kw)
@@ -136,17 +146,18 @@ def generate_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], *,
                   logits_processors: list | None = None, max_tokens: int = 256,
                   prefill_chunk: int = 512, history: Sequence[int] = (),
                   progress: Callable[[int, int], None] | None = None,
-                  on_prefilled: Callable[[], None] | None = None) -> Iterator[tuple[int, mx.array]]:
+                  on_prefilled: Callable[[], None] | None = None,
+                  on_chunk: Callable[[], None] | None = None) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs [V])` for up to `max_tokens` tokens after `prompt_ids`.
 
     `cache` may already hold a prefix (`history`, used by logits processors); `prompt_ids` are
-    the new tokens, at least one. `on_prefilled` runs when all but the last prompt token are in
-    the cache (see `prefill`).
+    the new tokens, at least one. `on_chunk` and `on_prefilled` run as in `prefill`.
     """
     if not prompt_ids:
         raise ValueError("generate_step needs at least one new prompt token.")
     sample = TokenSampler(sampler, logits_processors, list(history) + list(prompt_ids))
-    y, logprobs = sample(prefill(model, prompt_ids, cache, prefill_chunk, progress, on_prefilled))
+    y, logprobs = sample(prefill(model, prompt_ids, cache, prefill_chunk, progress, on_prefilled,
+                                 on_chunk=on_chunk))
     mx.async_eval(y, logprobs)
     n = 0
     while n < max_tokens:
@@ -205,7 +216,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
                     reused_tokens: int = 0, prefill_chunk: int = 512,
                     max_context: int | None = None, largest_context: int | None = None,
                     progress: Callable[[int, int], None] | None = None,
-                    on_prefilled: Callable[[], None] | None = None, draft: int = 0,
+                    on_prefilled: Callable[[], None] | None = None,
+                    on_chunk: Callable[[], None] | None = None, draft: int = 0,
                     drafter=None, spec_stats=None) -> Iterator[Chunk]:
     """Text chunks for `prompt` (a string or token ids), ending with a chunk that has a
     `finish_reason`. `cache` may already hold `history` (prefix reuse); `max_context` refuses,
@@ -242,11 +254,11 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
             distribution=make_distribution(temperature, top_p=top_p, min_p=min_p, top_k=top_k),
             draft=draft, logits_processors=processors, max_tokens=max_tokens,
             prefill_chunk=prefill_chunk, history=history, progress=progress,
-            on_prefilled=on_prefilled, stats=spec_stats)
+            on_prefilled=on_prefilled, on_chunk=on_chunk, stats=spec_stats)
     else:
         steps = generate_step(model, ids, cache, sampler=sampler, logits_processors=processors,
                               max_tokens=max_tokens, prefill_chunk=prefill_chunk, history=history,
-                              progress=progress, on_prefilled=on_prefilled)
+                              progress=progress, on_prefilled=on_prefilled, on_chunk=on_chunk)
     make = ChunkMaker(tokenizer, stop_ids(model, tokenizer, stop_token_ids), stop, stop_token_ids,
                       logprobs, max_tokens, len(ids), total_prompt, reused_tokens,
                       spec_stats if speculating else None)

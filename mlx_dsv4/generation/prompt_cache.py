@@ -1,19 +1,27 @@
-"""The prompt cache: decode state at prompt boundaries, kept across conversations and restarts.
+"""The prompt cache: decode states kept across requests, conversations and restarts, with restore
+points inside every long prefill.
 
 A session's own snapshots hold pool counts only, so they are valid for its one live cache. This
-cache keeps *materialised* states instead: each pool sliced to its live count (a copy, once per
-prompt, never per token), the window ring, the compressors' rows and carries. States live in an
-LRU bounded by bytes and are found by the longest stored token sequence that the new prompt
-starts with; a hit is written into a fresh cache, which then equals what prefilling that prefix
-would have built (V4 state cannot be trimmed, so only whole stored prefixes are usable).
+cache keeps *materialised* states instead, found by the longest stored token sequence a new
+prompt starts with; a hit is written into a fresh cache, which then equals what prefilling that
+prefix built (V4 state cannot be trimmed, so only stored prefixes are usable). Those prefixes
+are each prompt's end, the point where a cancelled prefill stopped, and a restore point every
+`interval` tokens of every prefill: a retried or abandoned prompt resumes from its last one,
+and a prompt that differs from an earlier one near its end (a note appended to the last
+message, an edited last message) reuses their shared prefix.
 
-States of long prompts are also written to a folder, one safetensors file per prompt, named by
-the model's fingerprint and a hash of the tokens; the header carries the tokens' count, the
-fingerprint and a digest of the data. Files appear under their final name only once complete
-(written aside, then renamed), the folder is bounded with LRU eviction, and a file that is
-corrupt, truncated, foreign or does not fit this model is ignored with a warning and removed.
-Disk writes run on a background thread that touches no MLX (host bytes are made beforehand).
-Knows no HTTP, no terminal, no tokenizer.
+Restore points share memory. The compressed pools are append-only, so a state is its `small`
+parts (window ring, live compressor rows and carries) plus `segments`: the pools' rows appended
+between consecutive restore points of one prefill. A new point copies only the rows since the
+previous one and keeps the earlier segments by reference, so a prefill's points hold one copy of
+its pools, not one per point. Compressor rows of a window that has not begun are dead (every
+row is written before a window closes), so a point at a multiple of 128 tokens omits them. The
+LRU bound counts each segment once, however many states share it.
+
+With a folder (`cache_folder`: owned, marked, only its own files touched), points of long
+prompts are also written as files, each one link of a chain (`prompt_files`): the rows since
+the nearest earlier point already on disk. Disk writes run on a background thread that touches
+no MLX (host bytes are made beforehand). Knows no HTTP, no terminal, no tokenizer.
 """
 
 from __future__ import annotations
@@ -21,14 +29,13 @@ from __future__ import annotations
 import atexit
 import collections
 import hashlib
-import json
 import logging
 import os
 import queue
-import struct
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -36,232 +43,178 @@ import mlx.core as mx
 import numpy as np
 
 from ..model.cache import EntryPool, LayerCache, _write
+from . import cache_folder
+from .cache_folder import NotRegular, default_dir
+from .prompt_files import decode, encode, host_tensors, model_fingerprint, token_hash
 
 log = logging.getLogger("mlx_dsv4.generation.prompt_cache")
 
-FORMAT, VERSION = "mlx-dsv4-prompt-cache", "1"
-SUFFIX = ".safetensors"
-# safetensors dtype name, the mx dtype, and the numpy dtype its bytes are read as.
-DTYPES = {"BF16": (mx.bfloat16, np.uint16), "F16": (mx.float16, np.float16),
-          "F32": (mx.float32, np.float32), "U32": (mx.uint32, np.uint32),
-          "I32": (mx.int32, np.int32), "U8": (mx.uint8, np.uint8)}
-_NAMES = {mx_dtype: name for name, (mx_dtype, _) in DTYPES.items()}
-# The header is a few KB per layer; a larger one is not ours and is not read.
-MAX_HEADER = 16 << 20
-
-
-DEFAULT_BYTES = 1 << 30  # memory: about six 25K-token Flash prompts
+DEFAULT_BYTES = 1 << 30  # memory: a 77K-token Flash prompt with its restore points fits
 DEFAULT_DISK_BYTES = 20 * 10**9
+# Restore points every INTERVAL prompt tokens. For Flash (bf16 pools) a point at a multiple of
+# 128 costs 5.8 MiB of small parts against 28 MB of pool rows per 4,096 tokens (+21%), and a
+# retry or re-ask re-reads at most 4,096 tokens.
+INTERVAL = 4096
+# Host copies waiting for the disk writer, at most (one write is always let through).
+PENDING_BYTES = 1 << 30
+_POOLS = ("kv_pool", "index_pool")
+_DEAD = ("kv", "gate")  # a compressor's partial-window rows, dead between windows
 
 
-def default_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mlx-dsv4" / "prompt-cache"
+# ----- states -----------------------------------------------------------------------------------
 
+@dataclass(eq=False)
+class Segment:
+    """The pools' rows appended over tokens `start … end-1` (`layers[i]` maps "kv_pool.data"
+    and the like to `[B, rows, width]`); `key` is the sha256 of the first `end` tokens."""
 
-def model_fingerprint(model_dir: str | Path, *, kv_bits: int | None = None,
-                      dtype: str = "bfloat16") -> str:
-    """A hash of what decides the decode state: config.json, each weight file's name, size,
-    header and first and last 64 KiB (reading every byte of 150 GB would take minutes), the
-    pools' recipe (`kv_bits`, dtype) and this file format's version."""
-    h = hashlib.sha256(f"{FORMAT}/{VERSION}/kv_bits={kv_bits}/dtype={dtype}".encode())
-    root = Path(model_dir)
-    for path in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")):
-        h.update(path.name.encode())
-        size = path.stat().st_size
-        h.update(str(size).encode())
-        with path.open("rb") as f:
-            if path.suffix == ".json":
-                h.update(f.read())
-                continue
-            h.update(f.read(1 << 16))
-            f.seek(max(0, size - (1 << 16)))
-            h.update(f.read())
-    return h.hexdigest()
-
-
-def token_hash(tokens: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).hexdigest()
-
-
-@dataclass
-class State:
-    """The decode state of every layer after `tokens`: `layers[i]` maps "part.attr" names
-    ("window.keys", "compressor.kv", "kv_pool.data", …) to arrays; pools hold `n` rows."""
-
-    tokens: np.ndarray  # int32
-    layers: list[dict[str, mx.array]]
+    start: int
+    end: int
+    key: str
+    layers: list[dict[str, mx.array]] = field(repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for layer in self.layers for a in layer.values())
 
 
-def capture(cache: Sequence[LayerCache], tokens: Sequence[int]) -> State:
-    """Materialise `cache` (which holds exactly `tokens`): pools are copied up to their count."""
-    assert all(c.offset == len(tokens) for c in cache), "the cache does not hold these tokens"
-    layers = []
-    for c in cache:
-        layer = dict(c.snapshot().arrays)  # ring and compressor rows: replaced, never written
-        for name in ("kv_pool", "index_pool"):
-            pool = getattr(c, name)
-            if pool is not None:
-                # A copy: a view would share the pool's buffer and make every later append copy it.
-                layer.update({f"{name}.{k}": mx.contiguous(a[:, : pool.n])
-                              for k, a in pool.arrays.items()})
-        layers.append(layer)
-    mx.eval([list(layer.values()) for layer in layers])
-    return State(np.asarray(tokens, np.int32), layers)
+@dataclass(eq=False)
+class State:
+    """The decode state after `tokens`: per layer the `small` arrays ("window.keys",
+    "compressor.carry_kv", …) and the pools as `segments`, oldest first, ending at `n`."""
+
+    tokens: np.ndarray = field(repr=False)  # int32
+    small: list[dict[str, mx.array]] = field(repr=False)
+    segments: tuple[Segment, ...] = field(repr=False)
+    key: str = ""
+
+    def __post_init__(self):
+        self.key = self.key or token_hash(self.tokens)
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def own_bytes(self) -> int:
+        """What this state holds beside its segments (which other states may share)."""
+        return self.tokens.nbytes + sum(a.nbytes for layer in self.small for a in layer.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.own_bytes + sum(s.nbytes for s in self.segments)
+
+    def pool(self, layer: int, name: str) -> mx.array:
+        """One pool array whole ("kv_pool.data"), its segments joined (for tests and tools)."""
+        return mx.concatenate([s.layers[layer][name] for s in self.segments], axis=1)
 
 
-def _layout(c: LayerCache) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
-    """Shape (pool rows as -1) and dtype of each array a state of this layer must have."""
-    out = {k: (tuple(a.shape), a.dtype) for k, a in c.snapshot().arrays.items()}
-    for name in ("kv_pool", "index_pool"):
+def _small(c: LayerCache) -> dict[str, mx.array]:
+    """The window and compressor arrays (references: the cache replaces them, never writes)."""
+    arrays = dict(c.snapshot().arrays)
+    if c.ratio and c.offset % c.ratio == 0:
+        for part in ("compressor", "indexer"):
+            for name in _DEAD:
+                arrays.pop(f"{part}.{name}", None)
+    return arrays
+
+
+def _rows(c: LayerCache, start: int, end: int) -> dict[str, mx.array]:
+    """Views of the pool rows appended over tokens `start … end-1`."""
+    out = {}
+    for name in _POOLS:
         pool = getattr(c, name)
         if pool is not None:
-            out.update({f"{name}.{k}": ((a.shape[0], -1, a.shape[2]), a.dtype)
+            out.update({f"{name}.{k}": a[:, start // c.ratio : end // c.ratio]
                         for k, a in pool.arrays.items()})
     return out
 
 
+def capture(cache: Sequence[LayerCache], tokens: Sequence[int], base: State | None = None) -> State:
+    """Materialise `cache`, which holds exactly `tokens`. With `base` (an earlier state of this
+    same cache), only the pool rows since it are copied; its segments are shared."""
+    n = len(tokens)
+    assert all(c.offset == n for c in cache), "the cache does not hold these tokens"
+    start = base.n if base is not None else 0
+    tokens = np.asarray(tokens, np.int32)
+    # A copy: a view would keep the pool's whole buffer alive and make every later append copy it.
+    rows = [{k: mx.contiguous(a) for k, a in _rows(c, start, n).items()} for c in cache]
+    small = [_small(c) for c in cache]
+    mx.eval(rows, small)
+    segment = Segment(start, n, token_hash(tokens), rows)
+    return State(tokens, small, (base.segments if base is not None else ()) + (segment,), segment.key)
+
+
 def check(cache: Sequence[LayerCache], state: State):
     """Raise ValueError unless `state` is a state of this model's `cache` layout (touches nothing)."""
-    n = len(state.tokens)
-    if len(state.layers) != len(cache):
-        raise ValueError(f"{len(state.layers)} layers, the model has {len(cache)}")
-    for i, (c, layer) in enumerate(zip(cache, state.layers)):
-        want = _layout(c)
-        if set(want) != set(layer):
-            raise ValueError(f"layer {i} holds {sorted(layer)}, expected {sorted(want)}")
-        for k, (shape, dtype) in want.items():
-            a = layer[k]
-            rows = n // c.ratio if k.endswith(("_pool.data", "_pool.scales", "_pool.biases")) else None
-            expect = tuple(rows if d == -1 else d for d in shape)
-            if tuple(a.shape) != expect or a.dtype != dtype:
-                raise ValueError(f"layer {i} {k}: {a.dtype} {tuple(a.shape)}, expected {dtype} {expect}")
+    if len(state.small) != len(cache):
+        raise ValueError(f"{len(state.small)} layers, the model has {len(cache)}")
+    ends = [0] + [s.end for s in state.segments]
+    if [s.start for s in state.segments] != ends[:-1] or ends[-1] != state.n:
+        raise ValueError("its pool segments do not cover its tokens")
+    for i, (c, small) in enumerate(zip(cache, state.small)):
+        want = {k: (tuple(a.shape), a.dtype) for k, a in c.snapshot().arrays.items()}
+        dead = {f"{p}.{k}" for p in ("compressor", "indexer") for k in _DEAD} & set(want)
+        if not set(want) - (dead if c.ratio and state.n % c.ratio == 0 else set()) <= set(small) <= set(want):
+            raise ValueError(f"layer {i} holds {sorted(small)}, expected {sorted(want)}")
+        for k, a in small.items():
+            if (tuple(a.shape), a.dtype) != want[k]:
+                raise ValueError(f"layer {i} {k}: {a.dtype} {tuple(a.shape)}, expected {want[k]}")
+        for s in state.segments:
+            rows = _rows(c, 0, 0)
+            if len(s.layers) != len(cache) or set(s.layers[i]) != set(rows):
+                raise ValueError(f"layer {i} pools hold {sorted(s.layers[i])}, expected {sorted(rows)}")
+            count = s.end // c.ratio - s.start // c.ratio if c.ratio else 0
+            for k, a in s.layers[i].items():
+                expect = (rows[k].shape[0], count, rows[k].shape[2])
+                if tuple(a.shape) != expect or a.dtype != rows[k].dtype:
+                    raise ValueError(f"layer {i} {k}: {a.dtype} {tuple(a.shape)}, "
+                                     f"expected {rows[k].dtype} {expect}")
 
 
 def restore(cache: Sequence[LayerCache], state: State):
     """Write `state` into `cache` (fresh from `make_cache`, or any cache of the same model)."""
     check(cache, state)
-    n = len(state.tokens)
-    for c, layer in zip(cache, state.layers):
+    n = state.n
+    for i, (c, small) in enumerate(zip(cache, state.small)):
         c.offset = n
-        pools: dict[str, dict[str, mx.array]] = {}
-        for key, value in layer.items():
+        for key, value in small.items():
             part, attr = key.split(".")
-            if part.endswith("_pool"):
-                pools.setdefault(part, {})[attr] = value
-            else:
-                setattr(getattr(c, part), attr, value)
-        for part, arrays in pools.items():
-            pool: EntryPool = getattr(c, part)
+            setattr(getattr(c, part), attr, value)
+        for name in _POOLS:
+            pool: EntryPool | None = getattr(c, name)
+            if pool is None:
+                continue
             pool.n = 0
             pool.reserve(n // c.ratio)
-            pool.arrays = {k: _write(a, arrays[k], 0) for k, a in pool.arrays.items()}
+            for s in state.segments:
+                pool.arrays = {k: _write(a, s.layers[i][f"{name}.{k}"], s.start // c.ratio)
+                               for k, a in pool.arrays.items()}
             pool.n = n // c.ratio
     mx.eval([c.state for c in cache])
 
 
-# ----- files ------------------------------------------------------------------------------------
+class Trail:
+    """The restore points taken along one live cache, oldest first, as (tokens held, key, the
+    state while memory keeps it). A new point copies the pool rows since the last one memory
+    still holds, and a new file continues the last one on disk. Valid while the cache only
+    grows from its last point; `cut(n)` after the cache went back to `n` tokens."""
 
-def _host(a: mx.array) -> np.ndarray:
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)  # numpy has no bfloat16: keep the bits
-    return np.ascontiguousarray(np.asarray(a))
+    def __init__(self, marks: Sequence[tuple[int, str, weakref.ref | None]] = ()):
+        self.marks = list(marks)
 
+    @property
+    def last(self) -> int:
+        return self.marks[-1][0] if self.marks else 0
 
-def _bytes(a: np.ndarray) -> memoryview:
-    return memoryview(a.reshape(-1).view(np.uint8))  # reshape: empty pools have a zero in their shape
+    def cut(self, n: int):
+        self.marks = [m for m in self.marks if m[0] <= n]
 
-
-def host_tensors(state: State) -> dict[str, tuple[str, np.ndarray]]:
-    """Name -> (safetensors dtype, host array) for every array of `state` (on the MLX thread)."""
-    out = {"tokens": ("I32", np.ascontiguousarray(state.tokens, np.int32))}
-    for i, layer in enumerate(state.layers):
-        out.update({f"{i}.{k}": (_NAMES[a.dtype], _host(a)) for k, a in layer.items()})
-    return out
-
-
-def encode(tensors: dict[str, tuple[str, np.ndarray]], fingerprint: str) -> list:
-    """The safetensors file of `host_tensors(state)` as byte pieces, header first (no MLX)."""
-    digest, header, pos = hashlib.sha256(), {}, 0
-    for name, (dtype, arr) in tensors.items():
-        digest.update(_bytes(arr))
-        header[name] = {"dtype": dtype, "shape": list(arr.shape),
-                        "data_offsets": [pos, pos + arr.nbytes]}
-        pos += arr.nbytes
-    layers = len({name.split(".")[0] for name in tensors if name != "tokens"})
-    header["__metadata__"] = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
-                              "tokens": str(len(tensors["tokens"][1])), "layers": str(layers),
-                              "sha256": digest.hexdigest()}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data starts 8-aligned, as the format recommends
-    return [struct.pack("<Q", len(text)), text] + [_bytes(a) for _, a in tensors.values()]
-
-
-def decode(blob: bytes, fingerprint: str) -> State:
-    """Parse and verify a file written by `encode`; raise ValueError saying what is wrong."""
-    if len(blob) < 8:
-        raise ValueError("shorter than a safetensors header")
-    (hlen,) = struct.unpack("<Q", blob[:8])
-    if hlen > min(MAX_HEADER, len(blob) - 8):
-        raise ValueError("truncated or not a safetensors file (header length out of range)")
-    try:
-        header = json.loads(blob[8 : 8 + hlen])
-        meta = header.pop("__metadata__")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError("unreadable header") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError("not a prompt cache file of this version")
-    if meta.get("fingerprint") != fingerprint:
-        raise ValueError("written for another model or recipe")
-    data = memoryview(blob)[8 + hlen :]
-    try:
-        end = max(int(v["data_offsets"][1]) for v in header.values())
-    except (ValueError, KeyError, TypeError, IndexError):
-        raise ValueError("unreadable header") from None
-    if end != len(data):
-        raise ValueError(f"truncated: {len(data):,} data bytes, the header says {end:,}")
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise ValueError("its data does not match its checksum")
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        for name, v in header.items():
-            begin, stop = (int(x) for x in v["data_offsets"])
-            arrays[name] = np.frombuffer(data[begin:stop], DTYPES[v["dtype"]][1]).reshape(v["shape"])
-        if not 0 < int(meta["layers"]) <= 1024:
-            raise ValueError("layer count out of range")
-        layers: list[dict[str, mx.array]] = [{} for _ in range(int(meta["layers"]))]
-        for name, arr in arrays.items():
-            if name == "tokens":
-                continue
-            i, key = name.split(".", 1)
-            a = mx.array(arr)
-            if header[name]["dtype"] == "BF16":
-                a = a.view(mx.bfloat16)
-            layers[int(i)][key] = a
-        tokens = arrays["tokens"].astype(np.int32)
-    except (ValueError, KeyError, TypeError, IndexError):
-        raise ValueError("its tensors do not match its header") from None
-    if len(tokens) != int(meta["tokens"]):
-        raise ValueError("its token count does not match its header")
-    return State(tokens, layers)
-
-
-def write_atomic(path: Path, pieces: list):
-    """Write beside `path`, flush to disk, then rename: `path` is never seen half written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            for piece in pieces:
-                f.write(piece)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def base(self) -> State | None:
+        for _, _, ref in reversed(self.marks):
+            if ref is not None and (state := ref()) is not None:
+                return state
+        return None
 
 
 # ----- the cache --------------------------------------------------------------------------------
@@ -273,26 +226,48 @@ class Hit:
     source: str  # "memory" or "disk"
 
 
-class PromptCache:
-    """States by token prefix: `max_bytes` in memory (LRU), and, with `directory`, the states of
-    prompts of at least `disk_min_tokens` in files, at most `disk_bytes` of them (LRU by use)."""
+@dataclass
+class _Write:
+    path: Path
+    tensors: dict
+    start: int
+    end: int
+    parent: str
+    layers: int
 
-    def __init__(self, fingerprint: str, *, max_bytes: int = 1 << 30, directory: str | Path | None = None,
-                 disk_bytes: int = 16 << 30, min_tokens: int = 1, disk_min_tokens: int = 1024):
-        self.fingerprint, self.max_bytes = fingerprint, max_bytes
+    def __post_init__(self):
+        self.nbytes = sum(a.nbytes for _, a in self.tensors.values())
+
+
+class PromptCache:
+    """States by token prefix: `max_bytes` in memory (LRU, shared segments counted once), and,
+    with `directory`, the points of prompts of at least `disk_min_tokens` in files, at most
+    `disk_bytes` of them (LRU by use). Restore points every `interval` tokens of a prefill."""
+
+    def __init__(self, fingerprint: str, *, max_bytes: int = DEFAULT_BYTES,
+                 directory: str | Path | None = None, disk_bytes: int = 16 << 30,
+                 min_tokens: int = 1, disk_min_tokens: int = 1024, interval: int = INTERVAL):
+        self.fingerprint, self.max_bytes, self.interval = fingerprint, max_bytes, max(1, interval)
         self.min_tokens, self.disk_min_tokens, self.disk_bytes = min_tokens, disk_min_tokens, disk_bytes
-        self.directory = Path(directory).expanduser() if directory is not None and disk_bytes > 0 else None
         self.states: collections.OrderedDict[str, State] = collections.OrderedDict()
+        self._segments: dict[int, list] = {}  # id -> [segment, states holding it]
+        self._bytes = 0
+        self.directory: Path | None = None
         self._queue: queue.Queue | None = None
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._queue = queue.Queue(maxsize=2)  # each pending write holds a prompt's state
+        self._pending: dict[Path, _Write] = {}
+        self._skipped: set[str] = set()  # names warned about as not regular files
+        if directory is not None and disk_bytes > 0:
+            self.directory = cache_folder.claim(directory)
+            cache_folder.clean_temporaries(self.directory)
+            self._evictor = cache_folder.Evictor(self.directory)
+            self._queue = queue.Queue()  # bounded by PENDING_BYTES of host copies, not by count
             threading.Thread(target=self._writer, name="dsv4-prompt-cache", daemon=True).start()
             atexit.register(self.flush, 60.0)
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.states.values())
+        """Bytes the states in memory hold, each shared segment once."""
+        return self._bytes
 
     # ----- lookup
 
@@ -301,23 +276,18 @@ class PromptCache:
         than `floor` tokens, from memory or else from disk."""
         ids = np.asarray(ids[:limit], np.int32)
         best = None
-        for key, s in self.states.items():
-            n = len(s.tokens)
-            if floor < n <= len(ids) and (best is None or n > len(best[1].tokens)) \
-                    and np.array_equal(ids[:n], s.tokens):
-                best = key, s
+        for s in self.states.values():
+            if floor < s.n <= len(ids) and (best is None or s.n > best.n) \
+                    and np.array_equal(ids[: s.n], s.tokens):
+                best = s
         if best is not None:
-            self.states.move_to_end(best[0])
-            floor = len(best[1].tokens)
-            if self.directory is not None:  # its file, if any, is used too: keep it longer
-                try:
-                    os.utime(self._path(floor, best[0]))
-                except OSError:
-                    pass
+            self.states.move_to_end(best.key)
+            floor = best.n
+            self._touch(best)
         found = self._from_disk(ids, floor)
         if found is not None:
             return found
-        return Hit(len(best[1].tokens), best[1], "memory") if best else None
+        return Hit(best.n, best, "memory") if best is not None else None
 
     def lookup_for(self, ids: Sequence[int], make_fresh, floor: int = 0):
         """`(hit, fresh cache)` for the longest stored prefix of `ids` (all but its last token,
@@ -336,115 +306,207 @@ class PromptCache:
         return None
 
     def discard(self, state: State):
-        key = token_hash(state.tokens)
-        self.states.pop(key, None)
+        self._forget(state.key)
         if self.directory is not None:
-            self._path(len(state.tokens), key).unlink(missing_ok=True)
+            cache_folder.remove(self._path(state.n, state.key))
+
+    def trail(self, state: State | None = None) -> Trail:
+        """The trail of a cache that is fresh, or that holds `state` (restored from here)."""
+        if state is None:
+            return Trail()
+        marks = []
+        for s in state.segments:
+            held = state if s.key == state.key else self.states.get(s.key)
+            marks.append((s.end, s.key, weakref.ref(held) if held is not None else None))
+        return Trail(marks)
 
     def _path(self, n: int, key: str) -> Path:
-        return self.directory / f"{self.fingerprint[:16]}-{n:09d}-{key[:32]}{SUFFIX}"
+        return self.directory / cache_folder.state_name(self.fingerprint, n, key)
 
-    def _files(self) -> list[tuple[int, str, Path]]:
-        out, prefix = [], self.fingerprint[:16] + "-"
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return []
-        for name in names:
-            parts = name[: -len(SUFFIX)].rsplit("-", 2) if name.endswith(SUFFIX) else []
-            if name.startswith(prefix) and len(parts) == 3 and parts[1].isdigit():
-                out.append((int(parts[1]), parts[2], self.directory / name))
-        return out
+    def _touch(self, state: State):
+        """Files of a state used from memory are used too: keep them longer."""
+        if self.directory is not None:
+            try:
+                os.utime(self._path(state.n, state.key))
+            except OSError:
+                pass
 
     def _from_disk(self, ids: np.ndarray, floor: int) -> Hit | None:
         if self.directory is None:
             return None
-        for n, key, path in sorted(self._files(), reverse=True):
-            if not floor < n <= len(ids) or token_hash(ids[:n])[:32] != key:
-                continue
+        found = sorted((e for e in cache_folder.entries(self.directory, self.fingerprint)
+                        if floor < e.n <= len(ids)), key=lambda e: e.n)
+        h, pos, keys = hashlib.sha256(), 0, {}
+        for e in found:  # one pass over the prompt hashes every candidate prefix
+            h.update(ids[pos : e.n].tobytes())
+            pos, keys[e.n] = e.n, h.hexdigest()
+        for e in reversed(found):
+            if keys[e.n][:32] == e.key and (state := self._load_chain(ids, e.n, keys[e.n])) is not None:
+                return Hit(e.n, state, "disk")
+        return None
+
+    def _load_chain(self, ids: np.ndarray, n: int, key: str) -> State | None:
+        """The state of `ids[:n]` from its file and the files (or memory states) it continues."""
+        links, base = [], None
+        while n > 0:
+            if links and (base := self.states.get(key)) is not None:
+                break
+            path = self._path(n, key)
             try:
-                state = decode(path.read_bytes(), self.fingerprint)
-                if not np.array_equal(state.tokens, ids[:n]):
+                header, meta, data = cache_folder.read_state_file(path, max(self.disk_bytes, 1 << 20))
+                link = decode(header, meta, data, self.fingerprint)
+                if link.end != n or not np.array_equal(link.tokens, ids[link.start : n]):
                     raise ValueError("it holds other tokens than its name says")
-            except OSError as e:  # evicted meanwhile, or unreadable: nothing to trust
+                parent = token_hash(ids[: link.start]) if link.start else ""
+                if link.parent != parent[:32]:
+                    raise ValueError("it continues another prompt than its own")
+            except NotRegular as e:
+                if path.name not in self._skipped:
+                    self._skipped.add(path.name)
+                    log.warning("prompt cache: skipping %s: %s", path.name, e.strerror)
+                return None
+            except FileNotFoundError:
+                if links and path not in self._pending:  # the chain lost a link: the rest is unusable
+                    log.warning("prompt cache: %s continues a state no longer on disk; removing it",
+                                links[0][0].name)
+                    for p, _, _ in links:
+                        cache_folder.remove(p)
+                return None
+            except OSError as e:
                 log.warning("prompt cache: cannot read %s (%s); prefilling instead", path.name, e)
-                continue
+                return None
             except ValueError as e:
                 log.warning("prompt cache: ignoring %s: %s; it is removed and the prompt prefilled",
                             path.name, e)
-                path.unlink(missing_ok=True)
-                continue
-            os.utime(path)  # the folder's LRU order is by last use
-            self._remember(token_hash(state.tokens), state)
-            return Hit(n, state, "disk")
-        return None
+                cache_folder.remove(path)
+                return None
+            links.append((path, link, key))
+            n, key = link.start, parent
+        segments, state = (base.segments if base is not None else ()), base
+        for path, link, key in reversed(links):
+            segments += (Segment(link.start, link.end, key, link.rows),)
+            state = State(ids[: link.end].copy(), link.small, segments, key)
+            self._remember(state)
+            try:
+                os.utime(path)  # the folder's LRU order is by last use
+            except OSError:
+                pass
+        return state
 
     # ----- store
 
-    def store(self, tokens: Sequence[int], cache: Sequence[LayerCache]):
-        """Keep the state of `cache`, which holds exactly `tokens`. Never raises: a state that
-        cannot be kept is logged, since the reply matters more than caching it."""
+    def due(self, trail: Trail, n: int) -> bool:
+        """Whether a prefill at `n` tokens has passed a restore point since the trail's last."""
+        return n // self.interval > trail.last // self.interval
+
+    def keep(self, trail: Trail, tokens: Sequence[int], cache: Sequence[LayerCache], *,
+             force: bool = False) -> State | None:
+        """A restore point of `cache`, which holds exactly `tokens`, if one is due (or `force`),
+        added to `trail`. Never raises: a state that cannot be kept is logged, since the reply
+        matters more than caching it."""
+        n = len(tokens)
+        if n < self.min_tokens or n == trail.last or not (force or self.due(trail, n)):
+            return None
         try:
-            self._store(tokens, cache)
+            return self._keep(trail, tokens, cache)
         except Exception as e:
             log.warning("prompt cache: could not keep this prompt's state: %s", e)
+            return None
 
-    def _store(self, tokens: Sequence[int], cache: Sequence[LayerCache]):
-        if len(tokens) < self.min_tokens:
-            return
-        key = token_hash(np.asarray(tokens, np.int32))
-        to_disk = (self.directory is not None and len(tokens) >= self.disk_min_tokens
-                   and not self._path(len(tokens), key).exists())
+    def store(self, tokens: Sequence[int], cache: Sequence[LayerCache], trail: Trail | None = None):
+        """Keep the state of `cache`, which holds exactly `tokens` (see `keep`)."""
+        self.keep(trail if trail is not None else Trail(), tokens, cache, force=True)
+
+    def _keep(self, trail: Trail, tokens: Sequence[int], cache: Sequence[LayerCache]) -> State | None:
+        n, key = len(tokens), token_hash(np.asarray(tokens, np.int32))
         state = self.states.get(key)
         if state is not None:
             self.states.move_to_end(key)
-        elif to_disk or 0 < self.max_bytes:
-            state = capture(cache, tokens)
-            self._remember(key, state)
-        if to_disk and state is not None:
-            try:
-                self._queue.put_nowait((self._path(len(tokens), key), host_tensors(state)))
-            except queue.Full:
-                log.info("prompt cache: %d writes pending, not writing this prompt's state", 2)
+        elif self.max_bytes > 0:
+            state = capture(cache, tokens, trail.base())
+            if not self._remember(state):
+                state = None
+        if self.directory is not None and n >= self.disk_min_tokens:
+            self._write(trail, tokens, key, cache, state)
+        trail.marks.append((n, key, weakref.ref(state) if state is not None else None))
+        return state
 
-    def _remember(self, key: str, state: State):
-        if state.nbytes > self.max_bytes:
+    def _write(self, trail: Trail, tokens: Sequence[int], key: str, cache: Sequence[LayerCache],
+               state: State | None):
+        """Queue the file of this point: the rows since the last point of the trail on disk."""
+        n, path = len(tokens), self._path(len(tokens), key)
+        if path in self._pending or path.exists():
             return
-        self.states[key] = state
-        self.states.move_to_end(key)
-        total = self.nbytes
-        while total > self.max_bytes:
-            _, old = self.states.popitem(last=False)
-            total -= old.nbytes
+        start, parent = 0, ""
+        for m, k, _ in reversed(trail.marks):
+            if self._path(m, k) in self._pending or self._path(m, k).exists():
+                start, parent = m, k[:32]
+                break
+        small = state.small if state is not None else [_small(c) for c in cache]
+        layers = [{**s, **_rows(c, start, n)} for s, c in zip(small, cache)]
+        waiting = sum(j.nbytes for j in list(self._pending.values()))
+        if waiting and waiting + sum(a.nbytes for layer in layers for a in layer.values()) > PENDING_BYTES:
+            log.info("prompt cache: %.0f MB of writes pending, not writing the state of %d tokens",
+                     waiting / 1e6, n)
+            return
+        job = _Write(path, host_tensors(np.asarray(tokens[start:n], np.int32), layers), start, n,
+                     parent, len(cache))
+        self._pending[path] = job
+        self._queue.put(job)
+
+    def _remember(self, state: State) -> bool:
+        """Add `state` to memory (least recently used go to make room); False if it cannot fit."""
+        if state.key in self.states:
+            self.states.move_to_end(state.key)
+            return True
+        extra = state.own_bytes + sum(s.nbytes for s in state.segments if id(s) not in self._segments)
+        if extra > self.max_bytes:
+            return False
+        self.states[state.key] = state
+        self._bytes += state.own_bytes
+        for s in state.segments:
+            held = self._segments.setdefault(id(s), [s, 0])
+            if not held[1]:
+                self._bytes += s.nbytes
+            held[1] += 1
+        while self._bytes > self.max_bytes:
+            self._forget(next(iter(self.states)))
+        return state.key in self.states
+
+    def _forget(self, key: str):
+        state = self.states.pop(key, None)
+        if state is None:
+            return
+        self._bytes -= state.own_bytes
+        for s in state.segments:
+            held = self._segments[id(s)]
+            held[1] -= 1
+            if not held[1]:
+                del self._segments[id(s)]
+                self._bytes -= s.nbytes
 
     # ----- disk writer (no MLX on this thread)
 
     def _writer(self):
         while True:
-            path, tensors = self._queue.get()
+            job: _Write = self._queue.get()
             try:
-                write_atomic(path, encode(tensors, self.fingerprint))
-                self.evict_disk(keep=path)
+                cache_folder.write_atomic(job.path, encode(
+                    job.tensors, self.fingerprint, start=job.start, end=job.end, parent=job.parent,
+                    layers=job.layers))
+                self._evictor.evict(self.disk_bytes, keep=job.path)
             except Exception as e:  # a full disk, a removed folder: the next write tries again
-                log.warning("prompt cache: could not write %s: %s", path.name, e)
+                log.warning("prompt cache: could not write %s: %s", job.path.name, e)
             finally:
-                del tensors
+                job.tensors = None
+                self._pending.pop(job.path, None)
                 self._queue.task_done()
 
-    def evict_disk(self, keep: Path | None = None):
-        """Remove the least recently used files until the folder holds at most `disk_bytes`
-        (`keep` goes last: it is the newest)."""
-        files = []
-        for entry in os.scandir(self.directory):
-            if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
-                with_stat = entry.stat()
-                files.append((entry.path == str(keep), with_stat.st_mtime, with_stat.st_size, entry.path))
-        total = sum(f[2] for f in files)
-        for _, _, size, path in sorted(files):
-            if total <= self.disk_bytes:
-                break
-            Path(path).unlink(missing_ok=True)
-            total -= size
+    def evict_disk(self):
+        """Bring the folder within `disk_bytes` (least recently used first, children before
+        the states they continue)."""
+        if self.directory is not None:
+            self._evictor.evict(self.disk_bytes)
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait (at most `timeout` s) for pending disk writes; True when none is left."""
@@ -458,20 +520,22 @@ class PromptCache:
 
 def open_prompt_cache(model_dir: str | Path, *, kv_bits: int | None = None,
                       max_bytes: int = DEFAULT_BYTES, directory: str | Path | None = None,
-                      disk_bytes: int = DEFAULT_DISK_BYTES) -> PromptCache | None:
+                      disk_bytes: int = DEFAULT_DISK_BYTES, interval: int = INTERVAL) -> PromptCache | None:
     """The prompt cache for a converted model (None when both bounds are 0 or no folder is
-    given and memory is 0). A folder that cannot be made is warned about and left out."""
+    given and memory is 0). A folder that is not the cache's own (a model's, one holding other
+    files) raises `cache_folder.CacheFolderError`; one that cannot be made is warned about and
+    left out."""
     if directory is not None and disk_bytes > 0:
         try:
-            Path(directory).expanduser().mkdir(parents=True, exist_ok=True)
-        except OSError as e:
+            directory = cache_folder.claim(directory)
+        except OSError as e:  # (a folder that is not the cache's own raises CacheFolderError)
             log.warning("prompt cache: cannot use %s (%s); keeping states in memory only", directory, e)
             directory = None
     if max_bytes <= 0 and (directory is None or disk_bytes <= 0):
         return None
     return PromptCache(model_fingerprint(model_dir, kv_bits=kv_bits), max_bytes=max_bytes,
-                       directory=directory, disk_bytes=disk_bytes)
+                       directory=directory, disk_bytes=disk_bytes, interval=interval)
 
 
-__all__ = ["Hit", "PromptCache", "State", "capture", "check", "default_dir", "model_fingerprint",
-           "open_prompt_cache", "restore"]
+__all__ = ["Hit", "PromptCache", "Segment", "State", "Trail", "capture", "check", "default_dir",
+           "model_fingerprint", "open_prompt_cache", "restore"]

@@ -136,6 +136,7 @@ def speculative_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], 
                      prefill_chunk: int = 512, history: Sequence[int] = (),
                      progress: Callable[[int, int], None] | None = None,
                      on_prefilled: Callable[[], None] | None = None,
+                     on_chunk: Callable[[], None] | None = None,
                      stats: SpecStats | None = None) -> Iterator[tuple[int, mx.array]]:
     """`generate.generate_step` with speculation: yields `(token, logprobs [V])`."""
     ids = list(prompt_ids)
@@ -162,7 +163,7 @@ def speculative_step(model, prompt_ids: Sequence[int], cache: list[LayerCache], 
     # The drafter sees each prompt position's streams with the token after it.
     row, last = prefill(model, ids, cache, prefill_chunk, progress, on_prefilled,
                         observe=lambda st, start: drafter.observe(
-                            st, ids[start + 1 : start + st.shape[1] + 1]))
+                            st, ids[start + 1 : start + st.shape[1] + 1]), on_chunk=on_chunk)
     if progress:
         progress(len(ids), len(ids))
     row = row[0]

@@ -45,6 +45,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     from ..config import ModelArgs
     from ..generation.constrain import grammar_tokenizer
     from ..plan import apply_wired_limit, default_batch, plan_context
+    from ..generation.cache_folder import claim_option
     from ..generation.prompt_cache import DEFAULT_BYTES
     from ..generation.session import Session
     from ..text.tokenizer import Tokenizer
@@ -55,6 +56,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
     from .protocol import ServerConfig
 
     path = Path(model_path).expanduser()
+    claim_option(prompt_cache)  # a folder that is not the cache's own is refused before loading
     kept = prompt_cache.get("max_bytes", DEFAULT_BYTES) if prompt_cache else 0
     options = dict(kv_bits=kv_bits, prefill_chunk=prefill_chunk, expert_memory=expert_memory,
                    other_bytes=kept)
