@@ -74,6 +74,105 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
+def tiny_v41_config(**overrides: Any) -> dict[str, Any]:
+    """A small DeepSeek-V4.1 config in the release's nesting (`text_config`, `vision_config`,
+    `quantization_config`): a sliding layer, an Engram layer, a ratio-2 pool owner and a
+    reader, a ratio-1 owner that is also the candidate source and an Engram layer, an index
+    source scoring its candidates, and a layer reusing that top-k. Top-k 8 of blocks of 4, 3
+    candidate blocks (3 * 4 - 3 >= 8, as 2048 * 8 in the release, so candidates never run short
+    of the top-k), a 32-token window: windows close, rings wrap and the indexer selects within
+    a few hundred tokens. `overrides` go into `text_config`."""
+    text = {
+        "model_type": "deepseek_v41_text",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 7,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "qk_rope_head_dim": 16,
+        "q_lora_rank": 64,
+        "o_lora_rank": 32,
+        "o_groups": 2,
+        "hidden_act": "silu",
+        "swiglu_limit": 10.0,
+        "rms_norm_eps": 1e-20,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 1048576,
+        "rope_theta": 10000,
+        "rope_scaling": {"rope_type": "yarn", "factor": 16, "beta_fast": 32, "beta_slow": 1,
+                         "original_max_position_embeddings": 65536},
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "scoring_func": "sqrtsoftplus",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.5,
+        "sliding_window": 32,
+        "compress_ratios": [0, 0, 2, 2, 1, 1, 1, 0],
+        "compress_rope_theta": 160000,
+        "kv_source_layer_ids": [2, 4],
+        "index_source_layer_ids": [2, 4, 5],
+        "index_n_heads": 4,
+        "index_head_dim": 32,
+        "index_topk": 8,
+        "candidate_source_layer_id": 4,
+        "candidate_topk_blocks": 3,
+        "candidate_block_size": 4,
+        "hc_mult": 4,
+        "hc_sinkhorn_iters": 20,
+        "hc_eps": 1e-06,
+        "engram_layer_ids": [1, 4],
+        "engram_num_embeddings": [],
+        "engram_max_ngram_size": 4,
+        "engram_vocab_size": 50,
+        "engram_n_heads": 2,
+        "engram_head_dim": 32,
+        "engram_pad_token_id": 2,
+        "engram_compressed_vocab_size": TINY_ENGRAM_CLASSES,
+        "num_nextn_predict_layers": 1,
+        "dspark_block_size": 5,
+        "dspark_target_layer_ids": [5],
+    }
+    text.update(overrides)
+    if not text["engram_num_embeddings"]:
+        from .model.engram import table_primes
+
+        primes = table_primes(len(text["engram_layer_ids"]), text["engram_max_ngram_size"] - 1,
+                              text["engram_n_heads"], text["engram_vocab_size"])
+        text["engram_num_embeddings"] = [sum(map(sum, p)) for p in primes]
+    return {
+        "architectures": ["DeepseekV41ForCausalLM"],
+        "model_type": "deepseek_v41",
+        "dtype": "bfloat16",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 2,
+        "image_token_id": 129264,
+        "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                "weight_block_size": [32, 32], "scale_fmt": "ue8m0",
+                                "expert_dtype": "fp4"},
+        "text_config": text,
+        "vision_config": {"model_type": "deepseek_v41_vision", "num_hidden_layers": 1,
+                          "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+                          "patch_size": 14},
+    }
+
+
+TINY_ENGRAM_CLASSES = 200
+
+
+def tiny_token_map(vocab: int = 256, classes: int = TINY_ENGRAM_CLASSES, seed: int = 0) -> list[int]:
+    """An Engram token map for a tiny model: `vocab` ids in `classes` classes (some ids share
+    one, as ids whose text normalizes alike do), numbered by first appearance as the real map."""
+    rng = np.random.default_rng(seed)
+    raw = np.concatenate([np.arange(classes), rng.integers(0, classes, vocab - classes)])
+    order = {}
+    return [order.setdefault(int(c), len(order)) for c in raw]
+
+
 def random_weights(args: ModelArgs, seed: int = 0, include_mtp: bool = True) -> dict[str, np.ndarray]:
     """Every tensor of the release under its official name, float32 (tid2eid int64)."""
     rng = np.random.default_rng(seed)
@@ -91,7 +190,7 @@ def _draw(rng, name: str, shape: tuple[int, ...], role: str, args: ModelArgs) ->
         return np.array(rows, dtype=np.int64)
     if role == "norm":
         return (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-    if role == "embed":
+    if role in ("embed", "engram"):
         return rng.standard_normal(shape).astype(np.float32)
     if leaf.endswith("_fn"):
         return (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
@@ -107,11 +206,22 @@ def _draw(rng, name: str, shape: tuple[int, ...], role: str, args: ModelArgs) ->
     return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
 
 
+ENGRAM_TABLE = re.compile(r"^layers\.(\d+)\.engram\.embed\.weight$")
+
+
+def engram_tables(official: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """The Engram tables of official weights by layer (they are read from disk, not loaded)."""
+    return {int(m.group(1)): v for n, v in official.items() if (m := ENGRAM_TABLE.match(n))}
+
+
 def to_model_weights(official: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Official names -> MLX parameter names: experts stacked `[E, out, in]`, tid2eid int32."""
+    """Official names -> MLX parameter names: experts stacked `[E, out, in]`, tid2eid int32;
+    Engram tables left out (`engram_tables`)."""
     out, experts = {}, {}
     for name, value in official.items():
         m = _EXPERT.match(name)
+        if ENGRAM_TABLE.match(name):
+            continue
         if m:
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = value
         elif name.endswith("tid2eid"):

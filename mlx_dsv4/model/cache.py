@@ -5,6 +5,11 @@ the compressor's partial-window rows (and, for CSA's overlapping windows, the ca
 last complete window) and an append-only pool of compressed entries; CSA layers also keep the
 indexer's compressor state and its pool of index keys.
 
+V4.1 (spec §1.6): only the layers that own a pool (`kv_source_layer_ids`) keep compressor rows
+and pools, read by the later layers of the same ratio; every other layer keeps its ring alone.
+Index keys come from the owner's entries, so there is no indexer compressor; Engram layers keep
+the last few token ids (`engram.EngramHistory`).
+
 Updates never mutate an array another object may hold: each one rebinds the attribute to the
 result of `mx.slice_update`, which MLX performs in place when nothing else references the old
 buffer. A snapshot keeps references to the small arrays (ring, compressor rows) and only the
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..config import CSA, SLIDING, ModelArgs
+from .engram import EngramHistory
 
 # Pools grow by at least this many entries (and by half their size) when full.
 GROW_ENTRIES = 256
@@ -176,7 +182,10 @@ class LayerCache:
         self.ratio = args.compress_ratio(layer)
         self.offset = 0
         self.window = WindowRing(batch, args.sliding_window, args.head_dim, dtype)
-        self.compressor = self.kv_pool = self.indexer = self.index_pool = None
+        self.compressor = self.kv_pool = self.indexer = self.index_pool = self.engram = None
+        if args.is_v41:
+            self._v41(args, layer, batch, dtype, max_tokens, kv_bits)
+            return
         if self.kind == SLIDING:
             return
         cap = math.ceil(max_tokens / self.ratio) if max_tokens else 0
@@ -187,9 +196,21 @@ class LayerCache:
             self.indexer = CompressorState(batch, self.ratio, args.index_head_dim, overlap)
             self.index_pool = EntryPool(batch, args.index_head_dim, dtype, cap, kv_bits)
 
+    def _v41(self, args: ModelArgs, layer: int, batch: int, dtype, max_tokens, kv_bits):
+        """A V4.1 layer: pools only on the layer that owns them (the others read them)."""
+        if args.is_engram_layer(layer):
+            self.engram = EngramHistory(batch, args.engram_max_ngram_size)
+        if not args.owns_pool(layer):
+            return
+        cap = math.ceil(max_tokens / self.ratio) if max_tokens else 0
+        if self.ratio > 1:  # a ratio-1 entry is its own token: nothing waits to be pooled
+            self.compressor = CompressorState(batch, self.ratio, args.head_dim, False)
+        self.kv_pool = EntryPool(batch, args.head_dim, dtype, cap, kv_bits)
+        self.index_pool = EntryPool(batch, args.index_head_dim, dtype, cap, kv_bits)
+
     def _parts(self):
         yield "window", self.window
-        for name in ("compressor", "kv_pool", "indexer", "index_pool"):
+        for name in ("compressor", "kv_pool", "indexer", "index_pool", "engram"):
             part = getattr(self, name)
             if part is not None:
                 yield name, part
@@ -203,7 +224,7 @@ class LayerCache:
         for name, part in self._parts():
             if isinstance(part, EntryPool):
                 counts[name] = part.n
-            elif isinstance(part, CompressorState):
+            elif hasattr(part, "arrays"):  # compressor rows, Engram history: replaced, never written
                 arrays.update({f"{name}.{k}": v for k, v in part.arrays().items()})
         return Snapshot(self.offset, arrays, counts)
 
