@@ -255,19 +255,34 @@ def scale_name(weight: str) -> str:
 
 
 def official_headers(args: ModelArgs) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    """(dtype, stored shape, role) of every tensor of the release, each scale after its weight."""
-    out = {}
+    """(dtype, stored shape, role) of every tensor of the release, each scale after its weight.
+    A V4.1 release also carries what the text runtime leaves out (role `dropped`): a vision
+    tower, image embeddings, the routers' image-token biases, DSpark stages under mtp.*."""
+    out, block = {}, args.fp8_block
     for name, shape, role in args.tensors():
         if role == "fp8":
             o, i = shape
             out[name] = ("F8_E4M3", shape, role)
-            out[scale_name(name)] = ("F8_E8M0", (-(-o // FP8_BLOCK), -(-i // FP8_BLOCK)), "scale")
+            out[scale_name(name)] = ("F8_E8M0", (-(-o // block), -(-i // block)), "scale")
+        elif role == "engram":
+            out[name] = ("F8_E4M3", shape, role)
+            out[scale_name(name)] = ("F8_E8M0", (shape[0], shape[1] // FP4_GROUP), "scale")
         elif role == "expert":
             o, i = shape
             out[name] = ("I8", (o, i // 2), role)
             out[scale_name(name)] = ("F8_E8M0", (o, i // FP4_GROUP), "scale")
         else:
             out[name] = (_ROLE_DTYPE[role], shape, role)
+    if args.is_v41:
+        D, E = args.hidden_size, args.n_routed_experts
+        for i in range(args.num_hidden_layers):
+            out[f"layers.{i}.ffn.gate.bias_vl"] = ("F32", (E,), "dropped")
+        for name in ("vision.patch_embed.proj.weight", "aligner.w0.weight"):
+            out[name] = ("BF16", (32, 32), "dropped")
+        for name in ("image_start", "image_end", "image_newline"):
+            out[name] = ("BF16", (D,), "dropped")
+        for k in range(args.extra.get("dspark_num_nextn_predict_layers", 0)):
+            out[f"mtp.{k}.norm.weight"] = ("BF16", (D,), "dropped")
     return out
 
 
@@ -286,6 +301,8 @@ def write_official_checkpoint(path, config: dict[str, Any], *, seed: int = 0, sh
     path.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_dict(config)
     headers = official_headers(args)
+    if args.is_v41 and args.engram_layer_ids and args.engram_compressed_vocab_size == TINY_ENGRAM_CLASSES:
+        (path / "engram_token_map.json").write_text(json.dumps(tiny_token_map(args.vocab_size)))
     files = _cut(headers, shards)
     if split_scale:
         first = next(n for n, h in headers.items() if h[2] == "fp8")
@@ -296,7 +313,7 @@ def write_official_checkpoint(path, config: dict[str, Any], *, seed: int = 0, sh
         total += write_safetensors(path / fname, {n: _official_tensor(n, headers, seed, args) for n in part})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    release = dict(config, expert_dtype="fp4", quantization_config={
+    release = config if args.is_v41 else dict(config, expert_dtype="fp4", quantization_config={
         "quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]})
     (path / "config.json").write_text(json.dumps(release, indent=2))
@@ -321,16 +338,22 @@ def _official_tensor(name: str, headers, seed: int, args: ModelArgs) -> tuple[st
     if role == "expert":  # any nibble is a valid E2M1 code
         return dtype, rng.integers(0, 256, shape, dtype=np.uint8).view(np.int8)
     if role == "fp8":
-        return dtype, _fp8_blocks(name, shape, seed)[0]
+        return dtype, _fp8_blocks(name, shape, seed, args.fp8_block)[0]
+    if role == "engram":  # rows of unit variance, one scale per 32 values of a row
+        return dtype, _fp8_blocks(name, shape, seed, (1, FP4_GROUP), 1.0)[0]
     if role == "scale":
         weight = name[: -len("scale")] + "weight"
         if headers[weight][2] == "fp8":  # drawn with its weight, from the weight's generator
-            return dtype, _fp8_blocks(weight, headers[weight][1], seed)[1]
+            return dtype, _fp8_blocks(weight, headers[weight][1], seed, args.fp8_block)[1]
+        if headers[weight][2] == "engram":
+            return dtype, _fp8_blocks(weight, headers[weight][1], seed, (1, FP4_GROUP), 1.0)[1]
         # FP4 group scales around std 1/sqrt(in) for the weight, jittered by one binade.
         fan_in = shape[1] * FP4_GROUP
         e = round(math.log2(1 / math.sqrt(_E2M1_MEAN_SQUARE * fan_in)))
         return dtype, (127 + e + rng.integers(-1, 2, shape)).astype(np.uint8)
-    if role in ("linear", "embed", "head"):
+    if role == "dropped":
+        value = _gaussian(rng, shape, 0.1)
+    elif role in ("linear", "embed", "head"):
         value = _gaussian(rng, shape, 1.0 if role == "embed" else shape[-1] ** -0.5)
     else:
         value = _draw(rng, name, shape, role, args)
@@ -342,19 +365,22 @@ def _gaussian(rng, shape, std: float) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
 
-def _fp8_blocks(name: str, shape, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """E4M3 codes and E8M0 block scales 2^ceil(log2(amax/448)) of a gaussian weight."""
+def _fp8_blocks(name: str, shape, seed: int, block=FP8_BLOCK,
+                std: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """E4M3 codes and E8M0 block scales 2^ceil(log2(amax/448)) of a gaussian weight; `block`
+    is the side of a square block or (rows, columns) of one."""
     import mlx.core as mx
 
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    w = _gaussian(rng, shape, shape[-1] ** -0.5)
+    w = _gaussian(rng, shape, shape[-1] ** -0.5 if std is None else std)
     o, i = shape
-    bo, bi = -(-o // FP8_BLOCK), -(-i // FP8_BLOCK)
-    padded = np.zeros((bo * FP8_BLOCK, bi * FP8_BLOCK), np.float32)
+    ro, ri = (block, block) if isinstance(block, int) else block
+    bo, bi = -(-o // ro), -(-i // ri)
+    padded = np.zeros((bo * ro, bi * ri), np.float32)
     padded[:o, :i] = np.abs(w)
-    amax = padded.reshape(bo, FP8_BLOCK, bi, FP8_BLOCK).max(axis=(1, 3))
+    amax = padded.reshape(bo, ro, bi, ri).max(axis=(1, 3))
     e = np.ceil(np.log2(np.maximum(amax, 1e-30) / 448.0)).astype(np.int32)
-    step = np.repeat(np.repeat(np.exp2(e).astype(np.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)[:o, :i]
+    step = np.repeat(np.repeat(np.exp2(e).astype(np.float32), ro, 0), ri, 1)[:o, :i]
     # mx.to_fp8 rounds to the nearest E4M3 value; the decoder below does not depend on it.
     codes = np.array(mx.to_fp8(mx.array(w / step)))
     return codes, (e + 127).astype(np.uint8)
@@ -432,9 +458,11 @@ def e2m1_unpack(packed: np.ndarray) -> np.ndarray:
 
 
 def dequantize_fp8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """W[o, i] = e4m3(Wq[o, i]) · 2^(S[o // 128, i // 128] − 127)."""
+    """W[o, i] = e4m3(Wq[o, i]) · 2^(S[o // Bo, i // Bi] − 127), the block read off the shapes
+    (128 x 128 for V4, 32 x 32 for V4.1, 1 x 32 for an Engram table)."""
     o, i = codes.shape
-    s = np.repeat(np.repeat(e8m0_to_float(scales), FP8_BLOCK, 0), FP8_BLOCK, 1)[:o, :i]
+    bo, bi = (next(b for b in (128, 32, 1) if -(-n // b) == m) for n, m in zip((o, i), scales.shape))
+    s = np.repeat(np.repeat(e8m0_to_float(scales), bo, 0), bi, 1)[:o, :i]
     return e4m3_to_float(codes) * s
 
 

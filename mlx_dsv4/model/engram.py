@@ -91,12 +91,14 @@ class EngramHash:
     def __init__(self, args: ModelArgs, token_map: np.ndarray):
         token_map = np.asarray(token_map, np.int64)
         n_compressed = int(token_map.max()) + 1 if token_map.size else 0
-        if n_compressed != args.engram_compressed_vocab_size or len(token_map) < args.vocab_size:
+        if n_compressed != args.engram_compressed_vocab_size or len(token_map) <= args.engram_pad_token_id:
             raise ConfigError(
                 f"The Engram token map has {len(token_map)} ids in {n_compressed} classes; the "
-                f"config needs {args.vocab_size} ids in {args.engram_compressed_vocab_size}.")
-        self.map, self.n = token_map, args.engram_max_ngram_size
+                f"config needs {args.engram_compressed_vocab_size} classes.")
         self.pad = int(token_map[args.engram_pad_token_id])
+        if len(token_map) < args.vocab_size:  # ids past the tokenizer's (padding): never fed
+            token_map = np.concatenate([token_map, np.full(args.vocab_size - len(token_map), self.pad)])
+        self.map, self.n = token_map, args.engram_max_ngram_size
         primes = table_primes(len(args.engram_layer_ids), self.n - 1, args.engram_n_heads,
                               args.engram_vocab_size)
         bound = np.iinfo(np.int64).max // n_compressed // 2  # token * multiplier fits int64
@@ -123,6 +125,11 @@ class EngramHash:
             rolling = rolling ^ (comp[:, self.n - 1 - k : self.n - 1 - k + S] * mult[k])
             cols.append(rolling[..., None] % self.primes[slot][k - 1])
         return np.concatenate(cols, axis=-1) + self.offsets[slot]
+
+
+def table_file(layer: int) -> str:
+    """Where a converted directory keeps layer `layer`'s table (outside the weight shards)."""
+    return f"engram/layers.{layer}.safetensors"
 
 
 def load_token_map(path: str | Path) -> np.ndarray:
