@@ -248,7 +248,8 @@ ExpertMemory = Annotated[int | None, typer.Option(
     help="Keep the routed experts on disk and read them on demand into a cache of this size, "
          "e.g. 24GB (for Macs too small for the whole model); 'auto': what the plan leaves.")]
 KvBits = Annotated[int | None, typer.Option("--kv-bits", metavar="BITS", help="8 stores the compressed KV and "
-                                                               "index pools in 8 bits (half the bytes).")]
+                                                               "index pools in 8 bits (half the bytes); "
+                                                               "4 (V4.1 only) in the official FP4 formats.")]
 
 
 def parse_size_or_zero(text: str) -> int:
@@ -303,9 +304,9 @@ def _pipeline(model: str, expert_memory, max_context, kv_bits, prefill_chunk) ->
 
 
 def _check_kv_bits(kv_bits: int | None) -> None:
-    if kv_bits not in (None, 8):
-        raise typer.BadParameter("only 8 is supported (omit the option for bf16 pools).",
-                                 param_hint="--kv-bits")
+    if kv_bits not in (None, 4, 8):
+        raise typer.BadParameter("only 8, or 4 for a V4.1 model, is supported (omit the option "
+                                 "for bf16 pools).", param_hint="--kv-bits")
 
 
 @command()
