@@ -501,7 +501,7 @@ def _plan_memory_table(p, kv_bits, hit_rate=None):
 
     from .plan import format_bytes as gib
 
-    pools = "8-bit" if kv_bits == 8 else "bf16"
+    pools = _pools(kv_bits)
     seqs = f" · {p.batch} sequences" if p.batch > 1 else ""
     table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens{seqs}", show_header=False)
     table.add_column()
@@ -518,7 +518,17 @@ def _plan_memory_table(p, kv_bits, hit_rate=None):
     table.add_row(f"decode activations{f' ({p.batch} rows)' if p.batch > 1 else ''}", gib(p.decode_bytes))
     table.add_row("total", gib(p.total_bytes))
     table.add_row(f"budget ({p.budget_source})", gib(p.budget_bytes))
+    if p.engram_bytes:
+        table.add_row(_engram_label(p), gib(p.engram_bytes))
     return table
+
+
+def _pools(kv_bits) -> str:
+    return {8: "8-bit", 4: "FP4"}.get(kv_bits, "bf16")
+
+
+def _engram_label(p) -> str:
+    return f"Engram tables, on SSD and not in memory ({p.engram_read_bytes / 1e3:,.1f} KB read per token)"
 
 
 def _ssd_label(p, hit_rate) -> str:
@@ -537,10 +547,11 @@ def _recipes_table(plans, kv_bits, hit_rate=None):
     from .plan import format_bytes as gib
 
     first = plans[0]
-    pools = "8-bit" if kv_bits == 8 else "bf16"
+    caption = f"KV pools {_pools(kv_bits)}, {first.kv_bytes_per_token:,.0f} B/token"
+    if first.engram_bytes:
+        caption += f"; {_engram_label(first)}: {gib(first.engram_bytes, 1)}"
     table = Table(title=f"{first.model} · {first.context:,} tokens · budget {gib(first.budget_bytes, 1)} "
-                        f"({first.budget_source})",
-                  caption=f"KV pools {pools}, {first.kv_bytes_per_token:,.0f} B/token", title_justify="left")
+                        f"({first.budget_source})", caption=caption, title_justify="left")
     streams = any(p.streams for p in plans)
     extra = ("expert cache", "SSD per token") if streams else ()
     for name in ("recipe", "weights", *extra, "total", "largest context", f"at {first.context:,} tokens"):
