@@ -127,10 +127,22 @@ class Indexer41(nn.Module):
             picked = candidate_blocks(scores, limit, self.blocks, self.block_size)
         elif self.uses_candidates and candidates is not None:
             scores = mx.where(expand_blocks(candidates, self.block_size, n), scores, -mx.inf)
-        k = min(self.topk, n)
-        idx = mx.argpartition(-scores, k - 1, axis=-1)[..., :k]
+        idx = top_k(scores, min(self.topk, n))
         valid = mx.take_along_axis(scores, idx, axis=-1) > -mx.inf
         return idx, valid, picked
+
+
+def top_k(scores: mx.array, k: int, ids: mx.array | None = None) -> mx.array:
+    """Positions of the `k` best scores along the last axis, ties going to the lower id (`ids`,
+    the entry or block ids of the positions; by default the positions themselves). A fixed tie
+    rule makes every path pick the same set however its candidates are laid out (ReLU'd index
+    scores tie at zero), and it is the reference's (a stable sort of the scores)."""
+    if ids is None:
+        ids = mx.arange(scores.shape[-1])
+    bits = (scores.astype(mx.float32) + 0.0).view(mx.uint32)  # + 0.0: -0.0 ranks as 0.0
+    ordered = mx.where((bits >> 31) == 1, ~bits, bits | 0x80000000).astype(mx.uint64)
+    key = ~((ordered << 32) | (0xFFFFFFFF - ids.astype(mx.uint64)))
+    return mx.argpartition(key, k - 1, axis=-1)[..., :k]
 
 
 def score(q: mx.array, w: mx.array, keys: mx.array) -> mx.array:
@@ -141,10 +153,11 @@ def score(q: mx.array, w: mx.array, keys: mx.array) -> mx.array:
     return (mx.maximum(z, 0) * w.astype(z.dtype)[..., None]).sum(axis=2)
 
 
-def candidate_blocks(scores: mx.array, limit: mx.array, k: int, size: int) -> mx.array:
+def candidate_top(scores: mx.array, limit: mx.array, k: int, size: int):
     """The first level of the two-level selection: per query, the `k` blocks of `size` entries
     with the highest best score, always counting the block of its newest visible entry (it may
-    be partly full, so an older full block can outscore it); `[B, S, blocks]` bool."""
+    be partly full, so an older full block can outscore it). `(blocks [B, S, k], reachable,
+    best [B, S, n_blocks])`: a block with no visible entry is no candidate."""
     n = scores.shape[-1]
     nb = -(-n // size)
     if nb * size != n:
@@ -153,8 +166,13 @@ def candidate_blocks(scores: mx.array, limit: mx.array, k: int, size: int) -> mx
     best = scores.reshape(*scores.shape[:-1], nb, size).max(axis=-1)
     last = ((limit - 1) // size)[:, None]
     pinned = mx.where(mx.arange(nb)[None] == last, mx.inf, best)
-    k = min(k, nb)
-    top = mx.argpartition(-pinned, k - 1, axis=-1)[..., :k]
+    top = top_k(pinned, min(k, nb))
+    return top, mx.take_along_axis(best, top, axis=-1) > -mx.inf, best
+
+
+def candidate_blocks(scores: mx.array, limit: mx.array, k: int, size: int) -> mx.array:
+    """`candidate_top` as a block mask `[B, S, n_blocks]` (chunks: every query its own set)."""
+    top, reachable, best = candidate_top(scores, limit, k, size)
     keep = mx.put_along_axis(mx.zeros(best.shape, mx.bool_), top, mx.array(True), axis=-1)
     return keep & (best > -mx.inf)
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 from . import decode, fakequant as fq, mhc
 from .attention import _attend, project_f32, rope
 from .cache import LayerCache
-from .v41 import candidate_blocks, expand_blocks, first_pre, head41, score
+from .v41 import candidate_top, first_pre, head41, score, top_k
 
 F32 = mx.float32
 
@@ -171,15 +171,24 @@ def core(att, q, kv, sides: list, st: list, p, spec, ar, hand: dict):
 
 def _select(att, qw: list, keys: mx.array, n, rows: mx.array, hand: dict):
     """The top-k `(idx, valid)` `[B, 1, K]` of one token over the first `bucket` index keys,
-    of which `n` are live; the candidate source also leaves its blocks in `hand`."""
+    of which `n` are live; the candidate source also leaves its blocks in `hand`. An index
+    source after it scores the candidate blocks' keys only (gathered: the point of the two
+    levels, a few thousand keys instead of the whole pool), as many as the top-k needs."""
     ix = att.indexer
     q, w = qw
+    if ix.uses_candidates and "candidates" in hand and ix.blocks * ix.block_size >= ix.topk:
+        top, reachable = hand["candidates"]
+        B = top.shape[0]
+        ids = (top[..., None] * ix.block_size + mx.arange(ix.block_size)).reshape(B, 1, -1)
+        live = mx.repeat(reachable, ix.block_size, axis=-1) & (ids < n)
+        picked = mx.take_along_axis(keys, mx.minimum(ids, keys.shape[1] - 1)[:, 0, :, None], axis=1)
+        scores = mx.where(live, score(q, w, picked), -mx.inf)
+        local = top_k(scores, ix.topk, ids)
+        return mx.take_along_axis(ids, local, axis=-1), mx.take_along_axis(scores, local, axis=-1) > -mx.inf
     scores = mx.where(rows < n, score(q, w, keys), -mx.inf)
     if ix.is_candidate_source:
-        hand["candidates"] = candidate_blocks(scores, n.reshape(1), ix.blocks, ix.block_size)
-    elif ix.uses_candidates and "candidates" in hand:
-        scores = mx.where(expand_blocks(hand["candidates"], ix.block_size, keys.shape[1]), scores, -mx.inf)
-    idx = mx.argpartition(-scores, ix.topk - 1, axis=-1)[..., : ix.topk]
+        hand["candidates"] = candidate_top(scores, n.reshape(1), ix.blocks, ix.block_size)[:2]
+    idx = top_k(scores, ix.topk, rows)
     return idx, mx.take_along_axis(scores, idx, axis=-1) > -mx.inf
 
 
@@ -301,11 +310,11 @@ class BatchStep41(DecodeStep41):
                     hand[("topk", att.index_source)] = (hin[0], hin[1])
                     hin = hin[2:]
                 if cand:
-                    hand["candidates"] = hin[0]
+                    hand["candidates"] = (hin[0], hin[1])
                 o, new = core(att, q, kv, sides, st, p, spec, ar, hand)
                 extra = list(hand.get(("topk", i), ()))
                 if "candidates" in hand and not cand:
-                    extra.append(hand["candidates"])
+                    extra += list(hand["candidates"])
                 return (o, *new, *extra)
 
             self.cores[key] = mx.compile(run) if self.model.compiled_decode else run
@@ -351,7 +360,7 @@ class BatchStep41(DecodeStep41):
             hin += list(hand[("topk", att.index_source)])
             topk = True
         if mode == "sparse" and args.uses_candidates(i) and "candidates" in hand:
-            hin.append(hand["candidates"])
+            hin += list(hand["candidates"])
             cand = True
         return hin, (npool, nipool, topk, cand)
 
@@ -362,4 +371,4 @@ class BatchStep41(DecodeStep41):
         if spec[3] == "sparse" and "indexer" in att:
             hand[("topk", i)] = (extra[0], extra[1])
             if att.indexer.is_candidate_source:
-                hand["candidates"] = extra[2]
+                hand["candidates"] = (extra[2], extra[3])
