@@ -490,3 +490,42 @@ def decode_official(path) -> dict[str, np.ndarray]:
         else:
             out[name] = a.copy()
     return out
+
+
+def sparse_engram_source(path, vocab: int) -> dict[str, Any]:
+    """Grow the Engram tables of an official V4.1 checkpoint at `path` to the sizes
+    `engram_vocab_size` = `vocab` gives (rows ~ (n-1) * heads * vocab per layer), as sparse
+    files: each layer's table and scales move to a shard of their own whose data is a hole
+    (zeros: FP8 code 0, scale code 0), written in no time and taking no disk. For measuring
+    what a large table costs the converter and the runtime; returns the new config."""
+    from .model.engram import table_primes
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    text = config["text_config"]
+    primes = table_primes(len(text["engram_layer_ids"]), text["engram_max_ngram_size"] - 1,
+                          text["engram_n_heads"], vocab)
+    text["engram_vocab_size"] = vocab
+    text["engram_num_embeddings"] = [sum(map(sum, p)) for p in primes]
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    hd = text["engram_head_dim"]
+    moved = {f"layers.{i}.engram.embed.{leaf}" for i in text["engram_layer_ids"] for leaf in ("weight", "scale")}
+    for shard in sorted({index["weight_map"][k] for k in moved}):  # rewritten without the old tables
+        kept = {k: v for k, v in read_safetensors(path / shard).items() if k not in moved}
+        write_safetensors(path / shard, kept)
+    for layer, rows in zip(text["engram_layer_ids"], text["engram_num_embeddings"]):
+        name = f"layers.{layer}.engram.embed"
+        shard = f"engram-{layer:05d}.safetensors"
+        header = {f"{name}.weight": {"dtype": "F8_E4M3", "shape": [rows, hd], "data_offsets": [0, rows * hd]},
+                  f"{name}.scale": {"dtype": "F8_E8M0", "shape": [rows, hd // FP4_GROUP],
+                                    "data_offsets": [rows * hd, rows * hd + rows * hd // FP4_GROUP]}}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(path / shard, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            f.truncate(8 + len(blob) + rows * (hd + hd // FP4_GROUP))
+        for key in header:
+            index["weight_map"][key] = shard
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return config
