@@ -267,6 +267,34 @@ class ModelArgs:
     def is_engram_layer(self, layer: int) -> bool:
         return layer in self.engram_layer_ids
 
+    def pipeline_cuts(self) -> set[int]:
+        """Layers a pipeline stage may start at: V4.1 layers read pools, top-k and candidate
+        blocks of earlier layers within one forward, so a cut must not separate a layer from
+        any of those (for V4 any layer)."""
+        L = self.num_hidden_layers
+        if not self.is_v41:
+            return set(range(1, L))
+        cuts = set()
+        for c in range(1, L):
+            reads = [(self.pool_source(i), self.index_source(i)) for i in range(c, L)]
+            candidates = any(self.uses_candidates(i) for i in range(c, L))
+            if all(s is None or s >= c for pair in reads for s in pair) and not (
+                    candidates and self.candidate_source_layer_id < c):
+                cuts.add(c)
+        return cuts
+
+    def first_layers(self, n: int) -> "ModelArgs":
+        """This config cut to its first `n` layers (a pipeline's rank 0), no MTP."""
+        keep = [i for i in self.engram_layer_ids if i < n]
+        c = self.candidate_source_layer_id
+        return dataclasses.replace(
+            self, num_hidden_layers=n, num_nextn_predict_layers=0,
+            kv_source_layer_ids=[i for i in self.kv_source_layer_ids if i < n],
+            index_source_layer_ids=[i for i in self.index_source_layer_ids if i < n],
+            candidate_source_layer_id=c if c < n else -1, engram_layer_ids=keep,
+            engram_num_embeddings=[r for i, r in zip(self.engram_layer_ids, self.engram_num_embeddings)
+                                   if i < n])
+
     def is_hash_layer(self, layer: int) -> bool:
         # MTP blocks have ids >= num_hidden_layers and are never hash-routed; V4.1 has none.
         return not self.is_v41 and layer < min(self.num_hash_layers, self.num_hidden_layers)

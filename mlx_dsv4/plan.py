@@ -554,12 +554,18 @@ def layer_weight_bytes(model: str | Path | ModelArgs, recipe: str | None = None)
     return [round(b) for b in per_layer], round(rest)
 
 
-def split_layers(layer_bytes: list[int], budgets: list[int], first_extra: int = 0) -> list[range]:
+def split_layers(layer_bytes: list[int], budgets: list[int], first_extra: int = 0,
+                 cuts: set[int] | None = None) -> list[range]:
     """Contiguous layer ranges, one per host in rank order, so that each host's bytes (its
-    layers, plus `first_extra` on host 0) are in proportion to its budget; each gets a layer."""
+    layers, plus `first_extra` on host 0) are in proportion to its budget; each gets a layer.
+    `cuts`: the layers a range may start at (V4.1: `ModelArgs.pipeline_cuts`), default any."""
     L, n = len(layer_bytes), len(budgets)
     if n < 1 or L < n:
         raise PlanError(f"{n} host(s) for {L} layer(s): a pipeline needs one layer per host at least.")
+    allowed = sorted(cuts) if cuts is not None else list(range(1, L))
+    if len(allowed) < n - 1:
+        raise PlanError(f"{n} hosts: this model's layers can be cut only at {allowed}, so a "
+                        f"pipeline has at most {len(allowed) + 1} stages.")
     if min(budgets) <= 0:
         raise PlanError("Every host needs a positive memory budget.")
     total, whole = sum(layer_bytes) + first_extra, sum(budgets)
@@ -570,9 +576,11 @@ def split_layers(layer_bytes: list[int], budgets: list[int], first_extra: int = 
     for k in range(n - 1):
         share += budgets[k]
         target = total * share / whole
-        lo, hi = bounds[-1] + 1, L - (n - 1 - k)
-        # The cut whose cumulative bytes land nearest this host's cumulative share.
-        bounds.append(min(range(lo, hi + 1), key=lambda i: abs(cum[i] - target)))
+        # The cut whose cumulative bytes land nearest this host's cumulative share, leaving
+        # enough cuts for the hosts after it.
+        options = [c for c in allowed if c > bounds[-1]]
+        options = options[: len(options) - (n - 2 - k)]
+        bounds.append(min(options, key=lambda i: abs(cum[i] - target)))
     bounds.append(L)
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
@@ -642,7 +650,7 @@ def pipeline_split(model: str | Path | ModelArgs, budgets: list[int],
     proportion to memory, host 0 also holding the embedding and head. `plan_pipeline` and
     `pipeline.load_pipeline` both cut here, so the plan describes what is loaded."""
     per_layer, extra = layer_weight_bytes(model, recipe)
-    return split_layers(per_layer, budgets, extra)
+    return split_layers(per_layer, budgets, extra, _weights(model, recipe)[0].pipeline_cuts())
 
 
 def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *, context: int,
@@ -660,7 +668,7 @@ def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *
                         f"(1 to {args.max_position_embeddings:,}).")
     per_layer, extra = layer_weight_bytes(model, None if is_converted(model) else recipe)
     budgets = [_with_reserve(m) if reserve else m for _, m in hosts]
-    split = split_layers(per_layer, budgets, extra)
+    split = split_layers(per_layer, budgets, extra, args.pipeline_cuts())
 
     def stages(ctx: int) -> list[Stage]:
         act = max(activation_bytes(args, min(prefill_chunk, ctx), ctx, kv_bits),

@@ -365,15 +365,7 @@ class Model41(nn.Module):
         return self.embed["scales"].dtype if "scales" in self.embed else self.embed.weight.dtype
 
     def engram_rows(self, ids: mx.array, cache: list[LayerCache]) -> dict[int, mx.array]:
-        """Per Engram layer, the table rows of `ids` (a host sync: rows are read on the host)."""
-        pairs = [(i, b.engram, cache[i].engram) for i, b in enumerate(self.layers) if "engram" in b]
-        if not pairs:
-            return {}
-        if self.engram_hash is None:
-            raise ValueError("This V4.1 model has Engram layers but no Engram hash: load it with "
-                             "weights.load_model, which reads its token map and tables.")
-        rows = engram_mod.fetch([(m, h) for _, m, h in pairs], self.engram_hash, np.array(ids))
-        return {i: r for (i, _, _), r in zip(pairs, rows)}
+        return engram_rows(self, range(len(self.layers)), ids, cache)
 
     def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None,
                  last_only: bool = False, return_streams: bool = False):
@@ -395,6 +387,20 @@ class Model41(nn.Module):
             X, pre = layer(X, pre, ids, c, handoff, rows.get(i))
         logits = head41(self, X[:, -1:] if last_only else X, pre[:, -1:] if last_only else pre)
         return (logits, X) if return_streams else logits
+
+
+def engram_rows(model, layers, ids: mx.array, cache: list[LayerCache]) -> dict[int, mx.array]:
+    """Per Engram layer among `layers` (whose caches `cache` holds, in order), the table rows of
+    `ids`: a host sync, since rows are read on the host (model.engram_hash hashes them)."""
+    pairs = [(i, model.layers[i].engram, c.engram) for i, c in zip(layers, cache)
+             if "engram" in model.layers[i]]
+    if not pairs:
+        return {}
+    if model.engram_hash is None:
+        raise ValueError("This V4.1 model has Engram layers but no Engram hash: load it with "
+                         "weights.load_model, which reads its token map and tables.")
+    rows = engram_mod.fetch([(m, h) for _, m, h in pairs], model.engram_hash, np.array(ids))
+    return {i: r for (i, _, _), r in zip(pairs, rows)}
 
 
 def head41(model, X: mx.array, pre: mx.array) -> mx.array:

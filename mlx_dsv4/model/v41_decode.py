@@ -20,7 +20,7 @@ import mlx.core as mx
 from . import decode, fakequant as fq, mhc
 from .attention import _attend, project_f32, rope
 from .cache import LayerCache
-from .v41 import candidate_top, first_pre, head41, score, top_k
+from .v41 import candidate_top, engram_rows, first_pre, head41, score, top_k
 
 F32 = mx.float32
 
@@ -34,16 +34,16 @@ def pool_quant(pool) -> tuple | None:
     return None if pool.bits is None else (pool.mode, pool.group, pool.bits)
 
 
-def plan(model, cache: list[LayerCache], p: int) -> tuple:
-    """Per layer (ratio, owner, close, mode, bucket, pool quantizations) for the token at p;
-    owners' pools grow first."""
-    args, key = model.args, []
-    for i, c in enumerate(cache):
+def plan(args, layers, cache: list[LayerCache], p: int) -> tuple:
+    """Per layer of `layers` (whose caches `cache` holds, in order) (ratio, owner, close, mode,
+    bucket, pool quantizations) for the token at p; owners' pools grow first."""
+    key, at = [], {i: k for k, i in enumerate(layers)}
+    for i, c in zip(layers, cache):
         m = c.ratio
         if not m:
             key.append((0, False, False, None, 0, None))
             continue
-        src = cache[args.pool_source(i)]
+        src = cache[at[args.pool_source(i)]]
         close = (p + 1) % m == 0
         owner = c.kv_pool is not None
         if owner and close:
@@ -210,25 +210,35 @@ def block_step(block, X, pre, ids, st, p, spec, ar, hand, rows=None):
 
 
 class DecodeStep41(decode.DecodeStep):
-    """Compiled one-token steps of a `Model41`, one per variant key (see the module doc)."""
+    """Compiled one-token steps of a `Model41`, one per variant key (see the module doc).
+    A pipeline stage steps its own run of layers by overriding `_layers`, `_start`, `_finish`."""
+
+    def _layers(self) -> list[int]:
+        return list(range(len(self.model.layers)))
+
+    def _start(self, ids, X, pre):
+        """The streams and `pre` entering the first layer: the embedded ids and stream 0."""
+        return self._begin(ids, X), first_pre(ids.shape[0], 1, self.model.args.hc_mult)
+
+    def _finish(self, X, pre) -> tuple:
+        return head41(self.model, X, pre), X
 
     def _build(self, key: tuple, sizes: tuple[int, ...]):
         ar = self._ranges(key[:-1])
-        model = self.model
-        engram_layers = [i for i, b in enumerate(model.layers) if "engram" in b]
+        layers, blocks = self._layers(), self.model.layers
+        engram = [i for i in layers if "engram" in blocks[i]]
 
-        def step(ids, p, *flat):
-            rows = dict(zip(engram_layers, flat[: len(engram_layers)]))
-            flat = flat[len(engram_layers):]
-            X = self._begin(ids, self.no_streams)
-            pre = first_pre(ids.shape[0], 1, model.args.hc_mult)
-            new, i, hand = [], 0, {}
-            for j, (layer, size, spec) in enumerate(zip(model.layers, sizes, key[:-1])):
-                X, pre, st = block_step(layer, X, pre, ids, list(flat[i : i + size]), p, spec, ar,
-                                        hand, rows.get(j))
+        def step(ids, p, X, pre, *flat):
+            rows = dict(zip(engram, flat[: len(engram)]))
+            flat = flat[len(engram):]
+            X, pre = self._start(ids, X, pre)
+            new, k, hand = [], 0, {}
+            for i, size, spec in zip(layers, sizes, key[:-1]):
+                X, pre, st = block_step(blocks[i], X, pre, ids, list(flat[k : k + size]), p, spec,
+                                        ar, hand, rows.get(i))
                 new += st
-                i += size
-            return (head41(model, X, pre), X, *new)
+                k += size
+            return (*self._finish(X, pre), *new)
 
         return mx.compile(step)
 
@@ -239,25 +249,30 @@ class DecodeStep41(decode.DecodeStep):
                 mx.eval(self._aranges[n])
         return self._aranges.__getitem__
 
-    def __call__(self, ids: mx.array, cache: list[LayerCache]):
-        """Logits `[B, 1, V]` (fp32) and the final streams for one token per sequence."""
-        model = self.model
-        rows = model.engram_rows(ids, cache)  # host: the token ids, then the table reads
+    def run(self, ids: mx.array, X: mx.array, pre: mx.array, cache: list[LayerCache]) -> tuple:
+        """Replay the variant for `cache`'s position, advance the cache by one token and return
+        what `_finish` returns."""
+        layers = self._layers()
+        rows = engram_rows(self.model, layers, ids, cache)  # host: the ids, then table reads
         p = cache[0].offset
-        key = plan(model, cache, p) + (fq.mode(),)
+        key = plan(self.model.args, layers, cache, p) + (fq.mode(),)
         layouts = [state_arrays(c) for c in cache]
         sizes = tuple(len(a) for a in layouts)
         if key not in self.steps:
             self.steps[key] = self._build(key, sizes)
         flat = [a for arrays in layouts for a in arrays]
         del layouts
-        out = self.steps[key](ids, mx.array(p, mx.int32), *rows.values(), *flat)
+        out = self.steps[key](ids, mx.array(p, mx.int32), X, pre, *rows.values(), *flat)
         del flat
-        i = 2
+        i = n = len(out) - sum(sizes)
         for c, size, spec in zip(cache, sizes, key[:-1]):
             set_state(c, list(out[i : i + size]), spec[2])
             i += size
-        return out[0], out[1]
+        return out[:n]
+
+    def __call__(self, ids: mx.array, cache: list[LayerCache]):
+        """Logits `[B, 1, V]` (fp32) and the final streams for one token per sequence."""
+        return self.run(ids, self.no_streams, self.no_streams, cache)
 
 
 class BatchStep41(DecodeStep41):
@@ -326,7 +341,7 @@ class BatchStep41(DecodeStep41):
         model, args = self.model, self.model.args
         rows = [model.engram_rows(ids[b : b + 1], c) for b, c in enumerate(caches)]
         ps = [c[0].offset for c in caches]
-        keys = [plan(model, c, p) for c, p in zip(caches, ps)]
+        keys = [plan(args, range(len(model.layers)), c, p) for c, p in zip(caches, ps)]
         P, pos = mx.array(ps, mx.int32), [mx.array(p, mx.int32) for p in ps]
         X = self._begin(ids, self.no_streams)
         pre = first_pre(ids.shape[0], 1, args.hc_mult)

@@ -119,9 +119,10 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
     return model
 
 
-def attach_engram(model, path: Path) -> None:
+def attach_engram(model, path: Path, layers=None) -> None:
     """Give a V4.1 model its Engram hash (from the token map) and each Engram layer the file
-    of its table: rows are read from there on demand, the table is never loaded."""
+    of its table: rows are read from there on demand, the table is never loaded. `layers`: the
+    layers the module holds (a pipeline stage), by default all."""
     from .engram import EngramFile, EngramHash, load_token_map, table_file
 
     args = model.args
@@ -130,6 +131,8 @@ def attach_engram(model, path: Path) -> None:
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from e
     for layer, rows in zip(args.engram_layer_ids, args.engram_num_embeddings):
+        if layers is not None and layer not in layers:
+            continue
         f = path / table_file(layer)
         if not f.exists():
             raise LoadError(f"{path}: the Engram table of layer {layer} ({table_file(layer)}) is "
