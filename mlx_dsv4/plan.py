@@ -682,6 +682,7 @@ def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *
 
     largest = _largest(lambda ctx: all(s.fits for s in stages(ctx)), args.max_position_embeddings)
     hop = args.hc_mult * args.hidden_size * 2  # bf16 streams [1, 1, N, D]
+    hop += 4 * args.hc_mult if args.is_v41 else 0  # and V4.1's lagged mHC weights, fp32 [1, 1, N]
     return PipelinePlan(name, recipe, context, stages(context), largest, hop)
 
 
