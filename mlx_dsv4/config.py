@@ -574,6 +574,9 @@ def _check_v41(a: ModelArgs) -> None:
             bad(f"the candidate source layer {c} is not an index source")
         if a.candidate_topk_blocks < 1 or a.candidate_block_size < 1:
             bad("`candidate_topk_blocks` and `candidate_block_size` must be positive")
+        if a.candidate_topk_blocks * a.candidate_block_size < a.index_topk:
+            bad("the candidate blocks (`candidate_topk_blocks` x `candidate_block_size`) must hold "
+                "at least `index_topk` entries")
         for i in index:
             if i > c and a.pool_source(i) != a.pool_source(c):
                 bad(f"index layer {i} scores candidates picked over another layer's pool")

@@ -52,7 +52,7 @@ class Handoff:
 
     pools: dict[int, LayerCache] = field(default_factory=dict)
     topk: dict[int, tuple | None] = field(default_factory=dict)
-    candidates: mx.array | None = None
+    candidates: tuple | None = None  # (blocks, reachable) `[B, S, k]`, see candidate_top
 
 
 class Compressor41(nn.Module):
@@ -110,11 +110,15 @@ class Indexer41(nn.Module):
         return fq.index_qk(q), w
 
     def select(self, x, q_lat, keys, offset: int, periods, candidates):
-        """`(idx, valid)` `[B, S, K]` for queries at offset…offset+S-1, and the candidate block
-        mask `[B, S, blocks]` this layer picks (the candidate source) or None."""
+        """`(idx, valid)` `[B, S, K]` for queries at offset…offset+S-1, and the candidate blocks
+        this layer picks (the candidate source) or None. An index source after the candidate
+        source scores only the candidate blocks' keys (`among_candidates`)."""
         B, S, _ = x.shape
         n = keys.shape[1]
         q, w = self.queries(x, q_lat, periods, offset)
+        limit = (mx.arange(offset, offset + S) + 1) // self.ratio  # entries each query sees
+        if self.uses_candidates and candidates is not None:
+            return (*among_candidates(self, q, w, keys, limit[None, :, None], candidates), None)
         step = max(1, INDEX_SCORE_BYTES // (4 * B * S * self.n_heads))
         parts = [score(q, w, keys[:, s0 : s0 + step]) for s0 in range(0, n, step)]
         scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
@@ -123,13 +127,38 @@ class Indexer41(nn.Module):
             scores = mx.where(visible, scores, -mx.inf)
         picked = None
         if self.is_candidate_source:
-            limit = (mx.arange(offset, offset + S) + 1) // self.ratio
-            picked = candidate_blocks(scores, limit, self.blocks, self.block_size)
-        elif self.uses_candidates and candidates is not None:
-            scores = mx.where(expand_blocks(candidates, self.block_size, n), scores, -mx.inf)
+            picked = candidate_top(scores, limit, self.blocks, self.block_size)[:2]
         idx = top_k(scores, min(self.topk, n))
         valid = mx.take_along_axis(scores, idx, axis=-1) > -mx.inf
         return idx, valid, picked
+
+
+# Queries at a time when gathering candidate keys ([Bq, k * size, c_I] each).
+CANDIDATE_QUERY_BLOCK = 8
+
+
+def among_candidates(ix: Indexer41, q, w, keys: mx.array, limit, candidates: tuple):
+    """The second level of the two-level selection: each query scores the keys of its candidate
+    blocks only (a few thousand instead of the whole pool) and keeps the top-k of them, as
+    `(entry ids, valid)` `[B, S, K]`. `limit` broadcasts to `[B, S, 1]`: entries visible."""
+    top, reachable = candidates
+    B, S, k = top.shape
+    size, n = ix.block_size, keys.shape[1]
+    ids = (top[..., None] * size + mx.arange(size)).reshape(B, S, k * size)
+    live = mx.repeat(reachable, size, axis=-1) & (ids < limit)
+    safe = mx.minimum(ids, n - 1)
+    picks, oks = [], []
+    for s0 in range(0, S, CANDIDATE_QUERY_BLOCK):
+        s1 = min(S, s0 + CANDIDATE_QUERY_BLOCK)
+        rows = mx.take_along_axis(keys[:, None], safe[:, s0:s1, :, None], axis=2)  # [B, s, K', c]
+        z = (q[:, s0:s1] @ rows.astype(q.dtype).swapaxes(-1, -2))  # [B, s, H, K']
+        sc = (mx.maximum(z, 0) * w[:, s0:s1].astype(z.dtype)[..., None]).sum(axis=2)
+        sc = mx.where(live[:, s0:s1], sc, -mx.inf)
+        local = top_k(sc, ix.topk, ids[:, s0:s1])
+        picks.append(mx.take_along_axis(ids[:, s0:s1], local, axis=-1))
+        oks.append(mx.take_along_axis(sc, local, axis=-1) > -mx.inf)
+    join = (lambda a: a[0] if len(a) == 1 else mx.concatenate(a, axis=1))  # noqa: E731
+    return join(picks), join(oks)
 
 
 def top_k(scores: mx.array, k: int, ids: mx.array | None = None) -> mx.array:
@@ -168,18 +197,6 @@ def candidate_top(scores: mx.array, limit: mx.array, k: int, size: int):
     pinned = mx.where(mx.arange(nb)[None] == last, mx.inf, best)
     top = top_k(pinned, min(k, nb))
     return top, mx.take_along_axis(best, top, axis=-1) > -mx.inf, best
-
-
-def candidate_blocks(scores: mx.array, limit: mx.array, k: int, size: int) -> mx.array:
-    """`candidate_top` as a block mask `[B, S, n_blocks]` (chunks: every query its own set)."""
-    top, reachable, best = candidate_top(scores, limit, k, size)
-    keep = mx.put_along_axis(mx.zeros(best.shape, mx.bool_), top, mx.array(True), axis=-1)
-    return keep & (best > -mx.inf)
-
-
-def expand_blocks(blocks: mx.array, size: int, n: int) -> mx.array:
-    """A block mask `[..., blocks]` as an entry mask `[..., n]`."""
-    return mx.repeat(blocks, size, axis=-1)[..., :n]
 
 
 class Attention41(nn.Module):
@@ -280,15 +297,15 @@ class Attention41(nn.Module):
         idx, valid, picked = [], [], []
         for i0 in range(0, S, SPARSE_QUERY_BLOCK):
             i1 = min(S, i0 + SPARSE_QUERY_BLOCK)
-            cand = None if handoff.candidates is None else handoff.candidates[:, i0:i1]
+            cand = None if handoff.candidates is None else tuple(a[:, i0:i1] for a in handoff.candidates)
             a, b, c = self.indexer.select(x[:, i0:i1], q_lat[:, i0:i1], keys, p0 + i0,
                                           self._index_periods, cand)
             idx.append(a)
             valid.append(b)
             picked.append(c)
-        if self.indexer.is_candidate_source:
-            handoff.candidates = picked[0] if len(picked) == 1 else mx.concatenate(picked, axis=1)
         join = (lambda a: a[0] if len(a) == 1 else mx.concatenate(a, axis=1))  # noqa: E731
+        if self.indexer.is_candidate_source:
+            handoff.candidates = (join([c[0] for c in picked]), join([c[1] for c in picked]))
         return join(idx), join(valid)
 
 

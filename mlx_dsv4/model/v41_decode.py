@@ -20,7 +20,7 @@ import mlx.core as mx
 from . import decode, fakequant as fq, mhc
 from .attention import _attend, project_f32, rope
 from .cache import LayerCache
-from .v41 import candidate_top, engram_rows, first_pre, head41, score, top_k
+from .v41 import among_candidates, candidate_top, engram_rows, first_pre, head41, score, top_k
 
 F32 = mx.float32
 
@@ -171,20 +171,12 @@ def core(att, q, kv, sides: list, st: list, p, spec, ar, hand: dict):
 
 def _select(att, qw: list, keys: mx.array, n, rows: mx.array, hand: dict):
     """The top-k `(idx, valid)` `[B, 1, K]` of one token over the first `bucket` index keys,
-    of which `n` are live; the candidate source also leaves its blocks in `hand`. An index
-    source after it scores the candidate blocks' keys only (gathered: the point of the two
-    levels, a few thousand keys instead of the whole pool), as many as the top-k needs."""
+    of which `n` are live; the candidate source also leaves its blocks in `hand`, which an index
+    source after it scores alone (`v41.among_candidates`)."""
     ix = att.indexer
     q, w = qw
-    if ix.uses_candidates and "candidates" in hand and ix.blocks * ix.block_size >= ix.topk:
-        top, reachable = hand["candidates"]
-        B = top.shape[0]
-        ids = (top[..., None] * ix.block_size + mx.arange(ix.block_size)).reshape(B, 1, -1)
-        live = mx.repeat(reachable, ix.block_size, axis=-1) & (ids < n)
-        picked = mx.take_along_axis(keys, mx.minimum(ids, keys.shape[1] - 1)[:, 0, :, None], axis=1)
-        scores = mx.where(live, score(q, w, picked), -mx.inf)
-        local = top_k(scores, ix.topk, ids)
-        return mx.take_along_axis(ids, local, axis=-1), mx.take_along_axis(scores, local, axis=-1) > -mx.inf
+    if ix.uses_candidates and "candidates" in hand:
+        return among_candidates(ix, q, w, keys, n, hand["candidates"])
     scores = mx.where(rows < n, score(q, w, keys), -mx.inf)
     if ix.is_candidate_source:
         hand["candidates"] = candidate_top(scores, n.reshape(1), ix.blocks, ix.block_size)[:2]
