@@ -277,6 +277,7 @@ def activation_bytes(args: ModelArgs, tokens: int, context: int, kv_bits: int | 
             k, Bs = args.index_topk, min(S, SPARSE_QUERY_BLOCK)
             gather = Bs * k * c * (4 + 2)
             index = min(INDEX_SCORE_BYTES, Bs * args.index_n_heads * n * 4) + 2 * Bs * n * 4
+            index += Bs * n * 8 if args.is_v41 else 0  # v41.top_k's ranking keys (uint64)
             block += gather + 2 * H * Bs * k * 4 + index
     if HCA in kinds:
         n = context // 128
