@@ -66,6 +66,7 @@ from .cache import LayerCache, make_cache
 from .model import Block, _init_head, embed_streams, head_logits
 from .layers import RMSNorm
 from .v41 import Block41, Handoff, engram_rows, first_pre, head41
+from .v41_decode import DecodeStep41
 
 HEADER = 8  # int32 slots: command, key, B, S, flags, offset, kv_bits, dtypes (streams + 4 x pools)
 FORWARD, DROP, STOP = 1, 2, 3
@@ -153,9 +154,7 @@ class Stage(nn.Module):
     def _v41(self, X, pre, ids, cache):
         if self.compiled_decode and decode.one_token(cache, ids):
             if self._step is None:
-                from .v41_decode import DecodeStep41
-
-                self._step = type("StageStep41", (StageStep41, DecodeStep41), {})(self)
+                self._step = StageStep41(self)
             return self._step(X, pre, ids, cache)
         rows = engram_rows(self, self.indices, ids, cache)
         if X is None:
@@ -169,9 +168,8 @@ class Stage(nn.Module):
         return head41(self, X, pre) if self.args.is_v41 else head_logits(self, X)
 
 
-class StageStep41:
-    """A V4.1 stage's one-token step: `v41_decode.DecodeStep41` over this stage's layers (mixed
-    into that class when first used: v41_decode imports this package's decode machinery)."""
+class StageStep41(DecodeStep41):
+    """A V4.1 stage's one-token step: `v41_decode.DecodeStep41` over this stage's layers."""
 
     def _layers(self) -> list[int]:
         return list(self.model.indices)

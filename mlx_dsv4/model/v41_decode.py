@@ -295,7 +295,8 @@ class BatchStep41(DecodeStep41):
         def run(o, P, X, post, comb, attn_pre, ids):
             X = mhc.expand(block.attn.out(o, P, X.dtype), X, post, comb)
             ffn_pre, post, comb = block.coeffs(X, "ffn")
-            return mhc.expand(block.ffn(block.ffn_norm(mhc.collapse(X, attn_pre)), ids), X, post, comb), ffn_pre
+            y = block.ffn(block.ffn_norm(mhc.collapse(X, attn_pre)), ids)
+            return mhc.expand(y, X, post, comb), ffn_pre
 
         return run
 
