@@ -137,20 +137,25 @@ class Indexer41(nn.Module):
 CANDIDATE_QUERY_BLOCK = 8
 
 
-def among_candidates(ix: Indexer41, q, w, keys: mx.array, limit, candidates: tuple):
+def among_candidates(ix: Indexer41, q, w, keys, limit, candidates: tuple, n: int | None = None):
     """The second level of the two-level selection: each query scores the keys of its candidate
     blocks only (a few thousand instead of the whole pool) and keeps the top-k of them, as
-    `(entry ids, valid)` `[B, S, K]`. `limit` broadcasts to `[B, S, 1]`: entries visible."""
+    `(entry ids, valid)` `[B, S, K]`. `limit` broadcasts to `[B, S, 1]`: entries visible.
+    `keys`: the index keys `[B, n, c]`, or a function of ids `[B, s, K']` giving their rows
+    `[B, s, K', c]` (a quantized pool then decodes those rows only) with `n` the rows it has."""
     top, reachable = candidates
     B, S, k = top.shape
-    size, n = ix.block_size, keys.shape[1]
+    size = ix.block_size
+    if not callable(keys):
+        n, pool = keys.shape[1], keys
+        keys = lambda i: mx.take_along_axis(pool[:, None], i[..., None], axis=2)  # noqa: E731
     ids = (top[..., None] * size + mx.arange(size)).reshape(B, S, k * size)
     live = mx.repeat(reachable, size, axis=-1) & (ids < limit)
     safe = mx.minimum(ids, n - 1)
     picks, oks = [], []
     for s0 in range(0, S, CANDIDATE_QUERY_BLOCK):
         s1 = min(S, s0 + CANDIDATE_QUERY_BLOCK)
-        rows = mx.take_along_axis(keys[:, None], safe[:, s0:s1, :, None], axis=2)  # [B, s, K', c]
+        rows = keys(safe[:, s0:s1])  # [B, s, K', c]
         z = (q[:, s0:s1] @ rows.astype(q.dtype).swapaxes(-1, -2))  # [B, s, H, K']
         sc = (mx.maximum(z, 0) * w[:, s0:s1].astype(z.dtype)[..., None]).sum(axis=2)
         sc = mx.where(live[:, s0:s1], sc, -mx.inf)

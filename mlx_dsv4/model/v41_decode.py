@@ -94,7 +94,7 @@ def _append(pool: list[mx.array], entry, at, quant) -> list[mx.array]:
 
 
 def _rows(pool: list[mx.array], quant, dtype, bucket: int | None = None, idx=None) -> mx.array:
-    """Pool rows as `dtype`: the first `bucket`, or per-query picks `idx [B, 1, K]`."""
+    """Pool rows as `dtype`: the first `bucket`, or per-query picks `idx [B, S, K]`."""
     if idx is not None:
         pool = [mx.take_along_axis(a[:, None], idx[..., None], axis=2) for a in pool]
     else:
@@ -162,21 +162,23 @@ def core(att, q, kv, sides: list, st: list, p, spec, ar, hand: dict):
             parts.append((_rows(pool, quant[0], F32, bucket), (ar(bucket) < n)[None], False))
         elif mode == "sparse":
             if "indexer" in att:
-                hand[("topk", att.layer)] = _select(att, sides[i:], _rows(ipool, quant[1], dtype, bucket),
+                hand[("topk", att.layer)] = _select(att, sides[i:], ipool, quant[1], dtype, bucket,
                                                     n, ar(bucket), hand)
             idx, valid = hand[("topk", att.index_source)]
             parts.append((_rows(pool, quant[0], F32, idx=idx), valid, True))
     return _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink), out
 
 
-def _select(att, qw: list, keys: mx.array, n, rows: mx.array, hand: dict):
+def _select(att, qw: list, ipool: list, quant, dtype, bucket: int, n, rows: mx.array, hand: dict):
     """The top-k `(idx, valid)` `[B, 1, K]` of one token over the first `bucket` index keys,
     of which `n` are live; the candidate source also leaves its blocks in `hand`, which an index
-    source after it scores alone (`v41.among_candidates`)."""
+    source after it scores alone (`v41.among_candidates`: only those rows are read)."""
     ix = att.indexer
     q, w = qw
     if ix.uses_candidates and "candidates" in hand:
-        return among_candidates(ix, q, w, keys, n, hand["candidates"])
+        return among_candidates(ix, q, w, lambda i: _rows(ipool, quant, dtype, idx=i), n,
+                                hand["candidates"], bucket)
+    keys = _rows(ipool, quant, dtype, bucket)
     scores = mx.where(rows < n, score(q, w, keys), -mx.inf)
     if ix.is_candidate_source:
         hand["candidates"] = candidate_top(scores, n.reshape(1), ix.blocks, ix.block_size)[:2]
