@@ -220,6 +220,9 @@ def _plan_table(source: str, result):
         from .convert import dropped_note
 
         table.add_row("not converted", "", dropped_note(plan))
+    if plan.engram:  # V4.1: copied as shipped, read row by row at run time, never loaded
+        size = _size(sum(t.nbytes for t in plan.engram))
+        table.add_row("Engram tables", "", f"{len(plan.engram)} files, {size} (on disk at run time)")
     table.add_row("peak memory", "", f"{_size(plan.peak_bytes)} + interpreter")
     return table
 
