@@ -236,6 +236,9 @@ def _plan_table(source: str, result):
         from .convert import dropped_note
 
         table.add_row("not converted", "", dropped_note(plan))
+    if plan.engram:  # V4.1: copied as shipped, read row by row at run time, never loaded
+        size = _size(sum(t.nbytes for t in plan.engram))
+        table.add_row("Engram tables", "", f"{len(plan.engram)} files, {size} (on disk at run time)")
     table.add_row("peak memory", "", f"{_size(plan.peak_bytes)} + interpreter")
     return table
 
@@ -264,7 +267,8 @@ ExpertMemory = Annotated[int | None, typer.Option(
     help="Keep the routed experts on disk and read them on demand into a cache of this size, "
          "e.g. 24GB (for Macs too small for the whole model); 'auto': what the plan leaves.")]
 KvBits = Annotated[int | None, typer.Option("--kv-bits", metavar="BITS", help="8 stores the compressed KV and "
-                                                               "index pools in 8 bits (half the bytes).")]
+                                                               "index pools in 8 bits (half the bytes); "
+                                                               "4 (V4.1 only) in the official FP4 formats.")]
 
 
 def parse_size_or_zero(text: str) -> int:
@@ -321,9 +325,9 @@ def _pipeline(model: str, expert_memory, max_context, kv_bits, prefill_chunk) ->
 
 
 def _check_kv_bits(kv_bits: int | None) -> None:
-    if kv_bits not in (None, 8):
-        raise typer.BadParameter("only 8 is supported (omit the option for bf16 pools).",
-                                 param_hint="--kv-bits")
+    if kv_bits not in (None, 4, 8):
+        raise typer.BadParameter("only 8, or 4 for a V4.1 model, is supported (omit the option "
+                                 "for bf16 pools).", param_hint="--kv-bits")
 
 
 @command()
@@ -540,7 +544,7 @@ def _plan_memory_table(p, kv_bits, hit_rate=None):
 
     from .plan import format_bytes as gib
 
-    pools = "8-bit" if kv_bits == 8 else "bf16"
+    pools = _pools(kv_bits)
     seqs = f" · {p.batch} sequences" if p.batch > 1 else ""
     table = Table(title=f"{p.model} · {p.recipe} · {p.context:,} tokens{seqs}", show_header=False)
     table.add_column()
@@ -557,7 +561,17 @@ def _plan_memory_table(p, kv_bits, hit_rate=None):
     table.add_row(f"decode activations{f' ({p.batch} rows)' if p.batch > 1 else ''}", gib(p.decode_bytes))
     table.add_row("total", gib(p.total_bytes))
     table.add_row(f"budget ({p.budget_source})", gib(p.budget_bytes))
+    if p.engram_bytes:
+        table.add_row(_engram_label(p), gib(p.engram_bytes))
     return table
+
+
+def _pools(kv_bits) -> str:
+    return {8: "8-bit", 4: "FP4"}.get(kv_bits, "bf16")
+
+
+def _engram_label(p) -> str:
+    return f"Engram tables, on SSD and not in memory ({p.engram_read_bytes / 1e3:,.1f} KB read per token)"
 
 
 def _ssd_label(p, hit_rate) -> str:
@@ -576,10 +590,11 @@ def _recipes_table(plans, kv_bits, hit_rate=None):
     from .plan import format_bytes as gib
 
     first = plans[0]
-    pools = "8-bit" if kv_bits == 8 else "bf16"
+    caption = f"KV pools {_pools(kv_bits)}, {first.kv_bytes_per_token:,.0f} B/token"
+    if first.engram_bytes:
+        caption += f"; {_engram_label(first)}: {gib(first.engram_bytes, 1)}"
     table = Table(title=f"{first.model} · {first.context:,} tokens · budget {gib(first.budget_bytes, 1)} "
-                        f"({first.budget_source})",
-                  caption=f"KV pools {pools}, {first.kv_bytes_per_token:,.0f} B/token", title_justify="left")
+                        f"({first.budget_source})", caption=caption, title_justify="left")
     streams = any(p.streams for p in plans)
     extra = ("expert cache", "SSD per token") if streams else ()
     for name in ("recipe", "weights", *extra, "total", "largest context", f"at {first.context:,} tokens"):
@@ -750,11 +765,15 @@ def _duration(seconds: float) -> str:
 def selftest(
     keep: Annotated[Path | None, typer.Option(help="Keep the tiny checkpoint and its conversion "
                                                    "in this directory.")] = None,
+    model: Annotated[str, typer.Option(help="The tiny model's architecture: v4, or v41 "
+                                            "(DeepSeek-V4.1: Engram, shared pools).")] = "v4",
 ) -> None:
     """Check the install end to end on a tiny random model: convert, load, chat, serve."""
-    from .selftest import run_selftest
+    from .selftest import MODELS, run_selftest
 
-    report = run_selftest(keep, log=lambda line: print(line, flush=True))
+    if model not in MODELS:
+        raise typer.BadParameter(f"choose one of {', '.join(MODELS)}.", param_hint="--model")
+    report = run_selftest(keep, log=lambda line: print(line, flush=True), model=model)
     if not report.ok:
         raise typer.Exit(1)
 

@@ -3,7 +3,8 @@
 Weight bytes come from a converted directory's shard headers (nothing is read beyond them) or,
 for a bare config, from the tensor inventory and a conversion recipe. KV bytes come from the
 cache classes themselves (`make_cache` with lazy arrays allocates nothing), so the plan and the
-pools cannot disagree. Activation peaks are an estimate from the shapes of the largest
+pools cannot disagree. V4.1's Engram tables stay on the SSD (model/engram.py): they count as
+disk, never as memory. Activation peaks are an estimate from the shapes of the largest
 intermediates of a prefill chunk and of a decode step (see `activation_bytes`).
 """
 
@@ -18,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CSA, HCA, ModelArgs, load_json, released_config
+from .config import CSA, HCA, SHARED, ModelArgs, load_json, released_config
 
 GiB = 1 << 30
 
@@ -26,7 +27,7 @@ GiB = 1 << 30
 # byte per 32, FP8 with one per 128x128 block, bf16/fp32 elsewhere. Converted recipes are counted
 # by the converter's own plan instead (`convert.plan.recipe_bytes`), byte for byte.
 _OFFICIAL_BYTES = {"expert": 4.25 / 8, "fp8": 1 + 1 / 16384, "embed": 2, "head": 2, "linear": 2,
-                   "norm": 2, "fp32": 4, "index": 8}
+                   "norm": 2, "fp32": 4, "index": 8, "engram": 0}  # Engram: on disk, not in memory
 
 
 def recipes() -> list[str]:
@@ -72,6 +73,8 @@ class Plan:
     experts: ExpertBytes | None = None  # routed experts' share of the weights
     expert_memory: int | None = None  # streaming: the resident-expert cache; None: all resident
     batch: int = 1  # sequences decoding together, each with its own state of `context` tokens
+    engram_bytes: int = 0  # V4.1's Engram tables: on the SSD, read a few rows per token
+    engram_read_bytes: int = 0  # the table bytes one token reads (rows times row bytes)
 
     @property
     def streams(self) -> bool:
@@ -142,7 +145,17 @@ def weight_bytes(args: ModelArgs, recipe: str, include_mtp: bool = True) -> int:
         from .convert.plan import recipe_bytes
 
         return recipe_bytes(args, recipe, include_mtp)
-    return int(sum(math.prod(shape) * _OFFICIAL_BYTES[role] for _, shape, role in args.tensors(include_mtp)))
+    fp8 = 1 + 1 / args.fp8_block**2  # one E8M0 scale per square block (V4: 128, V4.1: 32)
+    return int(sum(math.prod(shape) * (fp8 if role == "fp8" else _OFFICIAL_BYTES[role])
+                   for _, shape, role in args.tensors(include_mtp)))
+
+
+def engram_disk_bytes(args: ModelArgs) -> tuple[int, int]:
+    """(bytes of V4.1's Engram table files on disk, table bytes one token reads): FP8 rows of
+    `engram_head_dim` values with one E8M0 scale per 32, as converted (model/engram.py)."""
+    row = args.engram_head_dim + args.engram_head_dim // 32
+    return (sum(args.engram_num_embeddings) * row,
+            len(args.engram_layer_ids) * args.engram_hash_columns * row)
 
 
 def weight_bytes_from_dir(path: Path) -> int:
@@ -249,18 +262,22 @@ def activation_bytes(args: ModelArgs, tokens: int, context: int, kv_bits: int | 
     Bq, W = min(S, QUERY_BLOCK), args.sliding_window
     kinds = set(args.layer_kinds)
     streams = S * N * D * (2 * 2 + 4 * 2)
+    # V4.1's shared pools select like CSA, over the densest pool (ratio 1: every token an entry).
+    csa = 4 if CSA in kinds else min((r for r in args.compress_ratios[: args.num_hidden_layers] if r),
+                                    default=0) if SHARED in kinds else 0
     queries = S * H * c * 2 + Bq * H * c * 4 + S * args.q_lora_rank * 4  # fp32 per block
     # Each query scores its own W window keys, gathered per query block in fp32.
     window = 2 * H * Bq * W * 4 + Bq * W * c * 4 + (W + S) * c * 4
     block = window
-    if CSA in kinds:
-        n = context // 4
+    if csa:
+        n = context // csa
         if n <= args.index_topk:  # dense: every entry, shared by the block's queries
             block += n * c * 4 + 2 * H * Bq * n * 4
         else:  # the indexer's scores and each query's top-k entries, gathered, in smaller blocks
             k, Bs = args.index_topk, min(S, SPARSE_QUERY_BLOCK)
             gather = Bs * k * c * (4 + 2)
             index = min(INDEX_SCORE_BYTES, Bs * args.index_n_heads * n * 4) + 2 * Bs * n * 4
+            index += Bs * n * 8 if args.is_v41 else 0  # v41.top_k's ranking keys (uint64)
             block += gather + 2 * H * Bs * k * 4 + index
     if HCA in kinds:
         n = context // 128
@@ -328,6 +345,9 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
         source += f", less {other_bytes / GiB:.1f} GiB kept for the prompt cache"
     if batch < 1:
         raise PlanError(f"A batch of {batch} sequences is not a batch; give 1 or more.")
+    if kv_bits == 4 and not args.is_v41:
+        raise PlanError("--kv-bits 4 stores V4.1's pools in their official FP4 formats; a V4 model "
+                        "takes --kv-bits 8 or bf16 pools.")
     pools, fixed = state_bytes(args, context, kv_bits)
     per_token = pools / max(context, 1)
     chunk = max(1, min(prefill_chunk, context))
@@ -335,6 +355,7 @@ def plan_memory(model: str | Path | ModelArgs, *, context: int, recipe: str | No
                 activation_bytes(args, chunk, context, kv_bits),
                 batch * activation_bytes(args, 1, context, kv_bits), budget, source, per_token, 0,
                 batch=batch)
+    plan.engram_bytes, plan.engram_read_bytes = engram_disk_bytes(args)
     if expert_memory is not None:
         plan.experts = e = _experts(model, args, recipe)
         if expert_memory != "auto" or (not plan.fits and e.total):
@@ -534,12 +555,18 @@ def layer_weight_bytes(model: str | Path | ModelArgs, recipe: str | None = None)
     return [round(b) for b in per_layer], round(rest)
 
 
-def split_layers(layer_bytes: list[int], budgets: list[int], first_extra: int = 0) -> list[range]:
+def split_layers(layer_bytes: list[int], budgets: list[int], first_extra: int = 0,
+                 cuts: set[int] | None = None) -> list[range]:
     """Contiguous layer ranges, one per host in rank order, so that each host's bytes (its
-    layers, plus `first_extra` on host 0) are in proportion to its budget; each gets a layer."""
+    layers, plus `first_extra` on host 0) are in proportion to its budget; each gets a layer.
+    `cuts`: the layers a range may start at (V4.1: `ModelArgs.pipeline_cuts`), default any."""
     L, n = len(layer_bytes), len(budgets)
     if n < 1 or L < n:
         raise PlanError(f"{n} host(s) for {L} layer(s): a pipeline needs one layer per host at least.")
+    allowed = sorted(cuts) if cuts is not None else list(range(1, L))
+    if len(allowed) < n - 1:
+        raise PlanError(f"{n} hosts: this model's layers can be cut only at {allowed}, so a "
+                        f"pipeline has at most {len(allowed) + 1} stages.")
     if min(budgets) <= 0:
         raise PlanError("Every host needs a positive memory budget.")
     total, whole = sum(layer_bytes) + first_extra, sum(budgets)
@@ -550,9 +577,11 @@ def split_layers(layer_bytes: list[int], budgets: list[int], first_extra: int = 
     for k in range(n - 1):
         share += budgets[k]
         target = total * share / whole
-        lo, hi = bounds[-1] + 1, L - (n - 1 - k)
-        # The cut whose cumulative bytes land nearest this host's cumulative share.
-        bounds.append(min(range(lo, hi + 1), key=lambda i: abs(cum[i] - target)))
+        # The cut whose cumulative bytes land nearest this host's cumulative share, leaving
+        # enough cuts for the hosts after it.
+        options = [c for c in allowed if c > bounds[-1]]
+        options = options[: len(options) - (n - 2 - k)]
+        bounds.append(min(options, key=lambda i: abs(cum[i] - target)))
     bounds.append(L)
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
@@ -622,7 +651,7 @@ def pipeline_split(model: str | Path | ModelArgs, budgets: list[int],
     proportion to memory, host 0 also holding the embedding and head. `plan_pipeline` and
     `pipeline.load_pipeline` both cut here, so the plan describes what is loaded."""
     per_layer, extra = layer_weight_bytes(model, recipe)
-    return split_layers(per_layer, budgets, extra)
+    return split_layers(per_layer, budgets, extra, _weights(model, recipe)[0].pipeline_cuts())
 
 
 def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *, context: int,
@@ -640,7 +669,7 @@ def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *
                         f"(1 to {args.max_position_embeddings:,}).")
     per_layer, extra = layer_weight_bytes(model, None if is_converted(model) else recipe)
     budgets = [_with_reserve(m) if reserve else m for _, m in hosts]
-    split = split_layers(per_layer, budgets, extra)
+    split = split_layers(per_layer, budgets, extra, args.pipeline_cuts())
 
     def stages(ctx: int) -> list[Stage]:
         act = max(activation_bytes(args, min(prefill_chunk, ctx), ctx, kv_bits),
@@ -654,6 +683,7 @@ def plan_pipeline(model: str | Path | ModelArgs, hosts: list[tuple[str, int]], *
 
     largest = _largest(lambda ctx: all(s.fits for s in stages(ctx)), args.max_position_embeddings)
     hop = args.hc_mult * args.hidden_size * 2  # bf16 streams [1, 1, N, D]
+    hop += 4 * args.hc_mult if args.is_v41 else 0  # and V4.1's lagged mHC weights, fp32 [1, 1, N]
     return PipelinePlan(name, recipe, context, stages(context), largest, hop)
 
 

@@ -87,17 +87,26 @@ class SelftestReport:
         return f"selftest FAILED at {bad.name}: {bad.detail}"
 
 
-def run_selftest(workdir: Path | None = None, *, log: Callable[[str], None] = print) -> SelftestReport:
-    """Run every stage; `workdir` (new or empty) keeps the files, otherwise a temporary one is used."""
+V41_SYSTEM = "<｜System｜>"  # the one control token V4.1 adds to V4's
+MODELS = ("v4", "v41")  # the tiny model's architecture: DeepSeek-V4, or V4.1 (Engram, shared pools)
+
+
+def run_selftest(workdir: Path | None = None, *, log: Callable[[str], None] = print,
+                 model: str = "v4") -> SelftestReport:
+    """Run every stage; `workdir` (new or empty) keeps the files, otherwise a temporary one is used.
+    `model` "v41" runs a tiny DeepSeek-V4.1 instead (its Engram tables read from disk)."""
     t0 = time.perf_counter()
     temp = None
     if workdir is None:
         temp = tempfile.TemporaryDirectory(prefix="dsv4-selftest-", ignore_cleanup_errors=True)
         workdir = Path(temp.name)
     workdir = Path(workdir)
-    log(f"selftest: a tiny random DeepSeek-V4 through convert, load, chat and serve, in {workdir}")
+    if model not in MODELS:
+        raise ValueError(f"selftest model {model!r}: choose one of {', '.join(MODELS)}")
+    name = "DeepSeek-V4.1" if model == "v41" else "DeepSeek-V4"
+    log(f"selftest: a tiny random {name} through convert, load, chat and serve, in {workdir}")
     stages = [Stage(name) for name in STAGES]
-    run = _Run(workdir)
+    run = _Run(workdir, model)
     try:
         for stage in stages:
             if stage.name == "chat" and _kernel_count(_kernel_cache()) == 0:
@@ -166,26 +175,40 @@ def _check(condition: bool, message: str) -> None:
 class _Run:
     """The stages, in order; each returns its detail line and leaves what the next one needs."""
 
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
+    def __init__(self, workdir: Path, model: str = "v4"):
+        self.workdir, self.v41 = workdir, model == "v41"
         self.source, self.output = workdir / SOURCE_DIR, workdir / MODEL_DIR
         self.model = self.tokenizer = self.encoding = None
 
     def checkpoint(self, stage: Stage) -> str:
         from .text.chat_format import BUILTIN
-        from .synthetic import tiny_config, write_official_checkpoint
+        from .synthetic import write_official_checkpoint
 
         if self.workdir.exists() and any(self.workdir.iterdir()):
             raise SelftestError(f"{self.workdir} is not empty; give a new or empty directory")
         self.source.mkdir(parents=True)
-        vocab = _write_tokenizer(self.source, BUILTIN)
-        _write_encoder(self.source)
-        config = tiny_config(vocab_size=vocab)
-        write_official_checkpoint(self.source, config, seed=0, shards=2, extras=False)
-        stage.facts = {"vocab_size": vocab, "layers": config["num_hidden_layers"]}
-        return (f"{config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-                f"{config['n_routed_experts']} experts, vocab {vocab}; FP8/FP4 in 2 shards, "
-                "byte tokenizer, V4-0731 encoder")
+        vocab = _write_tokenizer(self.source, BUILTIN, extra=[V41_SYSTEM] if self.v41 else [])
+        _write_encoder(self.source, v41=self.v41)
+        config = self._config(vocab)
+        write_official_checkpoint(self.source, config, seed=0, shards=2, extras=False, engram_map=False)
+        text = config.get("text_config", config)
+        stage.facts = {"vocab_size": vocab, "layers": text["num_hidden_layers"]}
+        what = "; Engram tables, shared pools" if self.v41 else ""
+        return (f"{text['num_hidden_layers']} layers, hidden {text['hidden_size']}, "
+                f"{text['n_routed_experts']} experts, vocab {vocab}{what}; FP8/FP4 in 2 shards, "
+                f"byte tokenizer, {'V4.1' if self.v41 else 'V4-0731'} encoder")
+
+    def _config(self, vocab: int) -> dict:
+        from .synthetic import tiny_config, tiny_v41_config
+
+        if not self.v41:
+            return tiny_config(vocab_size=vocab)
+        # The converter derives the Engram token map from the tokenizer: the config must expect
+        # as many classes as it has.
+        from .convert.engram import derive_token_map
+
+        classes = max(derive_token_map(self.source / "tokenizer.json")) + 1
+        return tiny_v41_config(vocab_size=vocab, engram_compressed_vocab_size=classes)
 
     def convert(self, stage: Stage) -> str:
         from .convert import convert
@@ -196,7 +219,9 @@ class _Run:
                "config.json of the converted model has no q4 quantization block")
         _check((self.output / "model.safetensors.index.json").is_file(), "no index was written")
         # The converted directory must run on its own, so the converter has to bring these along.
-        missing = [f for f in ("tokenizer.json", "tokenizer_config.json", "encoding/encoding_dsv4.py")
+        from .text.chat_format import ENCODER_FILE, ENCODER_FILE_V41
+
+        missing = [f for f in ("tokenizer.json", "tokenizer_config.json", ENCODER_FILE_V41 if self.v41 else ENCODER_FILE)
                    if not (self.output / f).is_file()]
         _check(not missing, f"the converter did not copy {', '.join(missing)}")
         shards = len(result.plan.shards)
@@ -211,18 +236,24 @@ class _Run:
 
         self.model, self.tokenizer = load(self.output)
         self.encoding = load_encoding(self.output)
-        _check(self.encoding is not None, "load_encoding found no encoding/encoding_dsv4.py")
+        _check(self.encoding is not None, "load_encoding found no encoder file in encoding/")
+        _check(self.encoding.version == ("v41" if self.v41 else "0731"),
+               f"load_encoding read a {self.encoding.version} encoder")
         _check((self.tokenizer.bos_token_id, self.tokenizer.eos_token_id) == (0, 1),
                f"BOS/EOS ids are {self.tokenizer.bos_token_id}/{self.tokenizer.eos_token_id}, not 0/1")
         messages = [{"role": "user", "content": PROMPT}]
-        _check(render(messages, thinking=True, encoding=self.encoding) == render(messages, thinking=True),
-               "the encoder renders a different prompt from the built-in encoding")
+        if not self.v41:  # V4's protocol tokens are built in; V4.1's System turns are not
+            _check(render(messages, thinking=True, encoding=self.encoding) == render(messages, thinking=True),
+                   "the encoder renders a different prompt from the built-in encoding")
+        prompt = render(messages, thinking=True, encoding=self.encoding)
+        _check(self.tokenizer.decode(self.tokenizer.encode(prompt, allow_control=True)) == prompt,
+               "the tokenizer does not round-trip the rendered prompt")
         _check(self.encoding.tools_tpl is not None, "the encoder has no tools template")
         tensors = tree_flatten(self.model.parameters())
         size = sum(a.nbytes for _, a in tensors)
         stage.facts = {"tensors": len(tensors), "bytes": size, "vocab_size": self.tokenizer.vocab_size}
         return (f"{len(tensors)} tensors, {size / 1e6:.1f} MB, tokenizer {self.tokenizer.vocab_size} ids, "
-                "V4-0731 encoder read")
+                f"{'V4.1' if self.v41 else 'V4-0731'} encoder read")
 
     def chat(self, stage: Stage) -> str:
         from .chat import Chat, Done
@@ -322,8 +353,9 @@ def _ask(client, model: str) -> dict:
             "stream_completion_tokens": last.usage.completion_tokens}
 
 
-def _write_tokenizer(path: Path, encoding) -> int:
-    """A byte-level tokenizer with the V4 control tokens; returns its vocabulary size.
+def _write_tokenizer(path: Path, encoding, extra: list[str] = ()) -> int:
+    """A byte-level tokenizer with the V4 control tokens (and `extra` ones: V4.1's System token);
+    returns its vocabulary size.
 
     BOS and EOS take ids 0 and 1 as in the release, then the tokens the chat encoding and FIM
     use, then the 256 byte symbols (no merges: every byte is one token).
@@ -334,7 +366,7 @@ def _write_tokenizer(path: Path, encoding) -> int:
 
     control = [encoding.bos, encoding.eos, encoding.user, encoding.assistant, encoding.think_open,
                encoding.think_close, encoding.dsml, encoding.latest_reminder, *encoding.tasks.values(),
-               FIM_HOLE, FIM_BEGIN, FIM_END]
+               FIM_HOLE, FIM_BEGIN, FIM_END, *extra]
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate(control + symbols)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -351,10 +383,12 @@ def _write_tokenizer(path: Path, encoding) -> int:
     return tok.get_vocab_size(with_added_tokens=True)
 
 
-def _write_encoder(path: Path) -> None:
-    """`encoding/encoding_dsv4.py`: DeepSeek-V4-Flash-0731's own texts (tools block, effort
-    paragraphs), so that a selftest model renders every prompt a release renders, tools included."""
-    from .text.chat_format import reference_encoder_source
+def _write_encoder(path: Path, v41: bool = False) -> None:
+    """The release's encoder file with DeepSeek's own texts (tools block, effort wording): V4-Flash
+    -0731's `encoding/encoding_dsv4.py`, or V4.1's `encoding/encoding.py`, so that a selftest model
+    renders every prompt a release renders, tools included."""
+    from .text.chat_format import ENCODER_FILE, ENCODER_FILE_V41, reference_encoder_source
 
-    (path / "encoding").mkdir(exist_ok=True)
-    (path / "encoding" / "encoding_dsv4.py").write_text(reference_encoder_source(), encoding="utf-8")
+    name = ENCODER_FILE_V41 if v41 else ENCODER_FILE
+    (path / name).parent.mkdir(exist_ok=True)
+    (path / name).write_text(reference_encoder_source("v41" if v41 else "0731"), encoding="utf-8")

@@ -33,8 +33,10 @@ def test_plan_8bit_pools_halve_the_kv_bytes():
 
 
 def test_unknown_kv_bits_are_refused():
-    r = runner.invoke(app, ["plan", "flash", "--kv-bits", "4"])
-    assert r.exit_code == 2 and "only 8 is supported" in r.output
+    r = runner.invoke(app, ["plan", "flash", "--kv-bits", "3"])
+    assert r.exit_code == 2 and "only 8, or 4 for a V4.1 model, is supported" in " ".join(r.output.split())
+    r = runner.invoke(app, ["plan", "flash", "--kv-bits", "4"])  # FP4 pools are V4.1's formats
+    assert r.exit_code == 1 and "official FP4 formats; a V4 model takes" in " ".join(r.output.split())
 
 
 def test_plan_of_a_missing_path_names_what_it_accepts(tmp_path):

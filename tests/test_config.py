@@ -49,8 +49,8 @@ def test_longer_ratio_lists_are_truncated():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model_type": "deepseek_v41"}, "Engram"),
-    ({"text_config": {}}, "V4.1"),
+    ({"model_type": "deepseek_v41"}, "This V4.1 config cannot run: layer 2"),
+    ({"text_config": {}}, "neither V4 nor V4.1"),
     ({"model_type": "llama"}, "model_type 'llama' is not supported"),
     ({"compress_ratios": None}, "no `compress_ratios`"),
     ({"compress_ratios": [0, 0, 4]}, "3 entries but 44 are needed"),

@@ -111,11 +111,14 @@ def convert(source: str | Path, output_dir: str | Path, *, recipe: str | Recipe 
             raise ConvertError(f"The files downloaded to {path} do not match the headers the Hub "
                                "reported for the same commit; delete them and retry.")
         plan = local
+    engram_map = _engram_map(plan, path)
     writer = ShardWriter(out, plan, fingerprint, meta)
     hub.require_space([(out, plan.bytes_out - sum(i["size"] for i in writer.done.values()))],
                       what=f"write {out}")
     try:
         _stream(plan, path, writer, progress)
+        if engram_map is not None:
+            _engram(plan, path, out, engram_map, progress)
         writer.finish(path, _config(plan, meta, fingerprint))
     except OSError as e:  # disk full, read errors: the index is never written, the run resumes
         raise ConvertError(f"Conversion stopped: {_os_message(e)}. {out} is left incomplete (no "
@@ -161,6 +164,30 @@ def _stream(plan: Plan, root: Path, writer: ShardWriter, progress) -> None:
         del scale
     if previous:
         flush(*previous)
+
+
+def _engram_map(plan: Plan, root: Path) -> list[int] | None:
+    """A V4.1 model's Engram token map, checked before any byte is written (None: no Engram)."""
+    from ..config import ModelArgs
+
+    args = ModelArgs.from_dict(plan.config)
+    if not args.engram_layer_ids:
+        return None
+    from .engram import token_map
+
+    return token_map(root, args)
+
+
+def _engram(plan: Plan, root: Path, out: Path, engram_map: list[int], progress) -> None:
+    """The token map, then the Engram tables (each resumes where an interrupted run stopped)."""
+    from ..model.engram import TOKEN_MAP
+    from .engram import write_tables
+    from .shards import write_atomic
+
+    write_atomic(out / TOKEN_MAP, json.dumps(engram_map, separators=(",", ":")))
+    report = None if progress is None else (
+        lambda done, total, name: progress(Progress(done, total, name, name)))
+    write_tables(plan, root, out, report)
 
 
 class _Reader:
@@ -262,9 +289,23 @@ def _config(plan: Plan, meta: dict, fingerprint: str) -> dict:
     config["mlx_dsv4"] = dict(meta, fingerprint=fingerprint, source_quantization_config=shipped)
     if plan.dropped:
         config["mlx_dsv4"]["dropped"] = dropped_note(plan)
+    if plan.engram:
+        config["mlx_dsv4"]["engram"] = {t.weight: t.file for t in plan.engram}
     return config
 
 
+# What each dropped group is and why it is left out.
+_DROPPED = (("mtp.", "DSpark draft-stage tensors (mtp.*)", "speculative drafting is not supported"),
+            (("vision.", "aligner.", "image_"), "vision-tower tensors (vision.*, aligner.*, image_*)",
+             "images are not supported"),
+            (".gate.bias_vl", "image-token router biases (ffn.gate.bias_vl)", "images are not supported"))
+
+
 def dropped_note(plan: Plan) -> str:
-    return (f"{len(plan.dropped):,} DSpark draft-stage tensors (mtp.*) not converted: "
-            "speculative drafting is not supported; the trunk is complete")
+    parts = []
+    for match, what, why in _DROPPED:
+        n = sum(1 for d in plan.dropped if (d.endswith(match) if match == ".gate.bias_vl"
+                                            else d.startswith(match)))
+        if n:
+            parts.append(f"{n:,} {what} not converted: {why}")
+    return "; ".join(parts) + "; the trunk is complete"

@@ -158,6 +158,27 @@ class Job:
     targets: tuple[str, ...]
     quant: Quant | None = None
     piece: int = 0
+    block: int = FP8_BLOCK  # side of the source's square FP8 scale blocks (V4.1: 32)
+
+
+@dataclass(frozen=True)
+class EngramTable:
+    """A V4.1 Engram table: the source's FP8 rows and per-row scales, written interleaved to its
+    own file under `engram/` (read row by row at run time, never loaded: outside the shards)."""
+
+    weight: str
+    scale: str
+    file: str
+    rows: int
+    head_dim: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.head_dim + self.head_dim // FP4_GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
 
 
 @dataclass(frozen=True)
@@ -184,6 +205,7 @@ class Plan:
     where: dict[str, tuple[str, int]]  # target -> (shard name, file offset of its data)
     config: dict = field(default_factory=dict)  # the config the output describes
     dropped: list[str] = field(default_factory=list)  # source tensors deliberately not converted
+    engram: list[EngramTable] = field(default_factory=list)
 
     @property
     def bytes_in(self) -> int:
@@ -191,7 +213,7 @@ class Plan:
 
     @property
     def bytes_out(self) -> int:
-        return sum(s.size for s in self.shards)
+        return sum(s.size for s in self.shards) + sum(e.nbytes for e in self.engram)
 
     @property
     def peak_bytes(self) -> int:
@@ -247,11 +269,14 @@ def make_plan(source: Source, recipe: str | Recipe = DEFAULT_RECIPE,
     inventory = list(args.tensors())
     skip = set(dropped)
     _check_names(inventory, {n: h for n, h in source.tensors.items() if n not in skip})
-    jobs, targets, quantization = [], {}, dict(recipe.fp8.entry())
+    jobs, targets, quantization, engram = [], {}, dict(recipe.fp8.entry()), []
     for name, shape, role in inventory:
-        _check_header(name, shape, role, source.tensors)
+        _check_header(name, shape, role, source.tensors, args.fp8_block)
+        if role == "engram":
+            engram.append(EngramTable(name, _scale(name), engram_file(name), *shape))
+            continue
         job, made, quant = _plan_tensor(name, shape, role, source.tensors[name].dtype, recipe,
-                                        args.n_routed_experts)
+                                        args.n_routed_experts, args)
         jobs.append(job)
         for t in made:
             targets.setdefault(t.name, t)
@@ -261,12 +286,19 @@ def make_plan(source: Source, recipe: str | Recipe = DEFAULT_RECIPE,
     order = {s: k for k, s in enumerate(sorted({h.shard for h in source.tensors.values()}))}
     jobs.sort(key=lambda j: (order[source.tensors[j.weight].shard], j.weight))
     shards, where = _layout(jobs, targets, shard_size)
-    return Plan(recipe, source, jobs, targets, shards, quantization, where, config, dropped)
+    return Plan(recipe, source, jobs, targets, shards, quantization, where, config, dropped, engram)
+
+
+def engram_file(weight: str) -> str:
+    """`layers.1.engram.embed.weight` -> `engram/layers.1.safetensors` (engram.table_file)."""
+    from ..model.engram import table_file
+
+    return table_file(int(weight.split(".")[1]))
 
 
 # The release's dtype of every tensor that is not block-quantized (spec §4.3).
 RELEASE_DTYPE = {"linear": "BF16", "embed": "BF16", "head": "BF16", "norm": "BF16", "fp32": "F32",
-                 "index": "I64", "fp8": "F8_E4M3", "expert": "I8"}
+                 "index": "I64", "fp8": "F8_E4M3", "expert": "I8", "engram": "F8_E4M3"}
 
 
 def recipe_bytes(config: dict | ModelArgs, recipe: str | Recipe, include_mtp: bool = True) -> int:
@@ -288,15 +320,26 @@ def _bytes_by_tensor(config: dict | ModelArgs, recipe: str | Recipe, include_mtp
     args = _release_args(config)
     stacked = {}  # the E experts of one stacked module write equal shares: plan it once
     for name, shape, role in args.tensors(include_mtp):
+        if role == "engram":  # its own file, read from disk: never part of the loaded weights
+            continue
         m = _EXPERT.match(name) if role == "expert" else None
         key = (m.group(1), m.group(3)) if m else None
         if key not in stacked:
-            _, made, _ = _plan_tensor(name, shape, role, RELEASE_DTYPE[role], recipe, args.n_routed_experts)
+            _, made, _ = _plan_tensor(name, shape, role, RELEASE_DTYPE[role], recipe,
+                                      args.n_routed_experts, args)
             # A stacked expert target holds all E experts; this tensor (one expert) writes 1/E.
             n = sum(t.nbytes / t.pieces for t in made)
             if key:
                 stacked[key] = n
         yield name, stacked[key] if key else n, role
+
+
+def engram_bytes(config: dict | ModelArgs) -> int:
+    """Bytes of the Engram table files a conversion writes (disk, not memory): the release's
+    FP8 rows with their scales, as shipped."""
+    args = _release_args(config)
+    return sum(math.prod(shape) * (1 + 1 / FP4_GROUP) for _, shape, role in args.tensors(False)
+               if role == "engram")
 
 
 def _release_args(config: dict | ModelArgs) -> ModelArgs:
@@ -306,9 +349,20 @@ def _release_args(config: dict | ModelArgs) -> ModelArgs:
     return ModelArgs.from_dict(_trunk_config(config, {})[0])
 
 
+# What a V4.1 checkpoint carries that the text runtime does not run: the vision tower and its
+# image embeddings (images are refused), the routers' image-token bias, DSpark draft stages.
+V41_DROPPED = (r"^(vision|aligner)\.", r"^image_", r"\.ffn\.gate\.bias_vl$", r"^mtp\.")
+
+
 def _trunk_config(config: dict, tensors) -> tuple[dict, list[str]]:
     config, dropped = dict(config), []
-    if DSPARK_KEY in config:
+    if config.get("model_type") == "deepseek_v41":
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"] = dict(config["text_config"], num_nextn_predict_layers=0)
+        else:
+            config["num_nextn_predict_layers"] = 0
+        dropped = sorted(n for n in tensors if any(re.search(p, n) for p in V41_DROPPED))
+    elif DSPARK_KEY in config:
         # The -0731 refresh is the same trunk plus DSpark draft stages under mtp.* (spec §1.5),
         # which this runtime cannot run: convert the trunk, drop the stages by name, say so.
         config["num_nextn_predict_layers"] = 0
@@ -328,7 +382,7 @@ def _check_names(inventory, tensors: dict[str, Header]) -> None:
     expected = set()
     for name, _, role in inventory:
         expected.add(name)
-        if role in ("fp8", "expert"):
+        if role in ("fp8", "expert", "engram"):
             expected.add(_scale(name))
     unknown = sorted(set(tensors) - expected)
     if unknown:
@@ -340,17 +394,19 @@ def _check_names(inventory, tensors: dict[str, Header]) -> None:
                            f"the checkpoint: {_names(missing)}.")
 
 
-def _check_header(name, shape, role, tensors) -> None:
+def _check_header(name, shape, role, tensors, block: int = FP8_BLOCK) -> None:
     h = tensors[name]
     if role == "expert":
         _fp4_shapes(name, shape, h, tensors[_scale(name)])
     elif role == "fp8":
-        _fp8_shapes(name, shape, h, tensors[_scale(name)])
+        _fp8_shapes(name, shape, h, tensors[_scale(name)], block)
+    elif role == "engram":
+        _engram_shapes(name, shape, h, tensors[_scale(name)])
     else:
         _check_plain(name, shape, role, h)
 
 
-def _plan_tensor(name, shape, role, dtype: str, recipe: Recipe, E: int):
+def _plan_tensor(name, shape, role, dtype: str, recipe: Recipe, E: int, args: ModelArgs | None = None):
     """(job, targets it writes, quantization of its module or None) for one official tensor
     whose header has been checked (`dtype` is its source dtype)."""
     module = name[: -len(".weight")]
@@ -367,12 +423,14 @@ def _plan_tensor(name, shape, role, dtype: str, recipe: Recipe, E: int):
         q = recipe.quant(module, role)
         action = "fp8_mx" if q == MXFP8 else "fp8_affine"
         made = _quantized(module, (o,), i, q, "BF16")
-        return Job(action, name, _scale(name), _names_of(made), q), made, q
+        block = args.fp8_block if args is not None else FP8_BLOCK
+        return Job(action, name, _scale(name), _names_of(made), q, block=block), made, q
     q = recipe.quant(module, role) if role in ("embed", "head") else None
     if q:
         made = _quantized(module, shape[:-1], shape[-1], q, dtype)
         return Job("affine", name, None, _names_of(made), q), made, q
-    out = "F32" if keep_float32(name) else "I32" if dtype == "I64" else dtype
+    v41 = args is not None and args.is_v41
+    out = "F32" if keep_float32(name, v41) else "I32" if dtype == "I64" else dtype
     return Job("cast", name, None, (name,)), [Target(name, out, shape)], None
 
 
@@ -390,16 +448,25 @@ def _quantized(module: str, lead: tuple, fan_in: int, q: Quant, float_dtype, pie
     return made
 
 
-def _fp8_shapes(name, shape, h: Header, s: Header) -> None:
+def _fp8_shapes(name, shape, h: Header, s: Header, block: int = FP8_BLOCK) -> None:
     o, i = shape
-    want = (-(-o // FP8_BLOCK), -(-i // FP8_BLOCK))
+    want = (-(-o // block), -(-i // block))
     if h.dtype != "F8_E4M3" or s.dtype != "F8_E8M0":
         raise ConvertError(f"{name} is {h.dtype} with a {s.dtype} scale; the release format is "
-                           "F8_E4M3 with F8_E8M0 128x128 block scales.")
+                           f"F8_E4M3 with F8_E8M0 {block}x{block} block scales.")
     if h.shape != (o, i) or s.shape != want:
         raise ConvertError(f"{name} has shape {list(h.shape)} and its scale {_scale(name)} "
                            f"{list(s.shape)}; the config implies [{o}, {i}] with a "
-                           f"{list(want)} grid of 128x128 block scales.")
+                           f"{list(want)} grid of {block}x{block} block scales.")
+
+
+def _engram_shapes(name, shape, h: Header, s: Header) -> None:
+    rows, hd = shape
+    want = (rows, hd // FP4_GROUP)
+    if h.dtype != "F8_E4M3" or s.dtype != "F8_E8M0" or h.shape != (rows, hd) or s.shape != want:
+        raise ConvertError(f"{name} is {h.dtype} {list(h.shape)} with a {s.dtype} scale "
+                           f"{list(s.shape)}; an Engram table of this config is F8_E4M3 "
+                           f"[{rows}, {hd}] with F8_E8M0 {list(want)} scales (one per 32 values).")
 
 
 def _fp4_shapes(name, shape, h: Header, s: Header) -> None:

@@ -25,8 +25,9 @@ def e8m0(codes: mx.array, dtype=mx.bfloat16) -> mx.array:
     return bits.view(mx.bfloat16).astype(dtype)
 
 
-def dequantize_fp8(codes: mx.array, scales: mx.array, dtype=mx.bfloat16) -> mx.array:
-    """W[o, i] = e4m3(Wq[o, i]) · 2^(S[o // 128, i // 128] − 127) (spec §4.4).
+def dequantize_fp8(codes: mx.array, scales: mx.array, dtype=mx.bfloat16,
+                   block: int = FP8_BLOCK) -> mx.array:
+    """W[o, i] = e4m3(Wq[o, i]) · 2^(S[o // B, i // B] − 127) (spec §4.4; B = 128, V4.1: 32).
 
     In bf16 the result is exact: an E4M3 value has 4 significant bits and the scale is a power
     of two, so requantising from bf16 sees the official weights themselves.
@@ -34,11 +35,11 @@ def dequantize_fp8(codes: mx.array, scales: mx.array, dtype=mx.bfloat16) -> mx.a
     o, i = codes.shape
     bo, bi = scales.shape
     w = mx.from_fp8(codes, dtype=dtype)
-    pad = (bo * FP8_BLOCK - o, bi * FP8_BLOCK - i)
+    pad = (bo * block - o, bi * block - i)
     if any(pad):  # partial edge blocks: the scale grid is ceil-sized (spec §4.4)
         w = mx.pad(w, [(0, pad[0]), (0, pad[1])])
-    w = w.reshape(bo, FP8_BLOCK, bi, FP8_BLOCK) * e8m0(scales, dtype)[:, None, :, None]
-    w = w.reshape(bo * FP8_BLOCK, bi * FP8_BLOCK)
+    w = w.reshape(bo, block, bi, block) * e8m0(scales, dtype)[:, None, :, None]
+    w = w.reshape(bo * block, bi * block)
     return w[:o, :i] if any(pad) else w
 
 
@@ -48,11 +49,11 @@ def dequantize_fp4(packed: mx.array, scales: mx.array, dtype=mx.bfloat16) -> mx.
                          mode="mxfp4", dtype=dtype)
 
 
-def expand_block_scales(scales: mx.array, o: int, i: int) -> mx.array:
-    """128x128 block scales -> one per row and 32 columns: S_mx[o, j] = S[o // 128, j // 4]."""
-    per_block = FP8_BLOCK // FP4_GROUP
-    rows = mx.repeat(scales, FP8_BLOCK, axis=0)[:o]
-    return mx.repeat(rows, per_block, axis=1)[:, : i // FP4_GROUP]
+def expand_block_scales(scales: mx.array, o: int, i: int, block: int = FP8_BLOCK) -> mx.array:
+    """BxB block scales -> one per row and 32 columns: S_mx[o, j] = S[o // B, j // (B / 32)]."""
+    per_block = block // FP4_GROUP
+    rows = mx.repeat(scales, block, axis=0)[:o]
+    return mx.repeat(rows, per_block, axis=1)[:, : i // FP4_GROUP] if per_block > 1 else rows
 
 
 def run(job: Job, weight: mx.array, scale: mx.array | None, targets: list[Target]) -> list[mx.array]:
@@ -63,10 +64,10 @@ def run(job: Job, weight: mx.array, scale: mx.array | None, targets: list[Target
         return [weight.view(mx.uint32), scale]
     if job.action == "fp8_mx":
         o, i = weight.shape
-        return [weight.view(mx.uint32), expand_block_scales(scale, o, i)]
+        return [weight.view(mx.uint32), expand_block_scales(scale, o, i, job.block)]
     q = job.quant
     if job.action == "fp8_affine":
-        weight = dequantize_fp8(weight, scale)
+        weight = dequantize_fp8(weight, scale, block=job.block)
     elif job.action == "fp4_requant":
         weight = dequantize_fp4(weight, scale)
     return list(mx.quantize(weight, q.group_size, q.bits, mode=q.mode))

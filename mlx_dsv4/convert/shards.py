@@ -25,7 +25,7 @@ PROGRESS = ".dsv4-convert-progress.json"
 PROGRESS_TMP = PROGRESS + ".tmp"  # what `write_atomic` leaves when stopped before its rename
 # Files besides the weights that a converted directory carries (Hugging Face fnmatch patterns).
 EXTRA_FILES = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.jinja",
-               "encoding/*")
+               "encoding/*", "engram_token_map.json")
 _CHUNK = 1 << 22
 
 

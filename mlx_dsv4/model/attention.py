@@ -76,21 +76,9 @@ class Compressor(nn.Module):
         kv = project_f32(self.wkv, x)
         pos = (mx.arange(offset, offset + S) % m).astype(mx.int32)
         gate = project_f32(self.wgate, x) + self.ape.astype(mx.float32)[pos]
-        r = offset % m  # rows of the current window already in the state
-        if r + S < m:
-            state.kv = mx.slice_update(state.kv, kv, mx.array([r]), axes=(1,))
-            state.gate = mx.slice_update(state.gate, gate, mx.array([r]), axes=(1,))
+        kv, gate = windows(kv, gate, state, offset, m)
+        if kv is None:
             return mx.zeros((B, 0, self.width), dtype)
-        if r:
-            kv = mx.concatenate([state.kv[:, :r], kv], axis=1)
-            gate = mx.concatenate([state.gate[:, :r], gate], axis=1)
-        n = (r + S) // m
-        rest = r + S - n * m
-        if rest:
-            state.kv = mx.slice_update(state.kv, kv[:, n * m :], mx.array([0]), axes=(1,))
-            state.gate = mx.slice_update(state.gate, gate[:, n * m :], mx.array([0]), axes=(1,))
-        kv = kv[:, : n * m].reshape(B, n, m, -1)
-        gate = gate[:, : n * m].reshape(B, n, m, -1)
         if self.overlap:
             kv, gate = self._overlap(kv, gate, state)
         weights = mx.softmax(gate, axis=2, precise=True)
@@ -108,6 +96,27 @@ class Compressor(nn.Module):
         kv = mx.concatenate([carry_kv, kv[..., c:]], axis=2)
         gate = mx.concatenate([carry_gate, gate[..., c:]], axis=2)
         return kv, gate
+
+
+def windows(kv: mx.array, gate: mx.array, state: CompressorState, offset: int, m: int):
+    """The rows `[B, n, m, k*w]` of the n windows that close among tokens offset…offset+S-1
+    (rows of earlier calls come from the state), or (None, None) when none closes; the rows
+    of the window left open go into the state, at row p mod m."""
+    B, S = kv.shape[:2]
+    r = offset % m  # rows of the current window already in the state
+    if r + S < m:
+        state.kv = mx.slice_update(state.kv, kv, mx.array([r]), axes=(1,))
+        state.gate = mx.slice_update(state.gate, gate, mx.array([r]), axes=(1,))
+        return None, None
+    if r:
+        kv = mx.concatenate([state.kv[:, :r], kv], axis=1)
+        gate = mx.concatenate([state.gate[:, :r], gate], axis=1)
+    n = (r + S) // m
+    rest = r + S - n * m
+    if rest:
+        state.kv = mx.slice_update(state.kv, kv[:, n * m :], mx.array([0]), axes=(1,))
+        state.gate = mx.slice_update(state.gate, gate[:, n * m :], mx.array([0]), axes=(1,))
+    return kv[:, : n * m].reshape(B, n, m, -1), gate[:, : n * m].reshape(B, n, m, -1)
 
 
 class Indexer(nn.Module):

@@ -27,6 +27,13 @@ class BatchStep(decode.DecodeStep):
     Shares `DecodeStep`'s setup: weights evaluated, kernel checks run, ranges kept as constants.
     """
 
+    def __new__(cls, model):
+        if cls is BatchStep and getattr(model.args, "is_v41", False):
+            from .v41_decode import BatchStep41  # V4.1's handoff between layers needs its own
+
+            return BatchStep41(model)
+        return super().__new__(cls)
+
     def __init__(self, model):
         super().__init__(model)
         self.cores: dict[tuple, object] = {}

@@ -5,6 +5,11 @@ the compressor's partial-window rows (and, for CSA's overlapping windows, the ca
 last complete window) and an append-only pool of compressed entries; CSA layers also keep the
 indexer's compressor state and its pool of index keys.
 
+V4.1 (spec §1.6): only the layers that own a pool (`kv_source_layer_ids`) keep compressor rows
+and pools, read by the later layers of the same ratio; every other layer keeps its ring alone.
+Index keys come from the owner's entries, so there is no indexer compressor; Engram layers keep
+the last few token ids (`engram.EngramHistory`).
+
 Updates never mutate an array another object may hold: each one rebinds the attribute to the
 result of `mx.slice_update`, which MLX performs in place when nothing else references the old
 buffer. A snapshot keeps references to the small arrays (ring, compressor rows) and only the
@@ -21,9 +26,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..config import CSA, SLIDING, ModelArgs
+from .engram import EngramHistory
 
 # Pools grow by at least this many entries (and by half their size) when full.
 GROW_ENTRIES = 256
+QUANT_GROUP = {"mxfp4": 32, "nvfp4": 16, "mxfp8": 32}
 
 
 def _write(buf: mx.array, rows: mx.array, start: int) -> mx.array:
@@ -97,15 +104,16 @@ class EntryPool:
     """
 
     def __init__(self, batch: int, width: int, dtype: mx.Dtype, capacity: int = 0,
-                 bits: int | None = None):
-        self.n, self.width, self.dtype, self.bits = 0, width, dtype, bits
+                 bits: int | None = None, mode: str = "affine"):
+        self.n, self.width, self.dtype, self.bits, self.mode = 0, width, dtype, bits, mode
         if bits is None:
             self.arrays = {"data": mx.zeros((batch, capacity, width), dtype)}
         else:
-            self.group = min(64, width)
-            q, s, b = mx.quantize(mx.zeros((batch, 1, width), dtype), self.group, bits)
+            # V4.1's FP4 pools (mode mxfp4 / nvfp4) are the official inference's own formats.
+            self.group = min(64, width) if mode == "affine" else QUANT_GROUP[mode]
+            parts = mx.quantize(mx.zeros((batch, 1, width), dtype), self.group, bits, mode=mode)
             self.arrays = {k: mx.zeros((batch, capacity, a.shape[-1]), a.dtype)
-                           for k, a in (("data", q), ("scales", s), ("biases", b))}
+                           for k, a in zip(("data", "scales", "biases"), parts)}
 
     @property
     def capacity(self) -> int:
@@ -127,15 +135,16 @@ class EntryPool:
         if self.bits is None:
             parts = {"data": entries.astype(self.dtype)}
         else:
-            q, s, b = mx.quantize(entries.astype(self.dtype), self.group, self.bits)
-            parts = {"data": q, "scales": s, "biases": b}
+            parts = dict(zip(("data", "scales", "biases"),
+                             mx.quantize(entries.astype(self.dtype), self.group, self.bits, mode=self.mode)))
         self.arrays = {name: _write(a, parts[name], self.n) for name, a in self.arrays.items()}
         self.n += k
 
     def _decode(self, parts: dict[str, mx.array], dtype: mx.Dtype) -> mx.array:
         if self.bits is None:
             return parts["data"].astype(dtype)
-        out = mx.dequantize(parts["data"], parts["scales"], parts["biases"], self.group, self.bits)
+        out = mx.dequantize(parts["data"], parts["scales"], parts.get("biases"), self.group,
+                            self.bits, mode=self.mode)
         return out.astype(dtype)
 
     def keys(self, dtype: mx.Dtype) -> mx.array:
@@ -176,7 +185,10 @@ class LayerCache:
         self.ratio = args.compress_ratio(layer)
         self.offset = 0
         self.window = WindowRing(batch, args.sliding_window, args.head_dim, dtype)
-        self.compressor = self.kv_pool = self.indexer = self.index_pool = None
+        self.compressor = self.kv_pool = self.indexer = self.index_pool = self.engram = None
+        if args.is_v41:
+            self._v41(args, layer, batch, dtype, max_tokens, kv_bits)
+            return
         if self.kind == SLIDING:
             return
         cap = math.ceil(max_tokens / self.ratio) if max_tokens else 0
@@ -187,9 +199,25 @@ class LayerCache:
             self.indexer = CompressorState(batch, self.ratio, args.index_head_dim, overlap)
             self.index_pool = EntryPool(batch, args.index_head_dim, dtype, cap, kv_bits)
 
+    def _v41(self, args: ModelArgs, layer: int, batch: int, dtype, max_tokens, kv_bits):
+        """A V4.1 layer: pools only on the layer that owns them (the others read them)."""
+        if args.is_engram_layer(layer):
+            self.engram = EngramHistory(batch, args.engram_max_ngram_size)
+        if not args.owns_pool(layer):
+            return
+        cap = math.ceil(max_tokens / self.ratio) if max_tokens else 0
+        if self.ratio > 1:  # a ratio-1 entry is its own token: nothing waits to be pooled
+            self.compressor = CompressorState(batch, self.ratio, args.head_dim, False)
+        # kv_bits=4: the official inference's formats, FP4 entries with e4m3 scales per 16 and
+        # FP4 index keys with power-of-two scales per 32; what the default fake-quant rounds
+        # to, so storing them so loses nothing more.
+        modes = ("nvfp4", "mxfp4") if kv_bits == 4 else ("affine", "affine")
+        self.kv_pool = EntryPool(batch, args.head_dim, dtype, cap, kv_bits, modes[0])
+        self.index_pool = EntryPool(batch, args.index_head_dim, dtype, cap, kv_bits, modes[1])
+
     def _parts(self):
         yield "window", self.window
-        for name in ("compressor", "kv_pool", "indexer", "index_pool"):
+        for name in ("compressor", "kv_pool", "indexer", "index_pool", "engram"):
             part = getattr(self, name)
             if part is not None:
                 yield name, part
@@ -203,7 +231,7 @@ class LayerCache:
         for name, part in self._parts():
             if isinstance(part, EntryPool):
                 counts[name] = part.n
-            elif isinstance(part, CompressorState):
+            elif hasattr(part, "arrays"):  # compressor rows, Engram history: replaced, never written
                 arrays.update({f"{name}.{k}": v for k, v in part.arrays().items()})
         return Snapshot(self.offset, arrays, counts)
 
@@ -231,9 +259,13 @@ def make_cache(model_or_args, batch: int = 1, dtype: mx.Dtype | None = None,
     """One LayerCache per trunk layer (or per MTP block with `mtp=True`).
 
     `max_tokens` preallocates the compressed pools for that many tokens; without it they grow.
-    `kv_bits=8` stores the compressed and index pools as affine 8-bit groups.
+    `kv_bits=8` stores the compressed and index pools as affine 8-bit groups; `kv_bits=4` (V4.1)
+    in the official FP4 formats.
     """
     args = getattr(model_or_args, "args", model_or_args)
+    if kv_bits not in (None, 8) and not (kv_bits == 4 and args.is_v41):
+        raise ValueError(f"kv_bits={kv_bits}: the pools hold bf16, 8-bit groups (8) or, for V4.1, "
+                         "the official FP4 formats (4).")
     if dtype is None:
         dtype = getattr(model_or_args, "dtype", mx.bfloat16)
     if mtp:

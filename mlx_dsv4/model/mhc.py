@@ -42,6 +42,26 @@ def _mix_fn(n: int, width: int, hc_eps: float, norm_eps: float):
     return mx.compile(mix, shapeless=True)
 
 
+@lru_cache(maxsize=None)
+def _coeffs_fn(n: int, width: int, hc_eps: float, norm_eps: float):
+    inv_width = 1.0 / width
+
+    def coeffs(X, fn_pre, fn_post, fn_comb, base_pre, base_post, base_comb, scale):
+        v = mx.flatten(X.astype(F32), -2, -1)
+        r = mx.rsqrt((v[..., None, :] @ v[..., None])[..., 0] * inv_width + norm_eps)
+        pre = mx.sigmoid((v @ fn_pre.T) * r * scale[0] + base_pre) + hc_eps
+        post = 2 * mx.sigmoid((v @ fn_post.T) * r * scale[1] + base_post)
+        logits = mx.unflatten((v @ fn_comb.T) * r * scale[2] + base_comb, -1, (n, n))
+        return pre, post, logits
+
+    return mx.compile(coeffs, shapeless=True)
+
+
+@partial(mx.compile, shapeless=True)
+def _collapse(X, pre):
+    return (pre[..., None, :] @ X.astype(F32))[..., 0, :].astype(X.dtype)
+
+
 @partial(mx.compile, shapeless=True)
 def _expand(y, X, post, comb):
     # X'_b = post_b * y + sum_a comb[a, b] * X_a: the sum runs over comb's FIRST index.
@@ -69,6 +89,22 @@ def mix(X: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, 
     x, post, logits = _mix_fn(n, n * X.shape[-1], hc_eps, norm_eps)(
         X, *mx.split(fn.astype(F32), cuts), *mx.split(base.astype(F32), cuts), scale.astype(F32))
     return x, post, kernels.sinkhorn(logits, iters, hc_eps)
+
+
+def coeffs(X: mx.array, fn: mx.array, base: mx.array, scale: mx.array, iters: int, hc_eps: float,
+           norm_eps: float):
+    """One site's (pre `[B, S, N]`, post, comb) without the collapse: V4.1 lags its mHC, so a
+    sublayer collapses with the `pre` its predecessor computed (`collapse`)."""
+    n = X.shape[-2]
+    cuts = [n, 2 * n]
+    pre, post, logits = _coeffs_fn(n, n * X.shape[-1], hc_eps, norm_eps)(
+        X, *mx.split(fn.astype(F32), cuts), *mx.split(base.astype(F32), cuts), scale.astype(F32))
+    return pre, post, kernels.sinkhorn(logits, iters, hc_eps)
+
+
+def collapse(X: mx.array, pre: mx.array) -> mx.array:
+    """The streams `[B, S, N, D]` weighted by `pre [B, S, N]` and summed, in fp32."""
+    return _collapse(X, pre)
 
 
 def expand(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:

@@ -68,8 +68,16 @@ class Gate(nn.Module):
 PIECE_ROWS = 1024
 
 
+def _as_is(x: mx.array) -> mx.array:
+    return x
+
+
 class Experts(nn.Module):
-    """The routed experts of one layer, stacked `[E, out, in]` for gather_mm / gather_qmm."""
+    """The routed experts of one layer, stacked `[E, out, in]` for gather_mm / gather_qmm.
+
+    `round_inputs` rounds the inputs of both matmuls (V4.1's fake-quant; V4: none)."""
+
+    round_inputs = staticmethod(_as_is)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -104,10 +112,11 @@ class Experts(nn.Module):
         gate_up, down = self._gate_up, self.get("w2")
         if self.stream is not None:  # the picked experts only, idx renumbered into them
             idx, gate_up, down = self.stream.fetch(idx, x)
+        x = self.round_inputs(x)
         if idx.size >= 64:
             return self._sorted(x, idx, weights, gate_up, down).reshape(B, S, -1)
         xs = x[..., None, None, :]
-        h = swiglu(*gate_up(xs, idx), self.limit, weights[..., None, None], dtype)
+        h = self.round_inputs(swiglu(*gate_up(xs, idx), self.limit, weights[..., None, None], dtype))
         return _f32(down(h, idx)[..., 0, :]).sum(axis=-2)
 
     def _sorted(self, x, idx, weights, gate_up, down) -> mx.array:
@@ -131,8 +140,8 @@ class Experts(nn.Module):
             r1 = min(flat.size, r0 + PIECE_ROWS)
             part = slice(r0, r1)
             src = rows if r0 == 0 else mx.depends(rows, out)  # piece after piece, as queued
-            h = swiglu(*gate_up(src[order[part] // k], ids[part], sorted_indices=True),
-                       self.limit, scale[part], x.dtype)
+            h = self.round_inputs(swiglu(*gate_up(src[order[part] // k], ids[part], sorted_indices=True),
+                                         self.limit, scale[part], x.dtype))
             y = down(h, ids[part], sorted_indices=True)[:, 0]
             for j in range(k):
                 pos = where[:, j] - r0
@@ -151,6 +160,8 @@ def _add_picked(out: mx.array, rows: mx.array, pos: mx.array, n: int) -> mx.arra
 
 
 class SharedExpert(nn.Module):
+    round_inputs = staticmethod(_as_is)  # as Experts.round_inputs
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, I = args.hidden_size, args.moe_intermediate_size
@@ -164,8 +175,9 @@ class SharedExpert(nn.Module):
         self.w13 = FusedPair(self.w1, self.w3, axis=0)
 
     def __call__(self, x: mx.array) -> mx.array:
+        x = self.round_inputs(x)
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
-        return self.w2(swiglu(gate, up, self.limit, dtype=x.dtype))
+        return self.w2(self.round_inputs(swiglu(gate, up, self.limit, dtype=x.dtype)))
 
 
 class MoE(nn.Module):

@@ -32,6 +32,11 @@ messages one evaluation at a time and returns after the round trip: the bytes be
 keep one order, and nothing is left in flight when nobody reads a prefill chunk's logits; it
 gives up the overlap `generate_step`'s `async_eval` gets on one Mac.
 
+V4.1 runs too: its layers read pools, top-k and candidate blocks of earlier layers within one
+forward, so a stage starts only where no later layer reads an earlier stage's (at the pool
+owners: layers 2, 8, 14 or 20 of V4.1-Flash, `ModelArgs.pipeline_cuts`), and each hop also
+carries the lagged mHC's `pre` weights (`[B, S, N]` fp32) beside the streams.
+
 Off in pipeline mode, each refused with a sentence: MTP speculation and `return_streams` (the MTP
 block would need the trunk's streams and a second head on rank 0), the prompt cache (it restores
 pools rank 0 cannot hand to the others) and SSD expert streaming. A session's own snapshots still
@@ -60,6 +65,8 @@ from . import decode
 from .cache import LayerCache, make_cache
 from .model import Block, _init_head, embed_streams, head_logits
 from .layers import RMSNorm
+from .v41 import Block41, Handoff, engram_rows, first_pre, head41
+from .v41_decode import DecodeStep41
 
 HEADER = 8  # int32 slots: command, key, B, S, flags, offset, kv_bits, dtypes (streams + 4 x pools)
 FORWARD, DROP, STOP = 1, 2, 3
@@ -98,12 +105,15 @@ class Stage(nn.Module):
         # One-token steps replay a compiled graph of this stage's layers, as Model's do.
         self.compiled_decode, self._step = True, None
         # Placeholders below `layers.start` keep `layers.{i}` the checkpoint's own index.
-        self.layers = [nn.Module() for _ in range(layers.start)] + [Block(args, i) for i in layers]
+        block = Block41 if args.is_v41 else Block
+        self.layers = [nn.Module() for _ in range(layers.start)] + [block(args, i) for i in layers]
+        self.engram_hash = None  # V4.1: set by the loader when this stage has Engram layers
         if first:
             self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-            _init_head(self, args)
+            if not args.is_v41:  # V4.1 has no HyperHead: its last `pre` collapses the streams
+                _init_head(self, args)
 
     def owns(self, name: str) -> bool:
         """Whether checkpoint tensor `name` belongs to this stage."""
@@ -126,8 +136,11 @@ class Stage(nn.Module):
     def make_cache(self, batch: int, dtype: mx.Dtype, kv_bits: int | None) -> list[LayerCache]:
         return [LayerCache(self.args, i, batch, dtype, None, kv_bits) for i in self.indices]
 
-    def __call__(self, X: mx.array | None, ids: mx.array, cache: list[LayerCache]) -> mx.array:
-        """Streams `[B, S, N, D]` after this stage's layers; the first stage embeds `ids`."""
+    def __call__(self, X: mx.array | None, ids: mx.array, cache: list[LayerCache], pre=None):
+        """Streams `[B, S, N, D]` after this stage's layers; the first stage embeds `ids`.
+        V4.1: `(streams, pre)`, taking the `pre` the previous stage handed on."""
+        if self.args.is_v41:
+            return self._v41(X, pre, ids, cache)
         if self.compiled_decode and decode.one_token(cache, ids):
             if self._step is None:
                 self._step = StageStep(self)
@@ -138,8 +151,38 @@ class Stage(nn.Module):
             X = self.layers[i](X, ids, c)
         return X
 
-    def logits(self, X: mx.array) -> mx.array:
-        return head_logits(self, X)
+    def _v41(self, X, pre, ids, cache):
+        if self.compiled_decode and decode.one_token(cache, ids):
+            if self._step is None:
+                self._step = StageStep41(self)
+            return self._step(X, pre, ids, cache)
+        rows = engram_rows(self, self.indices, ids, cache)
+        if X is None:
+            X, pre = embed_streams(self, ids), first_pre(*ids.shape, self.args.hc_mult)
+        handoff = Handoff()
+        for i, c in zip(self.indices, cache):
+            X, pre = self.layers[i](X, pre, ids, c, handoff, rows.get(i))
+        return X, pre
+
+    def logits(self, X: mx.array, pre: mx.array | None = None) -> mx.array:
+        return head41(self, X, pre) if self.args.is_v41 else head_logits(self, X)
+
+
+class StageStep41(DecodeStep41):
+    """A V4.1 stage's one-token step: `v41_decode.DecodeStep41` over this stage's layers."""
+
+    def _layers(self) -> list[int]:
+        return list(self.model.indices)
+
+    def _start(self, ids, X, pre):
+        return super()._start(ids, X, pre) if self.model.first else (X, pre)
+
+    def _finish(self, X, pre) -> tuple:
+        return X, pre
+
+    def __call__(self, X, pre, ids, cache):
+        none = self.no_streams
+        return tuple(self.run(ids, none if X is None else X, none if pre is None else pre, cache))
 
 
 class StageStep(decode.DecodeStep):
@@ -206,8 +249,7 @@ class PipelineModel(nn.Module):
         super().__init__()
         self.stage = stage
         self.full_args, self.group, self.splits = full_args, group, splits
-        self.args = dataclasses.replace(full_args, num_hidden_layers=stage.indices.stop,
-                                        num_nextn_predict_layers=0)
+        self.args = full_args.first_layers(stage.indices.stop)
         self.mtp: list = []  # no MTP block: speculation stays off (resolve_draft reads this)
         self.compiled_decode = False
         self.bytes_sent = 0  # activation and id bytes rank 0 sent to rank 1 (benchmarks)
@@ -240,19 +282,24 @@ class PipelineModel(nn.Module):
     def _ring(self, ids: mx.array, cache: list[LayerCache], t: _Track, flags: int) -> mx.array | None:
         """One pass of `ids` round the ring; the last stage's streams come back with REPLY."""
         B, S = ids.shape
-        X = self.stage(None, ids, cache)
+        X, pre = self.stage(None, ids, cache), None
+        if self.full_args.is_v41:
+            X, pre = X
         kv_bits = next((c.kv_pool.bits or 0 for c in cache if c.kv_pool is not None), 0)
         dtypes = DTYPES.index(X.dtype) + 4 * DTYPES.index(cache[0].window.keys.dtype)
         self._header(FORWARD, t.key, B, S, flags, t.offset, kv_bits, dtypes)
         _send(ids.astype(mx.int32), 1, self.group)
         _send(X, 1, self.group)
-        self.bytes_sent += HEADER * 4 + B * S * 4 + X.nbytes
+        if pre is not None:
+            _send(pre, 1, self.group)
+        self.bytes_sent += HEADER * 4 + B * S * 4 + X.nbytes + (pre.nbytes if pre is not None else 0)
         t.ids.append(np.array(ids))
         t.offset += S
         if not flags & REPLY:
             return None
-        rows = 1 if flags & LAST_ONLY else S
-        return _recv((B, rows, *X.shape[2:]), X.dtype, self.group.size() - 1, self.group)
+        rows, last = 1 if flags & LAST_ONLY else S, self.group.size() - 1
+        X = _recv((B, rows, *X.shape[2:]), X.dtype, last, self.group)
+        return X if pre is None else (X, _recv((B, rows, pre.shape[-1]), mx.float32, last, self.group))
 
     def _replay(self, cache: list[LayerCache], t: _Track):
         """Rank 0's cache was rewound to a snapshot: rebuild the workers' pools up to it."""
@@ -289,7 +336,7 @@ class PipelineModel(nn.Module):
                 self._replay(cache, t)
             self._flush_dead()
             X = self._ring(ids, cache, t, REPLY | (LAST_ONLY if last_only else 0))
-        return self.stage.logits(X)
+        return self.stage.logits(*X) if isinstance(X, tuple) else self.stage.logits(X)
 
     def close(self):
         """Tell the workers to stop (they return from `run_worker`)."""
@@ -324,20 +371,25 @@ def run_worker(stage: Stage, group) -> int:
             _send(ids, dst, group)
         N, D = stage.args.hc_mult, stage.args.hidden_size
         X = _recv((B, S, N, D), DTYPES[dtype % 4], src, group)
+        pre = _recv((B, S, N), mx.float32, src, group) if stage.args.is_v41 else None
         cache = caches.get(key)
         if cache is None:
             cache = caches[key] = stage.make_cache(B, DTYPES[dtype // 4], kv_bits or None)
         if cache[0].offset != offset:
             raise PipelineError(f"rank {rank}: cache {key} is at {cache[0].offset} tokens, rank 0 "
                                 f"sent position {offset} (ranks out of step)")
-        Y = stage(X, ids, cache)
+        Y = stage(X, ids, cache, pre) if pre is not None else stage(X, ids, cache)
+        parts = list(Y) if pre is not None else [Y]
         if not last:
-            out = mx.distributed.send(Y, dst, group=group)
+            out = [mx.distributed.send(y, dst, group=group) for y in parts]
         elif flags & REPLY:
-            out = mx.distributed.send(Y[:, -1:] if flags & LAST_ONLY else Y, 0, group=group)
+            out = [mx.distributed.send(y[:, -1:] if flags & LAST_ONLY else y, 0, group=group)
+                   for y in parts]
         else:
-            out = Y[:, :0]
-        mx.eval(out, [c.state for c in cache])
+            out = [y[:, :0] for y in parts]
+        for o in out:  # one message at a time: the byte stream between two ranks keeps one order
+            mx.eval(o)
+        mx.eval([c.state for c in cache])
 
 
 def gather_budgets(group) -> list[int]:
@@ -366,8 +418,16 @@ def load_pipeline(path: str | Path, group, splits: list[range] | None = None, la
     if len(splits) != group.size() or splits[0].start != 0 or splits[-1].stop != args.num_hidden_layers:
         raise PipelineError(f"A split of {args.num_hidden_layers} layers over {group.size()} ranks "
                             f"is needed, not {splits}.")
+    bad = [r.start for r in splits[1:] if r.start not in args.pipeline_cuts()]
+    if bad:
+        raise PipelineError(f"A stage cannot start at layer {bad[0]}: later layers read the pools "
+                            f"of earlier ones; cut at {sorted(args.pipeline_cuts())}.")
     stage = Stage(args, splits[rank], first=rank == 0)
     load_part(path, stage, stage.owns, lazy=lazy)
+    if any(i in args.engram_layer_ids for i in stage.indices):
+        from .weights import attach_engram
+
+        attach_engram(stage, path, stage.indices)
     if not lazy:
         stage.fuse()
     if rank > 0:

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from ..config import ConfigError, ModelArgs, list_names, load_json
 from .model import Model
+from .v41 import Model41
 
 INDEX = "model.safetensors.index.json"
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
             return load_pipeline(path, group, lazy=lazy)
     args = ModelArgs.from_file(path)
     shards = shard_files(path)
-    model = Model(args)
+    model = Model41(args) if args.is_v41 else Model(args)
 
     def stream_experts(weights):
         from .experts_stream import ExpertStore, attach
@@ -110,10 +111,39 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
         return {k: v for k, v in weights.items() if not ExpertStore.owns(k)}
 
     _install(model, args, _read(shards), stream_experts if expert_memory is not None else None)
+    if args.engram_layer_ids:
+        attach_engram(model, path)
     if not lazy:
         mx.eval(model.parameters())
         model.fuse()
     return model
+
+
+def attach_engram(model, path: Path, layers=None) -> None:
+    """Give a V4.1 model its Engram hash (from the token map) and each Engram layer the file
+    of its table: rows are read from there on demand, the table is never loaded. `layers`: the
+    layers the module holds (a pipeline stage), by default all."""
+    from .engram import EngramFile, EngramHash, load_token_map, table_file
+
+    args = model.args
+    try:
+        model.engram_hash = EngramHash(args, load_token_map(path))
+    except ConfigError as e:
+        raise LoadError(f"{path}: {e}") from e
+    for layer, rows in zip(args.engram_layer_ids, args.engram_num_embeddings):
+        if layers is not None and layer not in layers:
+            continue
+        f = path / table_file(layer)
+        if not f.exists():
+            raise LoadError(f"{path}: the Engram table of layer {layer} ({table_file(layer)}) is "
+                            "missing; convert the checkpoint again.")
+        try:
+            table = EngramFile(f, args.engram_head_dim)
+        except (OSError, ValueError) as e:
+            raise LoadError(str(e)) from e
+        if table.rows != rows:
+            raise LoadError(f"{f} holds {table.rows:,} rows, the config gives layer {layer} {rows:,}.")
+        model.layers[layer].engram.table = table
 
 
 def load_part(path: str | Path, module: nn.Module, keep, lazy: bool = False) -> nn.Module:

@@ -266,20 +266,22 @@ def effort_on_scale(enc: Encoding, effort: str | int | None) -> int:
     return effort_budget(enc, effort)  # says what is accepted
 
 
-def reference_encoder_source() -> str:
-    """An `encoding_dsv4.py` holding DeepSeek-V4-Flash-0731's texts (tools block, effort
-    paragraphs), written from the constants packaged in `encoding_v0731.json` the way the
-    reference file assigns them, so that `load_encoding` reads it as it reads a release's.
+def reference_encoder_source(version: str = "0731") -> str:
+    """An encoder file holding DeepSeek's texts for `version` ("0731": V4-Flash-0731's
+    `encoding_dsv4.py`, tools block and effort paragraphs; "v41": V4.1's `encoding.py`, System
+    token and 1-100 effort line), written from the constants packaged beside this module the way
+    the reference file assigns them, so that `load_encoding` reads it as it reads a release's.
     Model folders made here (the selftest's) get a complete encoder with it."""
-    data = json.loads((Path(__file__).parent / "encoding_v0731.json").read_text(encoding="utf-8"))
+    data = json.loads((Path(__file__).parent / f"encoding_{version}.json").read_text(encoding="utf-8"))
     consts, eos = data["constants"], data["constants"]["eos_token"]
     lines = [f'"""{data["_source"]}"""', ""]
     for name, value in consts.items():
-        if name == "assistant_msg_template":  # the reference writes "..." + eos_token
+        if name == "assistant_msg_template" and value.endswith(eos):  # the reference writes "..." + eos_token
             lines.append(f"{name} = {value[: -len(eos)]!r} + eos_token")
         else:
             lines.append(f"{name} = {value!r}")
-    template = data["function_constants"][".".join(_PARAM_TPL)]
-    lines += ["", f"def {_PARAM_TPL[0]}(tool_call):", f"    {_PARAM_TPL[1]} = {template!r}",
-              f"    return {_PARAM_TPL[1]}.format(**tool_call)", ""]
+    template = data.get("function_constants", {}).get(".".join(_PARAM_TPL))
+    if template is not None:
+        lines += ["", f"def {_PARAM_TPL[0]}(tool_call):", f"    {_PARAM_TPL[1]} = {template!r}",
+                  f"    return {_PARAM_TPL[1]}.format(**tool_call)", ""]
     return "\n".join(lines)
