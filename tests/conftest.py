@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,6 +12,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Servers started by the tests keep their prompt cache in its default folder (under
+# $XDG_CACHE_HOME): one of the run's own, never the user's ~/.cache. Subprocesses inherit it.
+_CACHE_HOME = tempfile.TemporaryDirectory(prefix="dsv4-tests-cache-", ignore_cleanup_errors=True)
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME.name
 
 from mlx_dsv4.config import ModelArgs  # noqa: E402
 from mlx_dsv4.model.model import Model  # noqa: E402
