@@ -75,8 +75,7 @@ def test_the_indexer_selects_and_candidates_restrict(setup, ids, monkeypatch):
     monkeypatch.setenv("MLX_DSV4_FAKE_QUANT", "0")
     args, model = setup[1], setup[3]
     from mlx_dsv4.model.v41 import Handoff
-    from mlx_dsv4.model.model import embed_streams
-    from mlx_dsv4.model.v41 import first_pre
+    from mlx_dsv4.model.head import embed_streams, first_pre
 
     cache = make_cache(model)
     x = mx.array(ids)

@@ -4,7 +4,7 @@
 files import its whole stack (transformers, Pillow, requests, datasets...), which V4.1's model
 files do not use. So the packages on the path to `models/deepseek_v41` are registered as empty
 namespaces, and Pillow (imported at the top of `models/base.py`, used only for images) is
-stubbed when absent. Tests that need the oracle skip when mlx-vlm is not installed.
+stubbed while they import, when absent. Tests that need the oracle skip when mlx-vlm is not installed.
 """
 
 from __future__ import annotations
@@ -33,9 +33,16 @@ def load(module: str = "language"):
             package.__path__ = [str(path)]
             package._dsv4_stub = True
             sys.modules[name] = package
-        if importlib.util.find_spec("PIL") is None:
-            pil = types.ModuleType("PIL")
-            pil.Image = types.ModuleType("PIL.Image")
-            sys.modules.setdefault("PIL", pil)
-            sys.modules.setdefault("PIL.Image", pil.Image)
-    return importlib.import_module(f"mlx_vlm.models.deepseek_v41.{module}")
+    # The Pillow stub lives only while mlx-vlm's modules import: left in sys.modules it would
+    # make transformers (the V4 oracle, later in the same run) believe Pillow is installed.
+    stubs = []
+    if "PIL" not in sys.modules and importlib.util.find_spec("PIL") is None:
+        pil = types.ModuleType("PIL")
+        pil.Image = types.ModuleType("PIL.Image")
+        sys.modules.update({"PIL": pil, "PIL.Image": pil.Image})
+        stubs = ["PIL", "PIL.Image"]
+    try:
+        return importlib.import_module(f"mlx_vlm.models.deepseek_v41.{module}")
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)

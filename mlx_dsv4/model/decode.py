@@ -22,6 +22,7 @@ import mlx.core as mx
 from . import kernels, mhc
 from .attention import _attend, project_f32, rope
 from .cache import CompressorState, LayerCache
+from .head import embed_streams, head_logits
 from ..config import CSA, HCA
 
 F32 = mx.float32
@@ -277,14 +278,10 @@ class DecodeStep:
 
     def _begin(self, ids: mx.array, X: mx.array) -> mx.array:
         """The streams entering the first block: the embedded ids, broadcast to the N streams."""
-        from .model import embed_streams  # model.py imports this module
-
         return embed_streams(self.model, ids)
 
     def _end(self, X: mx.array) -> tuple:
         """What a step returns besides the state: fp32 logits and the final streams."""
-        from .model import head_logits
-
         return head_logits(self.model, X), X
 
     def _build(self, key: tuple, sizes: tuple[int, ...]):

@@ -284,3 +284,17 @@ def fetch(engrams: list[tuple[Engram, EngramHistory]], hasher: EngramHash, ids: 
         out.append(module.table.lookup(hasher.ids(module.slot, tokens)))
         history.tokens = mx.array(tokens[:, tokens.shape[1] - past.shape[1] :].astype(np.int32))
     return out
+
+
+def engram_rows(model, layers, ids: mx.array, cache: list) -> dict[int, mx.array]:
+    """Per Engram layer among `layers` (whose caches `cache` holds, in order), the table rows of
+    `ids`: a host sync, since rows are read on the host (model.engram_hash hashes them)."""
+    pairs = [(i, model.layers[i].engram, c.engram) for i, c in zip(layers, cache)
+             if "engram" in model.layers[i]]
+    if not pairs:
+        return {}
+    if model.engram_hash is None:
+        raise ValueError("This V4.1 model has Engram layers but no Engram hash: load it with "
+                         "weights.load_model, which reads its token map and tables.")
+    rows = fetch([(m, h) for _, m, h in pairs], model.engram_hash, np.array(ids))
+    return {i: r for (i, _, _), r in zip(pairs, rows)}

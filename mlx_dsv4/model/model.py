@@ -18,6 +18,7 @@ from . import decode, mhc
 from .attention import Attention
 from .cache import LayerCache, make_cache
 from ..config import KEEP_FLOAT32, ModelArgs, keep_float32  # noqa: F401 (re-exported)
+from .head import embed_streams, head_logits, hyper_head, init_head  # noqa: F401 (re-exported)
 from .layers import ExpertLinear, FusedPair, RMSNorm
 
 
@@ -220,31 +221,6 @@ class Block(nn.Module):
         return mhc.expand(self.ffn(self.ffn_norm(x), ids), X, post, comb)
 
 
-def _init_head(module: nn.Module, args: ModelArgs):
-    """Give `module` the HyperHead parameters `hc_head_{fn,base,scale}` (final collapse)."""
-    N, D = args.hc_mult, args.hidden_size
-    module.hc_head_fn = mx.zeros((N, N * D))
-    module.hc_head_base = mx.zeros((N,))
-    module.hc_head_scale = mx.ones((1,))
-    module._head_eps = (args.hc_eps, args.rms_norm_eps)
-
-
-def _collapse(module: nn.Module, X: mx.array) -> mx.array:
-    return mhc.head(X, module.hc_head_fn, module.hc_head_base, module.hc_head_scale,
-                    *module._head_eps)
-
-
-def embed_streams(module: nn.Module, ids: mx.array) -> mx.array:
-    """The streams `[B, S, N, D]` entering the first block: `module.embed(ids)`, N times."""
-    h = module.embed(ids)
-    return mx.broadcast_to(h[:, :, None, :], (*h.shape[:2], module.args.hc_mult, h.shape[-1]))
-
-
-def head_logits(module: nn.Module, X: mx.array) -> mx.array:
-    """fp32 logits of the final streams: HyperHead collapse, final norm, vocabulary projection."""
-    return _f32(module.head(module.norm(_collapse(module, X))))
-
-
 class MTPBlock(Block):
     """Multi-token prediction block (spec §2.11): proposes token t+2 from the trunk's streams."""
 
@@ -256,13 +232,13 @@ class MTPBlock(Block):
         self.enorm = RMSNorm(D, args.rms_norm_eps)
         self.hnorm = RMSNorm(D, args.rms_norm_eps)
         self.norm = RMSNorm(D, args.rms_norm_eps)
-        _init_head(self, args)
+        init_head(self, args)
 
     def predict(self, streams: mx.array, next_ids: mx.array, embed, head, cache: LayerCache):
         e = self.enorm(embed(next_ids))
         X = self.e_proj(e)[:, :, None, :] + self.h_proj(self.hnorm(streams))
         X = Block.__call__(self, X, next_ids, cache)
-        return head(self.norm(_collapse(self, X))), X
+        return head(self.norm(hyper_head(self, X))), X
 
 
 class Model(nn.Module):
@@ -273,7 +249,7 @@ class Model(nn.Module):
         self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        _init_head(self, args)
+        init_head(self, args)
         L = args.num_hidden_layers
         self.mtp = [MTPBlock(args, L + k) for k in range(args.num_nextn_predict_layers)]
         # One-token steps replay a compiled graph (decode.py); False runs them eagerly.

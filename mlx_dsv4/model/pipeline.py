@@ -63,9 +63,11 @@ from ..config import ModelArgs
 from ..launch import launched
 from . import decode
 from .cache import LayerCache, make_cache
-from .model import Block, _init_head, embed_streams, head_logits
+from .head import embed_streams, first_pre, head41, head_logits, init_head
+from .model import Block
 from .layers import RMSNorm
-from .v41 import Block41, Handoff, engram_rows, first_pre, head41
+from .engram import engram_rows
+from .v41 import Block41, Handoff
 from .v41_decode import DecodeStep41
 
 HEADER = 8  # int32 slots: command, key, B, S, flags, offset, kv_bits, dtypes (streams + 4 x pools)
@@ -113,7 +115,7 @@ class Stage(nn.Module):
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
             if not args.is_v41:  # V4.1 has no HyperHead: its last `pre` collapses the streams
-                _init_head(self, args)
+                init_head(self, args)
 
     def owns(self, name: str) -> bool:
         """Whether checkpoint tensor `name` belongs to this stage."""

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from . import engram as engram_mod
 from . import fakequant as fq
@@ -39,7 +38,9 @@ from .attention import (QUERY_BLOCK, SPARSE_QUERY_BLOCK, _attend, _visible_entri
 from .cache import CompressorState, LayerCache, make_cache
 from ..config import ModelArgs
 from .layers import GroupedLinear, RMSNorm
-from .model import MoE, embed_streams
+from .head import embed_streams, first_pre, head41
+from .model import MoE
+from .v41_select import among_candidates, candidate_top, score, top_k
 
 # Bytes of index scores `[Bq, H_I, entries]` one block may hold (as attention.INDEX_SCORE_BYTES).
 INDEX_SCORE_BYTES = 1 << 28
@@ -131,77 +132,6 @@ class Indexer41(nn.Module):
         idx = top_k(scores, min(self.topk, n))
         valid = mx.take_along_axis(scores, idx, axis=-1) > -mx.inf
         return idx, valid, picked
-
-
-# Queries at a time when gathering candidate keys ([Bq, k * size, c_I] each).
-CANDIDATE_QUERY_BLOCK = 8
-
-
-def among_candidates(ix: Indexer41, q, w, keys, limit, candidates: tuple, n: int | None = None):
-    """The second level of the two-level selection: each query scores the keys of its candidate
-    blocks only (a few thousand instead of the whole pool) and keeps the top-k of them, as
-    `(entry ids, valid)` `[B, S, K]`. `limit` broadcasts to `[B, S, 1]`: entries visible.
-    `keys`: the index keys `[B, n, c]`, or a function of ids `[B, s, K']` giving their rows
-    `[B, s, K', c]` (a quantized pool then decodes those rows only) with `n` the rows it has."""
-    top, reachable = candidates
-    B, S, k = top.shape
-    size = ix.block_size
-    if not callable(keys):
-        n, pool = keys.shape[1], keys
-        keys = lambda i: mx.take_along_axis(pool[:, None], i[..., None], axis=2)  # noqa: E731
-    ids = (top[..., None] * size + mx.arange(size)).reshape(B, S, k * size)
-    live = mx.repeat(reachable, size, axis=-1) & (ids < limit)
-    safe = mx.minimum(ids, n - 1)
-    picks, oks = [], []
-    for s0 in range(0, S, CANDIDATE_QUERY_BLOCK):
-        s1 = min(S, s0 + CANDIDATE_QUERY_BLOCK)
-        rows = keys(safe[:, s0:s1])  # [B, s, K', c]
-        z = (q[:, s0:s1] @ rows.astype(q.dtype).swapaxes(-1, -2))  # [B, s, H, K']
-        sc = (mx.maximum(z, 0) * w[:, s0:s1].astype(z.dtype)[..., None]).sum(axis=2)
-        sc = mx.where(live[:, s0:s1], sc, -mx.inf)
-        local = top_k(sc, ix.topk, ids[:, s0:s1])
-        picks.append(mx.take_along_axis(ids[:, s0:s1], local, axis=-1))
-        oks.append(mx.take_along_axis(sc, local, axis=-1) > -mx.inf)
-    join = (lambda a: a[0] if len(a) == 1 else mx.concatenate(a, axis=1))  # noqa: E731
-    return join(picks), join(oks)
-
-
-def top_k(scores: mx.array, k: int, ids: mx.array | None = None) -> mx.array:
-    """Positions of the `k` best scores along the last axis, ties going to the lower id (`ids`,
-    the entry or block ids of the positions; by default the positions themselves). A fixed tie
-    rule makes every path pick the same set however its candidates are laid out (ReLU'd index
-    scores tie at zero), and it is the reference's (a stable sort of the scores)."""
-    if ids is None:
-        ids = mx.arange(scores.shape[-1])
-    bits = (scores.astype(mx.float32) + 0.0).view(mx.uint32)  # + 0.0: -0.0 ranks as 0.0
-    ordered = mx.where((bits >> 31) == 1, ~bits, bits | 0x80000000).astype(mx.uint64)
-    key = ~((ordered << 32) | (0xFFFFFFFF - ids.astype(mx.uint64)))
-    return mx.argpartition(key, k - 1, axis=-1)[..., :k]
-
-
-def score(q: mx.array, w: mx.array, keys: mx.array) -> mx.array:
-    """Index scores `[B, S, n]`: per head ReLU(q . k), weighted by the head weights and summed,
-    in the activations' dtype as the reference (bf16 in a real model)."""
-    B, S, H, c = q.shape
-    z = (q.reshape(B, S * H, c) @ keys.astype(q.dtype).swapaxes(1, 2)).reshape(B, S, H, -1)
-    return (mx.maximum(z, 0) * w.astype(z.dtype)[..., None]).sum(axis=2)
-
-
-def candidate_top(scores: mx.array, limit: mx.array, k: int, size: int):
-    """The first level of the two-level selection: per query, the `k` blocks of `size` entries
-    with the highest best score, always counting the block of its newest visible entry (it may
-    be partly full, so an older full block can outscore it). `(blocks [B, S, k], reachable,
-    best [B, S, n_blocks])`: a block with no visible entry is no candidate."""
-    n = scores.shape[-1]
-    nb = -(-n // size)
-    if nb * size != n:
-        pad = mx.full((*scores.shape[:-1], nb * size - n), -mx.inf, scores.dtype)
-        scores = mx.concatenate([scores, pad], axis=-1)
-    best = scores.reshape(*scores.shape[:-1], nb, size).max(axis=-1)
-    last = ((limit - 1) // size)[:, None]
-    pinned = mx.where(mx.arange(nb)[None] == last, mx.inf, best)
-    top = top_k(pinned, min(k, nb))
-    return top, mx.take_along_axis(best, top, axis=-1) > -mx.inf, best
 
 
 class Attention41(nn.Module):
@@ -350,11 +280,6 @@ class Block41(nn.Module):
         return X, ffn_pre
 
 
-def first_pre(B: int, S: int, n: int) -> mx.array:
-    """The lagged mHC's first collapse: stream 0 alone."""
-    return mx.broadcast_to((mx.arange(n) == 0).astype(mx.float32), (B, S, n))
-
-
 class Model41(nn.Module):
     """DeepSeek-V4.1's text model: ids `[B, S]` -> fp32 logits `[B, S, V]`; state in the cache.
 
@@ -387,7 +312,7 @@ class Model41(nn.Module):
         return self.embed["scales"].dtype if "scales" in self.embed else self.embed.weight.dtype
 
     def engram_rows(self, ids: mx.array, cache: list[LayerCache]) -> dict[int, mx.array]:
-        return engram_rows(self, range(len(self.layers)), ids, cache)
+        return engram_mod.engram_rows(self, range(len(self.layers)), ids, cache)
 
     def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None,
                  last_only: bool = False, return_streams: bool = False):
@@ -409,22 +334,3 @@ class Model41(nn.Module):
             X, pre = layer(X, pre, ids, c, handoff, rows.get(i))
         logits = head41(self, X[:, -1:] if last_only else X, pre[:, -1:] if last_only else pre)
         return (logits, X) if return_streams else logits
-
-
-def engram_rows(model, layers, ids: mx.array, cache: list[LayerCache]) -> dict[int, mx.array]:
-    """Per Engram layer among `layers` (whose caches `cache` holds, in order), the table rows of
-    `ids`: a host sync, since rows are read on the host (model.engram_hash hashes them)."""
-    pairs = [(i, model.layers[i].engram, c.engram) for i, c in zip(layers, cache)
-             if "engram" in model.layers[i]]
-    if not pairs:
-        return {}
-    if model.engram_hash is None:
-        raise ValueError("This V4.1 model has Engram layers but no Engram hash: load it with "
-                         "weights.load_model, which reads its token map and tables.")
-    rows = engram_mod.fetch([(m, h) for _, m, h in pairs], model.engram_hash, np.array(ids))
-    return {i: r for (i, _, _), r in zip(pairs, rows)}
-
-
-def head41(model, X: mx.array, pre: mx.array) -> mx.array:
-    """fp32 logits of the final streams: the last `pre` collapses them, then norm and head."""
-    return model.head(model.norm(mhc.collapse(X, pre))).astype(mx.float32)

@@ -20,7 +20,9 @@ import mlx.core as mx
 from . import decode, fakequant as fq, mhc
 from .attention import _attend, project_f32, rope
 from .cache import LayerCache
-from .v41 import among_candidates, candidate_top, engram_rows, first_pre, head41, score, top_k
+from .engram import engram_rows
+from .head import first_pre, head41
+from .v41_select import among_candidates, candidate_top, score, top_k
 
 F32 = mx.float32
 
