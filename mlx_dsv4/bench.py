@@ -19,7 +19,8 @@ import mlx.core as mx
 
 from .model.cache import make_cache
 from .model.experts_stream import Counters
-from .generation.generate import generate_step, prefill
+from .generation.generate import generate_step
+from .generation.prefill import prefill
 from .plan import Plan, apply_wired_limit, plan_context
 from .generation.sampling import make_distribution
 from .generation.speculative import MTPDrafter, SpecStats, resolve_draft, speculative_step

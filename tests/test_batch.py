@@ -17,7 +17,8 @@ from conftest import build_model
 from fakes import ByteTokenizer
 from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.generation.batch import DONE, Batcher, Cancelled, Request
-from mlx_dsv4.generation.generate import Chunk, ContextError, stream_generate
+from mlx_dsv4.generation.generate import Chunk, stream_generate
+from mlx_dsv4.generation.prefill import ContextError
 from mlx_dsv4.serve.app import create_app
 from mlx_dsv4.serve.engine import Engine, Job
 from mlx_dsv4.serve.protocol import ServerConfig

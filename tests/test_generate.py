@@ -7,7 +7,8 @@ import mlx.core as mx
 
 from fakes import ByteTokenizer, ScriptedModel
 from mlx_dsv4.model.cache import make_cache
-from mlx_dsv4.generation.generate import ContextError, generate, stream_generate
+from mlx_dsv4.generation.generate import generate, stream_generate
+from mlx_dsv4.generation.prefill import ContextError
 
 TOK = ByteTokenizer()
 

@@ -27,7 +27,8 @@ import uvicorn
 from conftest import build_model
 from mlx_dsv4.text import chat_format
 from mlx_dsv4.config import ModelArgs
-from mlx_dsv4.generation.generate import Chunk, ContextError, stream_generate
+from mlx_dsv4.generation.generate import Chunk, stream_generate
+from mlx_dsv4.generation.prefill import ContextError
 from mlx_dsv4.serve.app import create_app
 from mlx_dsv4.serve.engine import Engine
 from mlx_dsv4.serve.guard import LOOPBACK, hosts_for

@@ -7,7 +7,7 @@ import mlx.core as mx
 
 from fakes import ByteTokenizer
 from mlx_dsv4.model.cache import make_cache
-from mlx_dsv4.generation.generate import ContextError
+from mlx_dsv4.generation.prefill import ContextError
 from mlx_dsv4.generation.session import Session
 
 

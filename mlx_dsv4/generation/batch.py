@@ -29,7 +29,8 @@ import mlx.core as mx
 
 from ..model.cache import make_cache
 from . import sampling
-from .generate import CLEAR_EVERY, Chunk, ChunkMaker, TokenSampler, check_request, stop_ids
+from .generate import CLEAR_EVERY, Chunk, ChunkMaker, TokenSampler, stop_ids
+from .prefill import check_request
 from .pacing import paced
 
 log = logging.getLogger("mlx_dsv4.generation.batch")

@@ -18,6 +18,7 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 PENALTY_CONTEXT = 20  # tokens the penalties look back over
+PROCESSOR_CONTEXT = 64  # recent tokens handed to logits processors (more than their windows)
 # Below this a temperature samples greedily, as 0 does: dividing by it would overflow the logits
 # (1e-300 made them infinite); from it up they stay below ~1e10, far from float32's 3e38.
 MIN_TEMPERATURE = 1e-6

@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 import mlx.core as mx
 
 from ..model.cache import LayerCache, Snapshot, make_cache
-from .generate import Chunk, check_request, prefill, stream_generate
+from .generate import Chunk, stream_generate
+from .prefill import check_request, prefill
 
 log = logging.getLogger("mlx_dsv4.generation.session")
 

@@ -26,7 +26,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 import mlx.core as mx
 
 from ..model.cache import LayerCache, make_cache
-from .generate import PROCESSOR_CONTEXT, check_token_ids, prefill
+from .prefill import check_token_ids, prefill
+from .sampling import PROCESSOR_CONTEXT
 
 
 @dataclass

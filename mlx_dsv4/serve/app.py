@@ -26,7 +26,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..generation.generate import ContextError
+from ..generation.prefill import ContextError
 from . import anthropic, completions, protocol, responses, responses_events
 from .engine import Busy, Engine, Job, Refused, Stopped
 from .guard import LOOPBACK, Hosts, check_host, check_json, check_key, check_origin
