@@ -100,7 +100,8 @@ def ping(group, hop_bytes: int, a) -> dict:
 
 
 def rank_main(path: str, splits: str, out: str, a) -> None:
-    from mlx_dsv4.model.pipeline import init, load_pipeline, run_worker
+    from mlx_dsv4.model.pipeline import init, run_worker
+    from mlx_dsv4.model.weights import load_pipeline
 
     if len(splits.split(",")) == 2:  # one rank: the ordinary model, in a process of its own too
         from mlx_dsv4.model.weights import load_model

@@ -96,7 +96,7 @@ def run_bench(model_dir: str | Path, *, prompt_tokens: int = 2048, gen_tokens: i
     if log and wired:
         log(wired)
     t = time.perf_counter()
-    model = load_model(path, expert_memory=plan.expert_memory)
+    model = load_model(path, expert_memory=plan.expert_memory, splits=plan.splits)
     store = getattr(model, "expert_store", None)
     load_s = time.perf_counter() - t
     if log:

@@ -114,7 +114,7 @@ class Chat:
         wired = apply_wired_limit(plan)
         if wired:
             notes.append(wired)
-        lm, tokenizer = load(path, expert_memory=plan.expert_memory)
+        lm, tokenizer = load(path, expert_memory=plan.expert_memory, splits=plan.splits)
         if plan.streams:
             notes.append(f"routed experts stream from disk through a {plan.expert_memory / 2**30:.1f}"
                          f" GiB cache ({plan.cache_share:.0%} of them)")

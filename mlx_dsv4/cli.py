@@ -310,8 +310,9 @@ def _pipeline(model: str, expert_memory, max_context, kv_bits, prefill_chunk) ->
 
     if not launched():  # asked before MLX is imported: a plain command starts at once
         return None
-    from .model.pipeline import launched_group, serve_rank
+    from .model.pipeline import launched_group
     from .model.weights import resolve_model
+    from .rank import follow
 
     group = launched_group()
     if group is None:
@@ -320,7 +321,7 @@ def _pipeline(model: str, expert_memory, max_context, kv_bits, prefill_chunk) ->
         raise typer.BadParameter("pipeline mode keeps every routed expert in memory.",
                                  param_hint="--expert-memory")
     if group.rank() > 0:
-        serve_rank(resolve_model(model), max_context, kv_bits, prefill_chunk)
+        follow(resolve_model(model), max_context, kv_bits, prefill_chunk)
     return group.rank()
 
 

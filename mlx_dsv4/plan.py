@@ -75,6 +75,7 @@ class Plan:
     batch: int = 1  # sequences decoding together, each with its own state of `context` tokens
     engram_bytes: int = 0  # V4.1's Engram tables: on the SSD, read a few rows per token
     engram_read_bytes: int = 0  # the table bytes one token reads (rows times row bytes)
+    splits: list[range] | None = None  # under mlx.launch: every rank's layers (this plan is one's)
 
     @property
     def streams(self) -> bool:
@@ -404,7 +405,7 @@ def plan_context(path: str | Path, max_context: int | None = None, *, kv_bits: i
         from .model.pipeline import gather_budgets, launched_group
 
         if (group := launched_group()) is not None:
-            return plan_rank(path, gather_budgets(group), group.rank(), max_context,
+            return plan_rank(path, gather_budgets(group, machine_budget()[0]), group.rank(), max_context,
                              kv_bits=kv_bits, prefill_chunk=prefill_chunk)
 
     def plan_at(context: int) -> Plan:
@@ -649,7 +650,8 @@ def pipeline_split(model: str | Path | ModelArgs, budgets: list[int],
                    recipe: str | None = None) -> list[range]:
     """The layer ranges of a pipeline over hosts with these budgets (rank order): weights in
     proportion to memory, host 0 also holding the embedding and head. `plan_pipeline` and
-    `pipeline.load_pipeline` both cut here, so the plan describes what is loaded."""
+    `plan_rank` (whose split `weights.load_pipeline` loads) both cut here, so the plan describes
+    what is loaded."""
     per_layer, extra = layer_weight_bytes(model, recipe)
     return split_layers(per_layer, budgets, extra, _weights(model, recipe)[0].pipeline_cuts())
 
@@ -703,6 +705,7 @@ def plan_rank(path: str | Path, budgets: list[int], rank: int, max_context: int 
                 activation_bytes(args, chunk, context, kv_bits), activation_bytes(args, 1, context, kv_bits),
                 s.budget_bytes, source, s.kv_bytes / context, pp.largest_context)
     plan.max_prefill_chunk = _max_prefill_chunk(args, plan)
+    plan.splits = [st.layers for st in pp.stages]
     return plan, context
 
 

@@ -53,7 +53,8 @@ def run_rank0(model, out: Path):
 def rank_main(model_dir: str, out: str, splits: str):
     import mlx.core as mx
 
-    from mlx_dsv4.model.pipeline import init, load_pipeline, run_worker
+    from mlx_dsv4.model.pipeline import init, run_worker
+    from mlx_dsv4.model.weights import load_pipeline
 
     group = init(backend="ring")
     cuts = [int(c) for c in splits.split(",")]

@@ -51,7 +51,8 @@ def test_cuts_inside_a_pool_group_are_refused(model_dir):
 
 
 def test_load_refuses_a_cut_that_separates_a_reader_from_its_pool(model_dir):
-    from mlx_dsv4.model.pipeline import PipelineError, load_pipeline
+    from mlx_dsv4.model.pipeline import PipelineError
+    from mlx_dsv4.model.weights import load_pipeline
 
     class Group:
         def size(self):

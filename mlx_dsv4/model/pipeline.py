@@ -19,10 +19,10 @@ for it). Per decoded token each hop carries a 32-byte header, B x 4 bytes of tok
 routing reads them on every rank) and the B x N x D streams (2 bytes each in bf16).
 
 Loading: every rank reads its own layers from its copy of the one converted folder
-(`weights.load_part` opens only the shards the index maps them to; `mx.load` reads a tensor only
-when it is evaluated). The converter writes no per-rank shard sets: the split is decided when
-the job starts, from the memory each rank reports (`plan.pipeline_split`), so one folder serves
-any set of Macs, and a single Mac too.
+(`weights.load_pipeline` opens only the shards the index maps them to; `mx.load` reads a tensor
+only when it is evaluated). The converter writes no per-rank shard sets: the split is decided when
+the job starts, from the memory each rank reports (the planner's split, handed to the loader),
+so one folder serves any set of Macs, and a single Mac too.
 
 Rank 0's `PipelineModel` is called like `Model` (`model(ids, cache, last_only=...)` -> logits);
 ranks > 0 run `run_worker`, which follows the commands that arrive with the activations. Each
@@ -46,14 +46,11 @@ ids through the ring (correct, but costs a prefill of that prefix).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import signal
-import sys
 import threading
 import weakref
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -394,64 +391,8 @@ def run_worker(stage: Stage, group) -> int:
         mx.eval([c.state for c in cache])
 
 
-def gather_budgets(group) -> list[int]:
-    """Every rank's memory budget (`plan.machine_budget`) in rank order, in whole MiB so that
-    every rank computes the same split from the same numbers."""
-    from ..plan import machine_budget
-
-    mib = mx.array([machine_budget()[0] >> 20], mx.int32)
+def gather_budgets(group, budget: int) -> list[int]:
+    """Every rank's memory budget (this rank's is `budget`, bytes) in rank order, in whole MiB so
+    that every rank computes the same split from the same numbers."""
+    mib = mx.array([budget >> 20], mx.int32)
     return [b << 20 for b in mx.distributed.all_gather(mib, group=group).tolist()]
-
-
-def load_pipeline(path: str | Path, group, splits: list[range] | None = None, lazy: bool = False):
-    """This rank's part of a converted model: `PipelineModel` on rank 0, a `Stage` elsewhere.
-
-    Without `splits`, the layers are cut by `plan.split_layers` in proportion to the memory each
-    rank reports (gathered over the group), so every rank computes the same cut.
-    """
-    from ..plan import pipeline_split
-    from .weights import load_part
-
-    path = Path(path)
-    args = ModelArgs.from_file(path)
-    if splits is None:
-        splits = pipeline_split(path, gather_budgets(group))
-    rank = group.rank()
-    if len(splits) != group.size() or splits[0].start != 0 or splits[-1].stop != args.num_hidden_layers:
-        raise PipelineError(f"A split of {args.num_hidden_layers} layers over {group.size()} ranks "
-                            f"is needed, not {splits}.")
-    bad = [r.start for r in splits[1:] if r.start not in args.pipeline_cuts()]
-    if bad:
-        raise PipelineError(f"A stage cannot start at layer {bad[0]}: later layers read the pools "
-                            f"of earlier ones; cut at {sorted(args.pipeline_cuts())}.")
-    stage = Stage(args, splits[rank], first=rank == 0)
-    load_part(path, stage, stage.owns, lazy=lazy)
-    if any(i in args.engram_layer_ids for i in stage.indices):
-        from .weights import attach_engram
-
-        attach_engram(stage, path, stage.indices)
-    if not lazy:
-        stage.fuse()
-    if rank > 0:
-        return stage
-    model = PipelineModel(stage, args, group, splits)
-    atexit.register(model.close)  # the workers stop with rank 0, so mlx.launch returns
-    return model
-
-
-def serve_rank(path: str | Path, max_context: int | None = None, kv_bits: int | None = None,
-               prefill_chunk: int = 512) -> int:
-    """What `dsv4 chat`/`serve` do on ranks > 0: plan as rank 0 does (the same options, so the
-    same collective and the same verdict), load this rank's layers, follow rank 0."""
-    from ..plan import apply_wired_limit, plan_context
-
-    group = launched_group()
-    if group is None or group.rank() == 0:
-        raise PipelineError("serve_rank runs on ranks > 0 of an mlx.launch job.")
-    plan, _ = plan_context(path, max_context, kv_bits=kv_bits, prefill_chunk=prefill_chunk)
-    apply_wired_limit(plan)
-    stage = load_pipeline(path, group)
-    layers = stage.indices
-    print(f"rank {group.rank()}: layers {layers.start}-{layers.stop - 1} loaded, following rank 0",
-          file=sys.stderr, flush=True)
-    return run_worker(stage, group)

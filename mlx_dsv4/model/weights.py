@@ -8,6 +8,7 @@ tensor is an error that names it. Only this module knows the MLX directory forma
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -80,11 +81,11 @@ def check_tensors(model: nn.Module, weights: dict[str, mx.array]):
 
 
 def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None = None,
-               prefetch: bool = False) -> Model:
+               prefetch: bool = False, splits: list[range] | None = None) -> Model:
     """Build the model of a converted directory and load its weights strictly.
 
-    Under `mlx.launch` with several ranks this is rank 0's `pipeline.PipelineModel` (ranks > 0
-    run `pipeline.serve_rank`). With `expert_memory` (bytes), the routed experts stay on disk:
+    Under `mlx.launch` with several ranks this is rank 0's `pipeline.PipelineModel`, holding the
+    layers `splits[0]` of the planner's split (`Plan.splits`; ranks > 0 run `rank.follow`). With `expert_memory` (bytes), the routed experts stay on disk:
     they are read on demand into a cache of that size (`experts_stream`), the rest of the
     weights is loaded as usual; the store is `model.expert_store`. `prefetch` reads the next
     layer's guessed experts ahead (off by default: on random weights it read more than it
@@ -94,12 +95,15 @@ def load_model(path: str | Path, lazy: bool = False, expert_memory: int | None =
 
     path = Path(path)
     if launched():
-        from .pipeline import launched_group, load_pipeline
+        from .pipeline import launched_group
 
         if (group := launched_group()) is not None:  # several ranks: this one holds some layers
             if expert_memory is not None:
                 raise LoadError("Pipeline mode keeps every routed expert in memory: drop --expert-memory.")
-            return load_pipeline(path, group, lazy=lazy)
+            if splits is None:
+                raise LoadError("Under mlx.launch each rank loads its share of the layers: plan the "
+                                "split first (plan.plan_context) and pass its `splits`.")
+            return load_pipeline(path, group, splits, lazy=lazy)
     args = ModelArgs.from_file(path)
     shards = shard_files(path)
     model = Model41(args) if args.is_v41 else Model(args)
@@ -163,6 +167,34 @@ def load_part(path: str | Path, module: nn.Module, keep, lazy: bool = False) -> 
     return module
 
 
+def load_pipeline(path: str | Path, group, splits: list[range], lazy: bool = False):
+    """This rank's part of a converted model: `PipelineModel` on rank 0, a `Stage` elsewhere,
+    holding the layers `splits[rank]` (the planner's cut, the same on every rank)."""
+    from .pipeline import PipelineError, PipelineModel, Stage
+
+    path = Path(path)
+    args = ModelArgs.from_file(path)
+    rank = group.rank()
+    if len(splits) != group.size() or splits[0].start != 0 or splits[-1].stop != args.num_hidden_layers:
+        raise PipelineError(f"A split of {args.num_hidden_layers} layers over {group.size()} ranks "
+                            f"is needed, not {splits}.")
+    bad = [r.start for r in splits[1:] if r.start not in args.pipeline_cuts()]
+    if bad:
+        raise PipelineError(f"A stage cannot start at layer {bad[0]}: later layers read the pools "
+                            f"of earlier ones; cut at {sorted(args.pipeline_cuts())}.")
+    stage = Stage(args, splits[rank], first=rank == 0)
+    load_part(path, stage, stage.owns, lazy=lazy)
+    if any(i in args.engram_layer_ids for i in stage.indices):
+        attach_engram(stage, path, stage.indices)
+    if not lazy:
+        stage.fuse()
+    if rank > 0:
+        return stage
+    model = PipelineModel(stage, args, group, splits)
+    atexit.register(model.close)  # the workers stop with rank 0, so mlx.launch returns
+    return model
+
+
 def _read(shards: list[Path], keep=None) -> dict[str, mx.array]:
     """The tensors of `shards` (those `keep(name)` selects), lazily: a tensor not loaded into
     a module is never read."""
@@ -218,9 +250,11 @@ def resolve_model(name: str | Path) -> Path:
     raise LoadError(f"{name}: no such model directory.")
 
 
-def load(path: str | Path, lazy: bool = False, expert_memory: int | None = None):
-    """`(model, tokenizer)` for a converted directory (see `load_model` for `expert_memory`)."""
+def load(path: str | Path, lazy: bool = False, expert_memory: int | None = None,
+         splits: list[range] | None = None):
+    """`(model, tokenizer)` for a converted directory (see `load_model` for `expert_memory` and
+    `splits`)."""
     from ..text.tokenizer import Tokenizer
 
-    model = load_model(path, lazy=lazy, expert_memory=expert_memory)
+    model = load_model(path, lazy=lazy, expert_memory=expert_memory, splits=splits)
     return model, Tokenizer.from_dir(Path(path))

@@ -79,7 +79,7 @@ def create_server(model_path: str | Path, *, api_key: str | None = None,
         from ..generation.prompt_cache import open_prompt_cache
         from ..generation.speculative import resolve_draft
 
-        model = load_model(path, expert_memory=plan.expert_memory)
+        model = load_model(path, expert_memory=plan.expert_memory, splits=plan.splits)
         k = resolve_draft(model, draft) if max_batch == 1 else 0
         if k:
             log.info("speculative decoding: the MTP block drafts %d token(s) per step", k)
