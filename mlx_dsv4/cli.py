@@ -110,7 +110,7 @@ def parse_expert_memory(text: str) -> int | str:
 
 
 def _size_option(text: str, decimal: bool) -> int:
-    from .plan import parse_size as parse  # plan.py imports no MLX at module level
+    from .sizes import parse_size as parse  # sizes.py imports no MLX at module level
 
     try:
         size = parse(text, decimal=decimal)
@@ -527,7 +527,7 @@ def bench(
         import mlx.core as mx
 
         from .bench import run_bench
-        from .plan import format_bytes as mem
+        from .sizes import format_bytes as mem
         from .model.weights import resolve_model
 
     with _PrefillBar(console) as report:

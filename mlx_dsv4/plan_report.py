@@ -7,7 +7,7 @@ calls one of each, and prints. Imports rich only, lazily inside each function.
 
 from __future__ import annotations
 
-from .plan import default_recipe, format_bytes as gib
+from .sizes import default_recipe, format_bytes as gib
 
 
 def pipeline_table(p):

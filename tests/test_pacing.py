@@ -5,7 +5,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_dsv4.generation.pacing import paced
-from mlx_dsv4.plan import ACTIVATION_MARGIN, activation_bytes
+from mlx_dsv4.sizes import ACTIVATION_MARGIN, activation_bytes
 
 
 def test_limit_is_live_memory_plus_the_working_set_then_restored(tiny_args):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 
 from ..config import ModelArgs
-from ..plan import activation_bytes
+from ..sizes import activation_bytes
 
 
 def chunk_limit(args: ModelArgs, tokens: int, context: int) -> int:
