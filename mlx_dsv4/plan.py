@@ -5,7 +5,8 @@ for a bare config, from the tensor inventory and a conversion recipe. KV bytes c
 cache classes themselves (`make_cache` with lazy arrays allocates nothing), so the plan and the
 pools cannot disagree. V4.1's Engram tables stay on the SSD (model/engram.py): they count as
 disk, never as memory. Activation peaks are an estimate from the shapes of the largest
-intermediates of a prefill chunk and of a decode step (see `activation_bytes`).
+intermediates of a prefill chunk and of a decode step. Each of these figures is `sizes.py`'s;
+this module adds them up per recipe, context, batch, machine and pipeline rank.
 """
 
 from __future__ import annotations
