@@ -1,40 +1,40 @@
 #!/usr/bin/env bash
-# Coding agents end to end against `dsv4 serve`: the real `claude -p "say hi"` (its default tools),
-# and `codex exec "say hi"` where codex is installed, each as a new user would point it at the server.
+# Coding agents end to end against `dsv4 serve`, each set up as a new user would (a fresh home, a
+# base URL only, no login): the real `claude -p "say hi"` with its default tools (Messages API),
+# and `codex exec "say hi"` (Responses API). Prints one line per agent: exit code and seconds.
 #
+#   npm install -g @anthropic-ai/claude-code @openai/codex    # once
 #   bash benchmarks/agents.sh [MODEL_DIR]
 #
-# MODEL_DIR defaults to the selftest's tiny random model, made in a temporary folder (random
-# weights: the replies are gibberish; what is checked is that each agent completes its turn and
-# exits 0). Prints one line per agent: exit code and seconds. Logs: $OUT (default ./out-agents).
-# With the selftest's byte-level tokenizer Claude Code's prompt is ~77K tokens and the first
-# request prefills for ~8 minutes on a 2-core x86 CPU; the script waits up to $AGENT_TIMEOUT s.
-# Needs: node/npm (`npm install -g @anthropic-ai/claude-code`, optionally `@openai/codex`).
-# Environment: DSV4 (the command, default `dsv4`), PORT (8765), MAX_CONTEXT (131072),
-# AGENT_TIMEOUT (1800), AGENTS ("claude codex").
+# MODEL_DIR defaults to the selftest's tiny random model, built in $WORK (random weights: the
+# replies are gibberish; what is checked is that each agent completes its turn and exits 0).
+# With the selftest's byte-level tokenizer Claude Code's prompt is ~77K tokens and Codex's ~40K:
+# minutes of prefill on a laptop CPU, during which the server keeps both clients' idle timers
+# fed. Environment: DSV4 (the command, default `python -m mlx_dsv4.cli`), WORK (scratch folder,
+# default /tmp/dsv4-agents; the model and the prompt cache are kept there between runs), PORT
+# (8765), MAX_CONTEXT (131072), AGENT_TIMEOUT (3600 s), AGENTS ("claude codex").
 set -uo pipefail
-DSV4=${DSV4:-dsv4}
+DSV4=${DSV4:-python -m mlx_dsv4.cli}
+WORK=${WORK:-/tmp/dsv4-agents}
 PORT=${PORT:-8765}
 MAX_CONTEXT=${MAX_CONTEXT:-131072}
-AGENT_TIMEOUT=${AGENT_TIMEOUT:-1800}
+AGENT_TIMEOUT=${AGENT_TIMEOUT:-3600}
 AGENTS=${AGENTS:-claude codex}
-OUT=${OUT:-$PWD/out-agents}
-mkdir -p "$OUT"
-WORK=$(mktemp -d -t dsv4-agents-XXXXXX)
-MODEL=${1:-}
-if [ -z "$MODEL" ]; then
-  # Judged by its report, not its exit status: MLX may abort at interpreter exit (issue 21).
-  $DSV4 selftest --keep "$WORK/selftest" > "$OUT/selftest.log" 2>&1
-  grep -q "selftest passed" "$OUT/selftest.log" || { echo "selftest failed: $OUT/selftest.log"; exit 1; }
-  MODEL="$WORK/selftest/mlx-q4"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$WORK"
+MODEL=${1:-$WORK/selftest/mlx-q4}
+if [ ! -f "$MODEL/config.json" ]; then
+  $DSV4 selftest --keep "$WORK/selftest" > "$WORK/selftest.log" 2>&1 \
+    || { echo "selftest failed: $WORK/selftest.log"; exit 1; }
 fi
 
-$DSV4 serve "$MODEL" --port "$PORT" --max-context "$MAX_CONTEXT" --model-id dsv4-local > "$OUT/serve.log" 2>&1 &
+$DSV4 serve "$MODEL" --port "$PORT" --max-context "$MAX_CONTEXT" --model-id dsv4-local \
+  --prompt-cache-dir "$WORK/prompt-cache" > "$WORK/serve.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
-  kill -0 $SERVER 2>/dev/null || { echo "dsv4 serve exited: $OUT/serve.log"; exit 1; }
+  kill -0 $SERVER 2>/dev/null || { echo "dsv4 serve exited: $WORK/serve.log"; exit 1; }
   sleep 0.5
 done
 
@@ -42,22 +42,37 @@ status=0
 for agent in $AGENTS; do
   command -v "$agent" > /dev/null || { echo "$agent: not installed, skipped"; continue; }
   home="$WORK/home-$agent"  # a new user's home: no settings, no login
-  mkdir -p "$home"
+  rm -rf "$home" && mkdir -p "$home/project"
   start=$SECONDS
   case $agent in
     claude)
-      (cd "$home" && HOME="$home" ANTHROPIC_BASE_URL="http://127.0.0.1:$PORT" ANTHROPIC_API_KEY=local \
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1 \
-        timeout "$AGENT_TIMEOUT" claude -p "say hi" < /dev/null > "$OUT/claude.out" 2> "$OUT/claude.err") ;;
+      (cd "$home/project" && HOME="$home" ANTHROPIC_BASE_URL="http://127.0.0.1:$PORT" \
+        ANTHROPIC_API_KEY=local CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1 \
+        timeout "$AGENT_TIMEOUT" claude -p "say hi" < /dev/null > "$WORK/claude.out" 2> "$WORK/claude.err") ;;
     codex)
       mkdir -p "$home/.codex"
-      printf 'model = "dsv4-local"\nmodel_provider = "dsv4"\n\n[model_providers.dsv4]\nname = "dsv4"\nbase_url = "http://127.0.0.1:%s/v1"\nwire_api = "responses"\n' \
-        "$PORT" > "$home/.codex/config.toml"
-      (cd "$home" && HOME="$home" timeout "$AGENT_TIMEOUT" codex exec --skip-git-repo-check "say hi" \
-        < /dev/null > "$OUT/codex.out" 2> "$OUT/codex.err") ;;
+      cat > "$home/.codex/config.toml" <<EOF
+model = "dsv4-local"
+model_provider = "dsv4"
+check_for_update_on_startup = false
+
+[model_providers.dsv4]
+name = "mlx-dsv4"
+base_url = "http://127.0.0.1:$PORT/v1"
+wire_api = "responses"
+env_key = "DSV4_API_KEY"
+
+[analytics]
+enabled = false
+EOF
+      (cd "$home/project" && HOME="$home" DSV4_API_KEY=local \
+        timeout "$AGENT_TIMEOUT" codex exec --skip-git-repo-check "say hi" \
+        < /dev/null > "$WORK/codex.out" 2> "$WORK/codex.err") ;;
   esac
   rc=$?
-  echo "$agent: exit $rc in $((SECONDS - start)) s (output: $OUT/$agent.out, $OUT/$agent.err)"
+  echo "$agent: exit $rc in $((SECONDS - start)) s (output: $WORK/$agent.out, $WORK/$agent.err)"
   [ $rc -eq 0 ] || status=1
 done
+echo "requests served:"
+grep -E '"(POST|GET|HEAD) ' "$WORK/serve.log" | sed 's/^.*"\(\(POST\|GET\|HEAD\) [^"]*\)".*/  \1/' | sort | uniq -c
 exit $status
