@@ -364,9 +364,11 @@ class ModelArgs:
         yield p + "hc_head_base", (N,), "fp32"
         yield p + "hc_head_scale", (1,), "fp32"
 
-    def _block_tensors(self, p: str, layer: int):
+    def _shared_block_tensors(self, p: str):
+        """What a V4 and a V4.1 block both hold: the mHC sites, the norms and the attention's
+        projections (official names, shapes, dtype class)."""
         D, N, H, c = self.hidden_size, self.hc_mult, self.num_attention_heads, self.head_dim
-        g, dg, dc, I, E = self.o_groups, self.o_lora_rank, self.q_lora_rank, self.moe_intermediate_size, self.n_routed_experts
+        g, dg, dc = self.o_groups, self.o_lora_rank, self.q_lora_rank
         for site in ("attn", "ffn"):
             yield p + f"hc_{site}_fn", ((N + 2) * N, N * D), "fp32"
             yield p + f"hc_{site}_base", ((N + 2) * N,), "fp32"
@@ -382,6 +384,12 @@ class ModelArgs:
         yield a + "kv_norm.weight", (c,), "norm"
         yield a + "wo_a.weight", (g * dg, H * c // g), "fp8"
         yield a + "wo_b.weight", (D, g * dg), "fp8"
+
+    def _block_tensors(self, p: str, layer: int):
+        D, c, dc = self.hidden_size, self.head_dim, self.q_lora_rank
+        I, E = self.moe_intermediate_size, self.n_routed_experts
+        yield from self._shared_block_tensors(p)
+        a = p + "attn."
         m = self.compress_ratio(layer)
         if m:
             yield from self._compressor(a + "compressor.", m, c)
@@ -405,26 +413,13 @@ class ModelArgs:
 
     def _v41_tensors(self):
         D, V, N = self.hidden_size, self.vocab_size, self.hc_mult
-        H, c, dc = self.num_attention_heads, self.head_dim, self.q_lora_rank
-        g, dg, I, E = self.o_groups, self.o_lora_rank, self.moe_intermediate_size, self.n_routed_experts
+        c, dc = self.head_dim, self.q_lora_rank
+        I, E = self.moe_intermediate_size, self.n_routed_experts
         yield "embed.weight", (V, D), "embed"
         for i in range(self.num_hidden_layers):
             p = f"layers.{i}."
-            for site in ("attn", "ffn"):
-                yield p + f"hc_{site}_fn", ((N + 2) * N, N * D), "fp32"
-                yield p + f"hc_{site}_base", ((N + 2) * N,), "fp32"
-                yield p + f"hc_{site}_scale", (3,), "fp32"
-            yield p + "attn_norm.weight", (D,), "norm"
-            yield p + "ffn_norm.weight", (D,), "norm"
+            yield from self._shared_block_tensors(p)
             a = p + "attn."
-            yield a + "attn_sink", (H,), "fp32"
-            yield a + "wq_a.weight", (dc, D), "fp8"
-            yield a + "q_norm.weight", (dc,), "norm"
-            yield a + "wq_b.weight", (H * c, dc), "fp8"
-            yield a + "wkv.weight", (c, D), "fp8"
-            yield a + "kv_norm.weight", (c,), "norm"
-            yield a + "wo_a.weight", (g * dg, H * c // g), "fp8"
-            yield a + "wo_b.weight", (D, g * dg), "fp8"
             if self.owns_pool(i):
                 yield a + "compressor.wkv.weight", (c, D), "linear"
                 if self.compress_ratio(i) > 1:  # a ratio-1 entry is one token: nothing to pool

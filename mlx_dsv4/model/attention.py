@@ -204,6 +204,23 @@ def _attend(q: mx.array, parts: list, sinks: mx.array) -> mx.array:
     return out / denom[..., None]
 
 
+def init_projections(module: nn.Module, args: ModelArgs, layer: int):
+    """The attention weights V4 and V4.1 share (checkpoint names): low-rank query with its norm,
+    the shared KV projection and norm, the grouped output projection, the sinks; RoPE periods."""
+    D, H, c = args.hidden_size, args.num_attention_heads, args.head_dim
+    module.wq_a = nn.Linear(D, args.q_lora_rank, bias=False)
+    module.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+    module.wq_b = nn.Linear(args.q_lora_rank, H * c, bias=False)
+    module.wkv = nn.Linear(D, c, bias=False)
+    module.kv_norm = RMSNorm(c, args.rms_norm_eps)
+    module.wo_a = GroupedLinear(H * c // args.o_groups, args.o_lora_rank, args.o_groups)
+    module.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, D, bias=False)
+    module.attn_sink = mx.zeros((H,))
+    inv_freq = args.rope_inv_freq(layer)
+    module._periods = rope_periods(inv_freq, c)
+    module._index_periods = rope_periods(inv_freq, args.index_head_dim)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -211,17 +228,7 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.window = H, c, args.sliding_window
         self.groups, self.eps = args.o_groups, args.rms_norm_eps
         self.kind, self.ratio = args.attention_kind(layer), args.compress_ratio(layer)
-        self.wq_a = nn.Linear(D, args.q_lora_rank, bias=False)
-        self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
-        self.wq_b = nn.Linear(args.q_lora_rank, H * c, bias=False)
-        self.wkv = nn.Linear(D, c, bias=False)
-        self.kv_norm = RMSNorm(c, args.rms_norm_eps)
-        self.wo_a = GroupedLinear(H * c // args.o_groups, args.o_lora_rank, args.o_groups)
-        self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, D, bias=False)
-        self.attn_sink = mx.zeros((H,))
-        inv_freq = args.rope_inv_freq(layer)
-        self._periods = rope_periods(inv_freq, c)
-        self._index_periods = rope_periods(inv_freq, args.index_head_dim)
+        init_projections(self, args, layer)
         if self.ratio:
             self.compressor = Compressor(D, self.ratio, c, args.rms_norm_eps)
         if self.kind == CSA:

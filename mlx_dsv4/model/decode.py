@@ -54,7 +54,7 @@ def _bucket(n: int, capacity: int) -> int:
 
 def plan(model, cache: list[LayerCache], p: int) -> tuple:
     """Per layer (ratio, close, mode, bucket, pool quantization) for the token at position p;
-    grows pools first. The quantization is None or ((bits, group) of the KV pool, of the index
+    grows pools first. The quantization is None or (`pool_quant` of the KV pool, of the index
     pool), so 8-bit pools (`--kv-bits 8`) trace their own variants."""
     topk = model.args.index_topk
     key = []
@@ -71,7 +71,7 @@ def plan(model, cache: list[LayerCache], p: int) -> tuple:
                 c.index_pool.reserve(1)
         mode = None if n == 0 else ("dense" if c.kind == HCA or n <= topk else "sparse")
         pools = [c.kv_pool] + ([c.index_pool] if c.index_pool is not None else [])
-        quant = None if c.kv_pool.bits is None else tuple((q.bits, q.group) for q in pools)
+        quant = None if c.kv_pool.bits is None else tuple(pool_quant(q) for q in pools)
         key.append((m, close, mode, _bucket(n, c.kv_pool.capacity) if n else 0, quant))
     return tuple(key)
 
@@ -131,23 +131,38 @@ def _compress(comp, kv, gate, st: list[mx.array], p, close: bool, periods, dtype
     return rope(entry, periods, p // m, scale=m), st
 
 
-def _append(pool: list[mx.array], entry, n_before: mx.array, quant) -> list[mx.array]:
-    """Write a closed window's entry at row n_before (quantized like the pool's rows)."""
+def pool_quant(pool) -> tuple | None:
+    """(mode, group, bits) of a quantized pool, None for a plain one."""
+    return None if pool.bits is None else (pool.mode, pool.group, pool.bits)
+
+
+def pool_arrays(quant) -> int:
+    """Arrays a pool holds: data, then scales and (affine) biases when quantized."""
+    return 1 if quant is None else (3 if quant[0] == "affine" else 2)
+
+
+def append_entry(pool: list[mx.array], entry, at, quant) -> list[mx.array]:
+    """Write a closed window's entry at row `at` (quantized like the pool's rows)."""
     if entry is None:
         return pool
-    rows = [entry.astype(pool[0].dtype)] if quant is None else mx.quantize(entry, quant[1], quant[0])
-    return [mx.slice_update(a, r, n_before.reshape(1), axes=(1,)) for a, r in zip(pool, rows)]
+    if quant is None:
+        rows = [entry.astype(pool[0].dtype)]
+    else:
+        rows = mx.quantize(entry, quant[1], quant[2], mode=quant[0])
+    return [mx.slice_update(a, r, at.reshape(1), axes=(1,)) for a, r in zip(pool, rows)]
 
 
-def _rows(pool: list[mx.array], quant, dtype, bucket: int | None = None, idx=None) -> mx.array:
-    """Pool rows as `dtype`: the first `bucket`, or per-query picks `idx [B, 1, K]`."""
+def pool_rows(pool: list[mx.array], quant, dtype, bucket: int | None = None, idx=None) -> mx.array:
+    """Pool rows as `dtype`: the first `bucket`, or per-query picks `idx [B, S, K]`."""
     if idx is not None:
         pool = [mx.take_along_axis(a[:, None], idx[..., None], axis=2) for a in pool]
     else:
         pool = [a[:, :bucket] for a in pool]
     if quant is None:
         return pool[0].astype(dtype)
-    return mx.dequantize(*pool, group_size=quant[1], bits=quant[0]).astype(dtype)
+    mode, group, bits = quant
+    biases = pool[2] if len(pool) > 2 else None
+    return mx.dequantize(pool[0], pool[1], biases, group_size=group, bits=bits, mode=mode).astype(dtype)
 
 
 def project(att, x, p):
@@ -186,24 +201,24 @@ def core(att, q, kv, side: list[mx.array], st: list[mx.array], p, spec, ar):
         n_before = (p + 1) // m - int(close)
         n = n_before + int(close)
         qkv, qix = (*quant, None)[:2] if quant else (None, None)
-        width = 1 if quant is None else 3  # arrays per pool
+        width = pool_arrays(qkv)  # arrays per pool
         ncomp = 4 if att.compressor.overlap else 2
         i = 1 + ncomp
         entry, comp = _compress(att.compressor, *side[:2], st[1:i], p, close, att._periods, dtype)
-        pool = _append(st[i : i + width], entry, n_before, qkv)
+        pool = append_entry(st[i : i + width], entry, n_before, qkv)
         out += comp + pool
         if att.kind == CSA:
             i += width
             ientry, icomp = _compress(att.indexer.compressor, *side[2:4], st[i : i + 4], p, close,
                                       att._index_periods, dtype)
-            ipool = _append(st[i + 4 : i + 4 + width], ientry, n_before, qix)
+            ipool = append_entry(st[i + 4 : i + 4 + width], ientry, n_before, qix)
             out += icomp + ipool
         if mode == "dense":
-            parts.append((_rows(pool, qkv, F32, bucket), (ar(bucket) < n)[None], False))
+            parts.append((pool_rows(pool, qkv, F32, bucket), (ar(bucket) < n)[None], False))
         elif mode == "sparse":
-            keys = _rows(ipool, qix, dtype, bucket)
+            keys = pool_rows(ipool, qix, dtype, bucket)
             idx = _select(att.indexer, *side[4:6], keys, n, p, att._index_periods, ar)
-            parts.append((_rows(pool, qkv, F32, idx=idx), None, True))
+            parts.append((pool_rows(pool, qkv, F32, idx=idx), None, True))
     return _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink), out
 
 

@@ -194,18 +194,24 @@ class MoE(nn.Module):
         return y.astype(x.dtype)
 
 
+def init_sites(module: nn.Module, args: ModelArgs):
+    """A block's two mHC sites (`hc_{attn,ffn}_{fn,base,scale}`) and their RMSNorms, as V4 and
+    V4.1 name them."""
+    N, D = args.hc_mult, args.hidden_size
+    for site in ("attn", "ffn"):
+        setattr(module, f"hc_{site}_fn", mx.zeros(((N + 2) * N, N * D)))
+        setattr(module, f"hc_{site}_base", mx.zeros(((N + 2) * N,)))
+        setattr(module, f"hc_{site}_scale", mx.ones((3,)))
+    module.attn_norm = RMSNorm(D, args.rms_norm_eps)
+    module.ffn_norm = RMSNorm(D, args.rms_norm_eps)
+
+
 class Block(nn.Module):
     """One decoder block: mHC around attention, mHC around the MoE (spec §2.3)."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        N, D = args.hc_mult, args.hidden_size
-        for site in ("attn", "ffn"):
-            setattr(self, f"hc_{site}_fn", mx.zeros(((N + 2) * N, N * D)))
-            setattr(self, f"hc_{site}_base", mx.zeros(((N + 2) * N,)))
-            setattr(self, f"hc_{site}_scale", mx.ones((3,)))
-        self.attn_norm = RMSNorm(D, args.rms_norm_eps)
-        self.ffn_norm = RMSNorm(D, args.rms_norm_eps)
+        init_sites(self, args)
         self.attn = Attention(args, layer)
         self.ffn = MoE(args, layer)
         self._hc = (args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)

@@ -33,13 +33,13 @@ import mlx.nn as nn
 from . import engram as engram_mod
 from . import fakequant as fq
 from . import mhc
-from .attention import (QUERY_BLOCK, SPARSE_QUERY_BLOCK, _attend, _visible_entries, _window_part,
-                        project_f32, rope, rope_periods, windows)
+from .attention import (QUERY_BLOCK, SPARSE_QUERY_BLOCK, _attend, _visible_entries, _window_part, init_projections,
+                        project_f32, rope, windows)
 from .cache import CompressorState, LayerCache, make_cache
 from ..config import ModelArgs
-from .layers import GroupedLinear, RMSNorm
+from .layers import RMSNorm
 from .head import embed_streams, first_pre, head41
-from .model import MoE
+from .model import MoE, init_sites
 from .v41_select import among_candidates, candidate_top, score, top_k
 
 # Bytes of index scores `[Bq, H_I, entries]` one block may hold (as attention.INDEX_SCORE_BYTES).
@@ -137,22 +137,12 @@ class Indexer41(nn.Module):
 class Attention41(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        D, H, c = args.hidden_size, args.num_attention_heads, args.head_dim
+        H, c = args.num_attention_heads, args.head_dim
         self.layer, self.n_heads, self.head_dim, self.window = layer, H, c, args.sliding_window
         self.groups, self.ratio = args.o_groups, args.compress_ratio(layer)
         self.pool_source, self.index_source = args.pool_source(layer), args.index_source(layer)
         self.topk = args.index_topk
-        self.wq_a = nn.Linear(D, args.q_lora_rank, bias=False)
-        self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
-        self.wq_b = nn.Linear(args.q_lora_rank, H * c, bias=False)
-        self.wkv = nn.Linear(D, c, bias=False)
-        self.kv_norm = RMSNorm(c, args.rms_norm_eps)
-        self.wo_a = GroupedLinear(H * c // args.o_groups, args.o_lora_rank, args.o_groups)
-        self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, D, bias=False)
-        self.attn_sink = mx.zeros((H,))
-        inv_freq = args.rope_inv_freq(layer)
-        self._periods = rope_periods(inv_freq, c)
-        self._index_periods = rope_periods(inv_freq, args.index_head_dim)
+        init_projections(self, args, layer)
         if args.owns_pool(layer):
             self.compressor = Compressor41(args, self.ratio)
         if layer in args.index_source_layer_ids:
@@ -249,13 +239,7 @@ class Block41(nn.Module):
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        N, D = args.hc_mult, args.hidden_size
-        for site in ("attn", "ffn"):
-            setattr(self, f"hc_{site}_fn", mx.zeros(((N + 2) * N, N * D)))
-            setattr(self, f"hc_{site}_base", mx.zeros(((N + 2) * N,)))
-            setattr(self, f"hc_{site}_scale", mx.ones((3,)))
-        self.attn_norm = RMSNorm(D, args.rms_norm_eps)
-        self.ffn_norm = RMSNorm(D, args.rms_norm_eps)
+        init_sites(self, args)
         self.attn = Attention41(args, layer)
         self.ffn = MoE(args, layer)
         for part in (self.ffn.experts, self.ffn.shared_experts):

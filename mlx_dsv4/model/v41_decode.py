@@ -31,11 +31,6 @@ def supported(model, cache: list[LayerCache], ids: mx.array) -> bool:
     return len(cache) == len(model.layers) and decode.one_token(cache, ids)
 
 
-def pool_quant(pool) -> tuple | None:
-    """(mode, group, bits) of a quantized pool, None for a plain one."""
-    return None if pool.bits is None else (pool.mode, pool.group, pool.bits)
-
-
 def plan(args, layers, cache: list[LayerCache], p: int) -> tuple:
     """Per layer of `layers` (whose caches `cache` holds, in order) (ratio, owner, close, mode,
     bucket, pool quantizations) for the token at p; owners' pools grow first."""
@@ -53,7 +48,7 @@ def plan(args, layers, cache: list[LayerCache], p: int) -> tuple:
             c.index_pool.reserve(1)
         n = (p + 1) // m
         mode = None if n == 0 else ("dense" if n <= args.index_topk else "sparse")
-        quant = (pool_quant(src.kv_pool), pool_quant(src.index_pool))
+        quant = (decode.pool_quant(src.kv_pool), decode.pool_quant(src.index_pool))
         key.append((m, owner, close, mode, decode._bucket(n, src.kv_pool.capacity) if n else 0, quant))
     return tuple(key)
 
@@ -78,34 +73,6 @@ def set_state(c: LayerCache, arrays: list[mx.array], close: bool):
             pool.arrays = {k: next(it) for k in decode.POOL_KEYS if k in pool.arrays}
             pool.n += int(close)
     c.offset += 1
-
-
-def _arrays(quant) -> int:
-    """Arrays a pool holds: data, then scales and (affine) biases when quantized."""
-    return 1 if quant is None else (3 if quant[0] == "affine" else 2)
-
-
-def _append(pool: list[mx.array], entry, at, quant) -> list[mx.array]:
-    if entry is None:
-        return pool
-    if quant is None:
-        rows = [entry.astype(pool[0].dtype)]
-    else:
-        rows = mx.quantize(entry, quant[1], quant[2], mode=quant[0])
-    return [mx.slice_update(a, r, at.reshape(1), axes=(1,)) for a, r in zip(pool, rows)]
-
-
-def _rows(pool: list[mx.array], quant, dtype, bucket: int | None = None, idx=None) -> mx.array:
-    """Pool rows as `dtype`: the first `bucket`, or per-query picks `idx [B, S, K]`."""
-    if idx is not None:
-        pool = [mx.take_along_axis(a[:, None], idx[..., None], axis=2) for a in pool]
-    else:
-        pool = [a[:, :bucket] for a in pool]
-    if quant is None:
-        return pool[0].astype(dtype)
-    mode, group, bits = quant
-    biases = pool[2] if len(pool) > 2 else None
-    return mx.dequantize(pool[0], pool[1], biases, group_size=group, bits=bits, mode=mode).astype(dtype)
 
 
 def side(att, x, q_lat, p) -> list[mx.array]:
@@ -148,26 +115,26 @@ def core(att, q, kv, sides: list, st: list, p, spec, ar, hand: dict):
                     w = mx.softmax(rows[1], axis=1, precise=True)
                     latent = comp.norm((w * rows[0]).sum(axis=1, keepdims=True).astype(dtype))
             n_before = (p + 1) // m - int(close)
-            npool, nipool = (_arrays(q) for q in quant)
+            npool, nipool = (decode.pool_arrays(q) for q in quant)
             pool, ipool = st[k : k + npool], st[k + npool : k + npool + nipool]
             if latent is not None:
                 first = p // m
                 entry = fq.compressed_kv(rope(latent, att._periods, first, scale=m))
-                pool = _append(pool, entry, n_before, quant[0])
-                ipool = _append(ipool, att.indexer.keys(latent, att._index_periods, first),
+                pool = decode.append_entry(pool, entry, n_before, quant[0])
+                ipool = decode.append_entry(ipool, att.indexer.keys(latent, att._index_periods, first),
                                 n_before, quant[1])
             out += pool + ipool
             hand[("pool", att.layer)] = (pool, ipool)
         pool, ipool = hand[("pool", att.pool_source)]
         n = (p + 1) // m
         if mode == "dense":
-            parts.append((_rows(pool, quant[0], F32, bucket), (ar(bucket) < n)[None], False))
+            parts.append((decode.pool_rows(pool, quant[0], F32, bucket), (ar(bucket) < n)[None], False))
         elif mode == "sparse":
             if "indexer" in att:
                 hand[("topk", att.layer)] = _select(att, sides[i:], ipool, quant[1], dtype, bucket,
                                                     n, ar(bucket), hand)
             idx, valid = hand[("topk", att.index_source)]
-            parts.append((_rows(pool, quant[0], F32, idx=idx), valid, True))
+            parts.append((decode.pool_rows(pool, quant[0], F32, idx=idx), valid, True))
     return _attend(q.astype(F32) * c**-0.5, parts, att.attn_sink), out
 
 
@@ -178,9 +145,9 @@ def _select(att, qw: list, ipool: list, quant, dtype, bucket: int, n, rows: mx.a
     ix = att.indexer
     q, w = qw
     if ix.uses_candidates and "candidates" in hand:
-        return among_candidates(ix, q, w, lambda i: _rows(ipool, quant, dtype, idx=i), n,
+        return among_candidates(ix, q, w, lambda i: decode.pool_rows(ipool, quant, dtype, idx=i), n,
                                 hand["candidates"], bucket)
-    keys = _rows(ipool, quant, dtype, bucket)
+    keys = decode.pool_rows(ipool, quant, dtype, bucket)
     scores = mx.where(rows < n, score(q, w, keys), -mx.inf)
     if ix.is_candidate_source:
         hand["candidates"] = candidate_top(scores, n.reshape(1), ix.blocks, ix.block_size)[:2]
