@@ -386,8 +386,7 @@ class ModelArgs:
         yield a + "wo_b.weight", (D, g * dg), "fp8"
 
     def _block_tensors(self, p: str, layer: int):
-        D, c, dc = self.hidden_size, self.head_dim, self.q_lora_rank
-        I, E = self.moe_intermediate_size, self.n_routed_experts
+        D, c, dc, E = self.hidden_size, self.head_dim, self.q_lora_rank, self.n_routed_experts
         yield from self._shared_block_tensors(p)
         a = p + "attn."
         m = self.compress_ratio(layer)
@@ -403,7 +402,12 @@ class ModelArgs:
             yield f + "gate.tid2eid", (self.vocab_size, self.num_experts_per_tok), "index"
         else:
             yield f + "gate.bias", (E,), "fp32"
-        for e in range(E):
+        yield from self._expert_tensors(f)
+
+    def _expert_tensors(self, f: str):
+        """A block's routed experts (FP4) and shared expert (FP8), under `f` ("layers.i.ffn.")."""
+        D, I = self.hidden_size, self.moe_intermediate_size
+        for e in range(self.n_routed_experts):
             yield f + f"experts.{e}.w1.weight", (I, D), "expert"
             yield f + f"experts.{e}.w2.weight", (D, I), "expert"
             yield f + f"experts.{e}.w3.weight", (I, D), "expert"
@@ -413,8 +417,7 @@ class ModelArgs:
 
     def _v41_tensors(self):
         D, V, N = self.hidden_size, self.vocab_size, self.hc_mult
-        c, dc = self.head_dim, self.q_lora_rank
-        I, E = self.moe_intermediate_size, self.n_routed_experts
+        c, dc, E = self.head_dim, self.q_lora_rank, self.n_routed_experts
         yield "embed.weight", (V, D), "embed"
         for i in range(self.num_hidden_layers):
             p = f"layers.{i}."
@@ -434,13 +437,7 @@ class ModelArgs:
             f = p + "ffn."
             yield f + "gate.weight", (E, D), "linear"
             yield f + "gate.bias", (E,), "fp32"
-            for e in range(E):
-                yield f + f"experts.{e}.w1.weight", (I, D), "expert"
-                yield f + f"experts.{e}.w2.weight", (D, I), "expert"
-                yield f + f"experts.{e}.w3.weight", (I, D), "expert"
-            yield f + "shared_experts.w1.weight", (I, D), "fp8"
-            yield f + "shared_experts.w2.weight", (D, I), "fp8"
-            yield f + "shared_experts.w3.weight", (I, D), "fp8"
+            yield from self._expert_tensors(f)
             if self.is_engram_layer(i):
                 e = p + "engram."
                 rows = self.engram_num_embeddings[self.engram_layer_ids.index(i)]
