@@ -385,8 +385,9 @@ def serve(
         "Default: localhost, 127.0.0.1 and [::1]; on a non-loopback --host also IP addresses and "
         "this machine's name.")] = None,
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
-    Under mlx.launch, rank 0 serves and the other ranks hold their share of the layers."""
+    """Serve the model: a chat page at /, OpenAI's /v1/chat/completions, /v1/completions and
+    /v1/responses, Anthropic's /v1/messages. Under mlx.launch, rank 0 serves and the other ranks
+    hold their share of the layers."""
     _check_kv_bits(kv_bits)
     origins = _check_origins(cors_origin or [], api_key)
     rank = _pipeline(model, expert_memory, max_context, kv_bits, prefill_chunk)
