@@ -212,6 +212,13 @@ def test_fingerprint_follows_the_model_files_and_recipe(tmp_path):
     assert model_fingerprint(tmp_path, kv_bits=8) != base
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 999 + b"\1")
     assert model_fingerprint(tmp_path) != base
+    # V4.1's Engram tables live in engram/: a rewritten table gives the tokens other rows.
+    (tmp_path / "engram").mkdir()
+    (tmp_path / "engram" / "layers.1.safetensors").write_bytes(b"\0" * 1000)
+    with_table = model_fingerprint(tmp_path)
+    assert with_table != model_fingerprint(tmp_path, kv_bits=8)
+    (tmp_path / "engram" / "layers.1.safetensors").write_bytes(b"\0" * 999 + b"\2")
+    assert model_fingerprint(tmp_path) != with_table
 
 
 # ----- through the server and the chat ---------------------------------------------------------

@@ -40,14 +40,16 @@ SAMPLES, SAMPLE_BYTES = 256, 4096
 def model_fingerprint(model_dir: str | Path, *, kv_bits: int | None = None,
                       dtype: str = "bfloat16") -> str:
     """A hash of what decides the decode state: config and other JSON files, each weight file's
-    name, size, mtime (ns), inode and sampled content (header, then samples spread through the
+    (V4.1's Engram tables included) name, size, mtime (ns), inode and sampled content (header, then samples spread through the
     file), the pools' recipe (`kv_bits`, dtype) and the file format's version. Any rewrite of a
     weight file changes its mtime or inode; an edit that keeps both is caught where sampled."""
     h = hashlib.sha256(f"{FORMAT}/{VERSION}/kv_bits={kv_bits}/dtype={dtype}".encode())
     root = Path(model_dir)
-    for path in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")):
+    # V4.1's Engram tables (engram/) shape the state too: the rows they hand each token.
+    files = sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")) + sorted(root.glob("engram/*.safetensors"))
+    for path in files:
         st = path.stat()
-        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0".encode())
+        h.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0".encode())
         with path.open("rb") as f:
             if path.suffix == ".json" or st.st_size <= WHOLE_FILE:
                 while piece := f.read(1 << 20):
