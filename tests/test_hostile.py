@@ -804,16 +804,7 @@ def test_messages_openai_refuses_are_400s(live):
 # ----- the prompt cache's folder and files (issue 21 rows 1, 5, 7) -------------------------------
 
 def serve_with_cache(model: Path, log: Path, folder: Path) -> tuple[subprocess.Popen, str | None]:
-    cmd = [sys.executable, "-m", "mlx_dsv4.cli", "serve", str(model), "--port", "0", "--max-context",
-           str(CONTEXT * 4), "--api-key", KEY, "--model-id", MODEL_ID, "--prompt-cache-dir", str(folder)]
-    with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace")):
-            return proc, m[1]
-        time.sleep(0.05)
-    return proc, None
+    return start_server(model, log, "--max-context", str(CONTEXT * 4), "--prompt-cache-dir", str(folder))
 
 
 def test_a_state_file_swapped_for_a_fifo_or_a_link_to_dev_zero_is_skipped(selftest_model, tmp_path):

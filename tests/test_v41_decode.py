@@ -20,8 +20,7 @@ T = 80
 
 @pytest.fixture(scope="module")
 def model():
-    args = ModelArgs.from_dict(H.config())
-    return H.build(args, H.weights(args))
+    return H.tiny_model()
 
 
 @pytest.fixture(scope="module")

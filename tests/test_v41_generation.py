@@ -6,15 +6,13 @@ import numpy as np
 import pytest
 
 import v41_helpers as H
-from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.generation.prompt_cache import PromptCache, capture, restore
 from mlx_dsv4.model.cache import make_cache
 
 
 @pytest.fixture(scope="module")
 def model():
-    args = ModelArgs.from_dict(H.config())
-    return H.build(args, H.weights(args))
+    return H.tiny_model()
 
 
 @pytest.fixture(scope="module")

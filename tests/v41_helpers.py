@@ -34,6 +34,12 @@ def build(args: ModelArgs, official: dict, dtype=mx.float32, token_map=None) -> 
     return model
 
 
+def tiny_model() -> Model41:
+    """The tiny V4.1 of `config()` with its seed-0 weights, in fp32."""
+    args = ModelArgs.from_dict(config())
+    return build(args, weights(args))
+
+
 def reference(cfg: dict, official: dict, dtype=mx.float32, token_map=None, fake_quant=False):
     """mlx-vlm's `LanguageModel` with these weights (skips the test when mlx-vlm is missing);
     its fake-quant (on by default there) follows `fake_quant`."""
