@@ -764,7 +764,8 @@ def test_c43_c44_completions(client, scripted):
     assert r.choices[0].text == "def add(a, b):\n    return a + b\n"
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
-    # The prompt's tokens come first (as OpenAI listed them), with null logprobs, then the reply's.
+    # The prompt's tokens come first (as OpenAI listed them), then the reply's; this backend cannot
+    # score a prompt (it has no `score`), so theirs are null (test_completions_echo: a real model's).
     prompt = scripted.backend.tok.encode("def add(a, b):\n    return")
     assert "".join(lp.tokens[: len(prompt)]) == "def add(a, b):\n    return" and lp.text_offset[0] == 0
     assert lp.token_logprobs[0] is None and lp.top_logprobs[: len(prompt)] == [None] * len(prompt)

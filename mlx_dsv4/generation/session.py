@@ -21,6 +21,7 @@ import mlx.core as mx
 from ..model.cache import LayerCache, Snapshot, make_cache
 from .generate import Chunk, stream_generate
 from .prefill import check_request, prefill
+from .score import Scored, prompt_logprobs
 
 log = logging.getLogger("mlx_dsv4.generation.session")
 
@@ -151,6 +152,11 @@ class Session:
                 points.stopped()
                 self.tokens = ids[: self.cache[0].offset]
         return logits[0], reused
+
+    def score(self, ids: Sequence[int], top: int = 0) -> Iterator[list[Scored]]:
+        """`score.prompt_logprobs` of `ids`, chunk by chunk, in a cache of its own: what this
+        session holds is neither used nor changed."""
+        return prompt_logprobs(self.model, ids, top, chunk=self.prefill_chunk, kv_bits=self.kv_bits)
 
 
 class _Points:

@@ -1,23 +1,58 @@
 """Legacy `/v1/completions` (protocol.md B8): raw or FIM prompts -> an engine `Job`, and its
 chunks -> `text_completion` objects, with `echo` and legacy logprobs.
 
-With `echo` and `logprobs` the prompt's own tokens are listed before the generated ones, as
-OpenAI's API listed them; their logprobs are null: the prompt is read for its last position
-only (scoring every prompt position would need the model's full logits over the prompt).
+With `echo` and `logprobs` the prompt's own tokens are listed before the generated ones, with
+their logprobs, as OpenAI's API listed them (lm-eval-harness's loglikelihood requests, `echo`
+with `max_tokens` 0 or 1, read them): a token gets log P(token | what the model read before it),
+null only for a first token that nothing precedes. Generation reads a prompt for its last
+position only, so scoring it is a second pass over the prompt (`generation.score`, on the engine
+thread through the backend), which only requests with both `echo` and `logprobs` pay for.
 """
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
 
 from ..generation.generate import Chunk
+from ..generation.score import Scored
 from ..text import chat_format
 from .engine import Job, Progress
-from .protocol import ServerConfig, budget, ending, reported, token_ids, token_text, usage
+from .protocol import (ServerConfig, budget, context_error, ending, reported, token_ids, token_text,
+                       usage)
 from .schema import APIError, CompletionRequest, check_ids
 
 
-def completion_job(req: CompletionRequest, cfg: ServerConfig) -> Job:
+@dataclass
+class CompletionJob(Job):
+    """A completion whose prompt's own tokens, `own`, are `ids[at : at + len(own)]` (after a BOS
+    or FIM tokens added here). With `score_top` set (echo and logprobs asked), `run` first scores
+    them, with that many alternatives each, into `scores`: a second pass over the prompt that
+    only such requests pay for. `max_tokens` 0 generates nothing: the prompt alone is the reply."""
+
+    own: list[int] = field(default_factory=list)
+    at: int | None = 0  # None: `own` is not found as such in `ids`, and is not scored
+    score_top: int | None = None
+    scores: list[Scored | None] | None = None  # one per token of `own` (None: nothing precedes it)
+
+    def run(self, backend, **extra) -> Iterator[Chunk]:
+        progress = extra.get("progress")
+        if self.score_top is not None and self.own and self.at is not None and hasattr(backend, "score"):
+            end = self.at + len(self.own)
+            scored: list[Scored | None] = [None]  # what the model reads first follows nothing
+            for part in backend.score(self.ids[:end], self.score_top):
+                scored += part
+                if progress:  # checks for cancellation between chunks, as prefill does
+                    progress(len(scored), end)
+            # Read by the reply once the first chunk arrives, which is emitted after this.
+            self.scores = scored[self.at :]
+        if self.sampling["max_tokens"] == 0:
+            yield Chunk(finish_reason="length", prompt_tokens=len(self.ids))
+            return
+        yield from backend.generate(self.ids, **self.sampling, **extra)
+
+
+def completion_job(req: CompletionRequest, cfg: ServerConfig) -> CompletionJob:
     tok, prompt = cfg.tokenizer, req.prompt
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
@@ -25,41 +60,42 @@ def completion_job(req: CompletionRequest, cfg: ServerConfig) -> Job:
                            param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, list):
-        ids = list(prompt)
+        ids = own = list(prompt)
         check_ids(ids, cfg.vocab, "prompt" if prompt is req.prompt else "prompt[0]")
     elif req.suffix:
         ids = tok.encode_segments(chat_format.fim_segments(prompt, req.suffix))
+        own = tok.encode(prompt)  # the prefix segment: plain text, after BOS and <｜fim▁begin｜>
     else:  # raw text: FIM and chat token strings in it are tokens (B8)
-        ids = tok.encode(prompt, allow_control=True)
+        ids = own = tok.encode(prompt, allow_control=True)
     if not ids or ids[0] != tok.bos_token_id:
         ids = [tok.bos_token_id] + ids
+    at = 2 if req.suffix and not isinstance(prompt, list) else len(ids) - len(own)  # FIM: BOS, begin
     sampling = req.sampling(cfg.vocab)
     stops = token_ids(tok, chat_format.FIM_BEGIN, chat_format.FIM_HOLE, chat_format.FIM_END, "<|EOT|>")
-    sampling.update(max_tokens=budget(len(ids), req.max_tokens, cfg, cfg.completion_max_tokens, "prompt"),
-                    logprobs=req.logprobs or 0, stop_token_ids=stops)
-    return Job(ids, sampling)
+    if req.max_tokens == 0:  # the prompt alone, as OpenAI allowed (to score it with echo + logprobs)
+        if len(ids) > cfg.max_context:
+            raise context_error(len(ids), cfg, "prompt")
+        max_tokens = 0
+    else:
+        max_tokens = budget(len(ids), req.max_tokens, cfg, cfg.completion_max_tokens, "prompt")
+    # logprobs 0 still reports the chosen tokens' own logprobs (with no alternatives).
+    sampling.update(max_tokens=max_tokens, logprobs=0 if req.logprobs is None else max(req.logprobs, 1),
+                    stop_token_ids=stops)
+    return CompletionJob(ids, sampling, own=own, at=at if ids[at : at + len(own)] == own else None,
+                         score_top=req.logprobs if req.echo else None)
 
 
 class CompletionReply:
     """Legacy completions: text as generated, optional echo and legacy logprobs (B8)."""
 
-    def __init__(self, job: Job, req: CompletionRequest, tokenizer):
+    def __init__(self, job: CompletionJob, req: CompletionRequest, tokenizer):
         self.job, self.tok, self.n = job, tokenizer, req.logprobs
         self.ender = ending(job, tokenizer)
         prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
         text = prompt if isinstance(prompt, str) else tokenizer.decode(job.ids[1:])
         self.echo = text if req.echo else ""  # the prompt as given, not its FIM form
         self.offset = len(self.echo)
-        self.echoed = None  # the prompt's tokens, listed once before the generated ones
-        if req.echo and self.n is not None:
-            ids = tokenizer.encode(prompt, allow_control=True) if isinstance(prompt, str) else list(prompt)
-            texts = [token_text(tokenizer, t)[0] for t in ids]
-            offsets, at = [], 0
-            for t in ids:
-                offsets.append(at)
-                at += len(tokenizer.decode([t]))
-            self.echoed = {"tokens": texts, "token_logprobs": [None] * len(ids),
-                           "top_logprobs": [None] * len(ids), "text_offset": offsets}
+        self.echoed = req.echo and self.n is not None  # the prompt's tokens: listed before the first chunk
 
     def choice(self, chunk: Chunk, text: str) -> dict:
         lp = None
@@ -67,11 +103,29 @@ class CompletionReply:
             lp = {"tokens": [token_text(self.tok, chunk.token)[0]], "token_logprobs": [reported(chunk.logprob)],
                   "top_logprobs": [{token_text(self.tok, t)[0]: reported(v) for t, v in chunk.top_logprobs[: self.n]}],
                   "text_offset": [self.offset]}
-        if self.echoed is not None:
-            echoed, self.echoed = self.echoed, None
+        if self.echoed:
+            self.echoed = False
+            echoed = self._prompt_logprobs()
             lp = {k: echoed[k] + (lp[k] if lp else []) for k in echoed}
         self.offset += len(chunk.text)
         return {"index": 0, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
+
+    def _prompt_logprobs(self) -> dict:
+        """The prompt's tokens in the legacy shape, with the logprobs the job scored (null where
+        nothing precedes a token, or where the backend cannot score a prompt)."""
+        job, tok = self.job, self.tok
+        ids = job.own
+        scores = job.scores or [None] * len(ids)
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        at = 0
+        for t, s in zip(ids, scores):
+            out["tokens"].append(token_text(tok, t)[0])
+            out["token_logprobs"].append(None if s is None else reported(s[0]))
+            out["top_logprobs"].append(None if s is None else
+                                       {token_text(tok, i)[0]: reported(v) for i, v in s[1][: self.n]})
+            out["text_offset"].append(at)
+            at += len(tok.decode([t]))
+        return out
 
     async def chunks(self, chunks: AsyncIterator[Chunk], env: dict, include_usage: bool):
         last, first = None, True

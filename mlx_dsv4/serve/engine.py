@@ -11,7 +11,8 @@ knows token ids and `Chunk`s, not HTTP or the chat format.
 With a backend that batches (`generation.batch.Batcher`) and `max_batch > 1`, up to `max_batch`
 jobs run at once: each job's own code (`Job.run`, which may chain generations) runs on a small
 thread of its own that does no MLX work, and its `generate` calls become requests in the batch,
-whose chunks the engine thread, stepping the batch, hands back through a queue.
+whose chunks the engine thread, stepping the batch, hands back through a queue. Other MLX work a
+job needs (scoring a prompt) is handed to the engine thread too, and done between batch steps.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from ..generation.batch import DONE, Cancelled, Request
 from ..generation.generate import Chunk
+from ..generation.score import Scored, prompt_logprobs
 from ..threads import start_thread
 
 log = logging.getLogger("mlx_dsv4.serve")
@@ -42,6 +44,9 @@ class Backend(Protocol):
     def generate(self, ids: Sequence[int], **sampling) -> Iterator[Chunk]:
         """Chunks for the full prompt `ids` (`max_tokens`, `temperature`, `stop`, `stop_token_ids`,
         `logit_bias`, `logprobs`, `seed`, `progress`, ... as in `stream_generate`)."""
+
+    # Optional: `score(ids, top) -> Iterator[list[Scored]]`, the prompt's own logprobs chunk by
+    # chunk (`score.prompt_logprobs`); a backend without it cannot report them.
 
 
 class Busy(Exception):
@@ -126,12 +131,24 @@ class _BatchedBackend:
         finally:
             left.set()
 
+    def score(self, ids: Sequence[int], top: int = 0) -> Iterator[list[Scored]]:
+        """`score.prompt_logprobs` with the batch's model, each chunk computed on the engine thread
+        between two batch steps: the running streams go on while a prompt is scored."""
+        b = self.engine.backend
+        chunks = prompt_logprobs(b.model, ids, top, chunk=b.prefill_chunk, kv_bits=b.kv_bits)
+        try:  # (a generator runs nothing until its first `next`: all its MLX work is on the engine thread)
+            while (part := self.engine._call(lambda: next(chunks, None))) is not None:
+                yield part
+        finally:
+            self.engine._call(chunks.close)  # its arrays are freed where they were made
+
 
 class Engine:
     def __init__(self, load: Callable[[], Backend], max_queue: int = 64, max_batch: int = 1):
         self._load, self.max_queue, self.max_batch = load, max_queue, max_batch
         self._running = 0  # jobs on their own threads (batched mode)
         self._waiting: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()  # batched mode
         self._changed = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -226,6 +243,27 @@ class Engine:
             self.backend.add(request)
             self._changed.notify()
 
+    def _call(self, fn: Callable[[], object]) -> object:
+        """`fn()` run on the engine thread between batch steps, for a job's thread (which does no
+        MLX work itself): its result, or the exception it raised, raised here."""
+        done, box = threading.Event(), []
+
+        def call():
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed to the job, as the batch hands a failed request its error
+                box.append((False, e))
+            done.set()
+
+        with self._changed:
+            self._calls.append(call)
+            self._changed.notify()
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
     def _job_thread(self, job: Job):
         try:
             self._serve(job, _BatchedBackend(self, job))
@@ -238,6 +276,12 @@ class Engine:
     def _run_batched(self):
         """Start jobs while fewer than `max_batch` run; step the batch while it has work."""
         while self._wait_for_work():
+            with self._changed:
+                call = self._calls.popleft() if self._calls else None
+            if call is not None:  # one per turn (a chunk of prompt scoring), between batch steps
+                call()
+            if not self.backend.busy:
+                continue
             try:
                 self.backend.step()
             except Exception as e:  # a broken step must not leave jobs waiting on it forever
@@ -257,7 +301,7 @@ class Engine:
                     self._waiting.clear()
                     if not self._running and not self.backend.busy:
                         return False
-                if self.backend.busy:
+                if self.backend.busy or self._calls:
                     return True
                 self._changed.wait()
 

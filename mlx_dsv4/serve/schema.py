@@ -187,6 +187,7 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: the prompt alone (echo), as OpenAI allowed
     suffix: str | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
