@@ -33,7 +33,7 @@ class CompletionJob(Job):
     own: list[int] = field(default_factory=list)
     at: int | None = 0  # None: `own` is not found as such in `ids`, and is not scored
     score_top: int | None = None
-    scores: list[Scored | None] | None = None  # one per token of `own` (None: nothing precedes it)
+    scores: list[Scored | None] | None = None  # one per token of `own` (None: the first)
 
     def run(self, backend, **extra) -> Iterator[Chunk]:
         progress = extra.get("progress")
@@ -44,8 +44,10 @@ class CompletionJob(Job):
                 scored += part
                 if progress:  # checks for cancellation between chunks, as prefill does
                     progress(len(scored), end)
-            # Read by the reply once the first chunk arrives, which is emitted after this.
-            self.scores = scored[self.at :]
+            # Read by the reply once the first chunk arrives, which is emitted after this. The
+            # first echoed token is null, as OpenAI lists it: nothing of the echoed text precedes
+            # it (the BOS or FIM tokens added here are not echoed).
+            self.scores = [None] + scored[self.at + 1 :]
         if self.sampling["max_tokens"] == 0:
             yield Chunk(finish_reason="length", prompt_tokens=len(self.ids))
             return
