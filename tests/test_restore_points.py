@@ -346,3 +346,22 @@ def test_a_reply_cancelled_while_generating_leaves_what_its_cache_holds(tiny_mod
     second = first + out + [70, 71, 72]
     chunks = run("batch", tiny_model, pc, second)
     assert chunks[-1].reused_tokens == 303 and tokens(chunks) == uncached(tiny_model, second)
+
+
+def test_replies_decoded_together_each_leave_their_own_state(tiny_model, token_ids):
+    # Two requests share the batched step (each row writes its own cache); the one that ends first
+    # is kept while the other still decodes.
+    a, b = token_ids[0, :300].tolist(), token_ids[0, 300:500].tolist()
+    pc = PromptCache(FP, interval=EVERY)
+    outs = {0: [], 1: []}
+    batcher = Batcher(tiny_model, TOK, max_batch=2, prefill_chunk=CHUNK, prompt_cache=pc)
+    batcher.add(Request(a, outs[0].append, max_tokens=8))
+    batcher.add(Request(b, outs[1].append, max_tokens=14))
+    while batcher.busy:
+        batcher.step()
+    assert batcher.peak == 2
+    for ids, out in ((a, tokens(outs[0][:-1])), (b, tokens(outs[1][:-1]))):
+        again = ids + out + [70, 71, 72]
+        chunks = run("batch", tiny_model, pc, again)
+        assert chunks[-1].reused_tokens == len(ids) + len(out)
+        assert tokens(chunks) == uncached(tiny_model, again)
