@@ -23,7 +23,7 @@ from mlx_dsv4.serve.app import create_app
 from mlx_dsv4.serve.engine import Engine, Job
 from mlx_dsv4.serve.protocol import ServerConfig
 from mlx_dsv4.synthetic import random_weights, tiny_config
-from test_server import M, OFF, TOOLS, VOCAB, Running, encoding, tokenizer  # noqa: F401
+from test_server import EOS, M, OFF, TOOLS, VOCAB, Running, encoding, script, tokenizer  # noqa: F401
 
 TOK = ByteTokenizer()
 CONTEXT = 1024
@@ -341,3 +341,73 @@ def test_serve_batches_with_max_batch_and_serves_one_at_a_time_with_1(selftest_m
                 assert engine.backend.max_batch == 3 and engine.backend.max_context == 256
         finally:
             engine.stop()
+
+
+# ----- an agent's turns through a batching server (issue 24) ------------------------------------
+
+class ScriptedBatch(Batcher):
+    """A batch of the real tiny model whose replies are scripted (test_server's `script`): the
+    prompt is prefilled and every reply token fed back through real caches, as a model's would
+    be; a last logits processor only picks which token comes next."""
+
+    def add(self, request):
+        prompt = self.tokenizer.decode(request.ids).removeprefix("<｜begin▁of▁sentence｜>")
+        reply = self.tokenizer.encode(script(prompt), allow_control=True) + [EOS]
+
+        def pick(tokens, logits):
+            t = reply.pop(0) if reply else EOS
+            return mx.where(mx.arange(logits.shape[-1]) == t, 0.0, -mx.inf)[None]
+
+        request.extra_processors.append(pick)
+        return super().add(request)
+
+
+@pytest.fixture(scope="module")
+def agent_server(tokenizer, encoding):  # noqa: F811
+    from mlx_dsv4.generation.prompt_cache import PromptCache
+
+    batcher = ScriptedBatch(tiny_full_vocab(), tokenizer, max_batch=4, max_context=1024, prefill_chunk=64,
+                            prompt_cache=PromptCache("agent", interval=128))
+    engine = Engine(lambda: batcher, max_queue=16, max_batch=4).start()
+    assert engine.loaded.wait(60) and engine.error is None
+    server = Running(create_app(engine, ServerConfig(model_id=M, tokenizer=tokenizer, max_context=1024,
+                                                     encoding=encoding)))
+    yield server
+    server.close()
+    engine.stop()
+
+
+def test_a_chat_tool_turn_reads_only_the_tool_result(agent_server):
+    # With tools, V4 keeps the reasoning in the history (protocol A9): the next prompt holds the
+    # reply exactly as generated, EOS included, and all of it comes from the state kept after it.
+    client = agent_server.client()
+    messages = [{"role": "user", "content": "Weather in Paris for 2 days?"}]
+    first = client.chat.completions.create(model=M, messages=messages, tools=TOOLS, max_tokens=200,
+                                           extra_body={"thinking": {"type": "enabled"}})
+    reply = first.choices[0].message
+    (call,) = reply.tool_calls
+    assert call.function.name == "get_weather" and reply.reasoning_content
+    messages += [{"role": "assistant", "content": reply.content, "reasoning_content": reply.reasoning_content,
+                  "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
+    second = client.chat.completions.create(model=M, messages=messages, tools=TOOLS, max_tokens=50,
+                                            extra_body={"thinking": {"type": "enabled"}})
+    assert second.choices[0].message.content
+    held = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens == held < second.usage.prompt_tokens
+
+
+def test_a_responses_tool_turn_reads_only_the_tool_result(agent_server):
+    # Codex's way: store false, the reasoning handed back sealed, then the call and its output.
+    client = agent_server.client()
+    weather = {"type": "function", **{k: TOOLS[0]["function"][k] for k in ("name", "description", "parameters")}}
+    ask = dict(model=M, tools=[weather], store=False, reasoning={"effort": "high"},
+               include=["reasoning.encrypted_content"], max_output_tokens=200)
+    items = [{"role": "user", "content": "Weather in Paris for 2 days?"}]
+    first = client.responses.create(input=items, **ask)
+    assert [o.type for o in first.output] == ["reasoning", "function_call"]
+    items += [o.model_dump(exclude_none=True) for o in first.output]
+    items.append({"type": "function_call_output", "call_id": first.output[1].call_id, "output": "Sunny"})
+    second = client.responses.create(input=items, **ask)
+    held = first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage.input_tokens_details.cached_tokens == held < second.usage.input_tokens

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -273,3 +274,94 @@ def test_a_prefill_stopped_between_chunks_leaves_the_session_consistent(tiny_mod
     logits, reused = s.prefill(ids)
     assert reused == 192
     np.testing.assert_array_equal(np.array(logits), np.array(session(tiny_model, None).prefill(ids)[0]))
+
+
+# ----- the state after a batched reply ----------------------------------------------------------
+
+def script(*tokens):
+    """A logits processor that forces `tokens`, one per step, then leaves the logits alone."""
+    left = list(tokens)
+
+    def proc(history, logits):
+        if not left:
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) == left.pop(0), logits, -mx.inf)
+    return proc
+
+
+def reply(model, pc, ids, pipeline=True, cancel_after=None, **kw):
+    """One request through a Batcher: (its chunks, the Batcher); cancelled once `cancel_after`
+    tokens are out."""
+    out = []
+    b = Batcher(model, TOK, max_batch=2, prefill_chunk=CHUNK, prompt_cache=pc, pipeline=pipeline)
+    gone = lambda: cancel_after is not None and len(out) >= cancel_after  # noqa: E731
+    b.add(Request(ids, out.append, cancelled=gone, **kw))
+    while b.busy:
+        b.step()
+    assert out[-1] is DONE or isinstance(out[-1], Cancelled)
+    return out[:-1]
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_batched_reply_leaves_its_state_and_the_next_turn_reads_only_the_new_part(
+        tiny_model, token_ids, pipeline):
+    # As an agent's next turn: the previous prompt, the reply as generated, then a tool result.
+    first = token_ids[0, :300].tolist()
+    pc = PromptCache(FP, interval=EVERY)
+    out = tokens(reply(tiny_model, pc, first, pipeline, max_tokens=10))
+    assert len(out) == 10
+    # Pipelined, the cache has fed back every token handed out; else all but the last.
+    held = out if pipeline else out[:-1]
+    kept = max(pc.states.values(), key=lambda s: s.n)
+    assert kept.tokens.tolist() == first + held
+    second = first + out + token_ids[0, 600:640].tolist()
+    chunks = run("batch", tiny_model, pc, second)
+    assert chunks[-1].reused_tokens == len(first) + len(held)
+    assert tokens(chunks) == uncached(tiny_model, second)
+
+
+def test_a_reply_that_ends_in_eos_keeps_the_eos_and_shares_the_prompts_pools(tiny_model, token_ids):
+    first = token_ids[0, :300].tolist()
+    pc = PromptCache(FP, interval=EVERY)
+    out = tokens(reply(tiny_model, pc, first, max_tokens=20, logits_processors=[script(65, 66, 67, 1)]))
+    assert out == [65, 66, 67, 1]  # 1: the EOS, which the next turn's prompt renders too
+    states = sorted(pc.states.values(), key=lambda s: s.n)
+    assert [s.n for s in states] == [128, 256, 299, 304]
+    end, after = states[-2:]
+    assert after.tokens.tolist() == first + out
+    # One more segment, the rows since the prompt's end; memory counts each segment once.
+    assert after.segments[:-1] == end.segments and after.segments[-1].start == 299
+    assert pc.nbytes == sum(s.nbytes for s in after.segments) + sum(s.own_bytes for s in states)
+    second = first + out + [70, 71, 72]
+    chunks = run("batch", tiny_model, pc, second)
+    assert chunks[-1].reused_tokens == 304 and tokens(chunks) == uncached(tiny_model, second)
+
+
+def test_a_reply_cancelled_while_generating_leaves_what_its_cache_holds(tiny_model, token_ids):
+    first = token_ids[0, :300].tolist()
+    pc = PromptCache(FP, interval=EVERY)
+    out = tokens(reply(tiny_model, pc, first, max_tokens=50, cancel_after=3))
+    assert len(out) == 3  # the caller left after three tokens: seen at the next step
+    assert max(s.n for s in pc.states.values()) == 303
+    second = first + out + [70, 71, 72]
+    chunks = run("batch", tiny_model, pc, second)
+    assert chunks[-1].reused_tokens == 303 and tokens(chunks) == uncached(tiny_model, second)
+
+
+def test_replies_decoded_together_each_leave_their_own_state(tiny_model, token_ids):
+    # Two requests share the batched step (each row writes its own cache); the one that ends first
+    # is kept while the other still decodes.
+    a, b = token_ids[0, :300].tolist(), token_ids[0, 300:500].tolist()
+    pc = PromptCache(FP, interval=EVERY)
+    outs = {0: [], 1: []}
+    batcher = Batcher(tiny_model, TOK, max_batch=2, prefill_chunk=CHUNK, prompt_cache=pc)
+    batcher.add(Request(a, outs[0].append, max_tokens=8))
+    batcher.add(Request(b, outs[1].append, max_tokens=14))
+    while batcher.busy:
+        batcher.step()
+    assert batcher.peak == 2
+    for ids, out in ((a, tokens(outs[0][:-1])), (b, tokens(outs[1][:-1]))):
+        again = ids + out + [70, 71, 72]
+        chunks = run("batch", tiny_model, pc, again)
+        assert chunks[-1].reused_tokens == len(ids) + len(out)
+        assert tokens(chunks) == uncached(tiny_model, again)

@@ -8,7 +8,9 @@ request leaves one where its prefill stopped), then runs one batched one-token s
 (`model/batch_decode.py`) for every sequence whose prompt is in, samples each row with that
 request's own sampler and processors, and hands each request its `Chunk` through its `sink`. A
 new prompt is thus prefilled between the running streams' tokens, a chunk at a time, and a
-finished or cancelled sequence leaves the batch (and frees its cache) at the next step. Steps
+finished or cancelled sequence leaves the batch (and frees its cache) at the next step, leaving
+in the prompt cache the state after its reply (an agent's next turn is this prompt + the reply +
+a tool result, so it reads only the new part). Steps
 are pipelined: a step's forward is queued before the previous step's tokens are read and handed
 out, so the device does not wait on Python; a request's chunk thus comes one step after its
 token is computed.
@@ -64,6 +66,7 @@ class Request:
         self.cache = self.sample = self.make = None
         self.trail = None  # the prompt cache's restore points along `cache`
         self.fed = 0  # prompt tokens in the cache
+        self.reply: list[int] = []  # the tokens handed out
         self.next: int | mx.array | None = None  # the token the next decode step feeds
         self.pending: tuple[mx.array, mx.array] | None = None  # sampled, not yet handed out
         self.finished = False
@@ -116,7 +119,10 @@ class Batcher:
         whose prompt is in (and hand out the previous step's tokens)."""
         for r in self.active:
             if r.cancelled():
-                self._keep(r, force=True)
+                if r.next is None:  # inside its prefill: a point where it stopped
+                    self._keep(r, force=True)
+                else:
+                    self._keep_reply(r)
                 r.leave(Cancelled())
         self.active = [r for r in self.active if not r.finished]
         with self._lock:
@@ -186,6 +192,17 @@ class Batcher:
         if r.trail is not None and r.cache is not None and r.next is None and r.fed:
             self.prompt_cache.keep(r.trail, r.ids[: r.fed], r.cache, force=force)
 
+    def _keep_reply(self, r: Request):
+        """The state after `r`'s reply, as its cache holds it: the prompt and the reply tokens
+        fed back so far. Pipelined, that is every token handed out (the one computed past them
+        is still unread); unpipelined, all but the last. Only the rows since the prompt's end
+        are copied (its earlier points share the rest)."""
+        if r.trail is None or r.cache is None or len({c.offset for c in r.cache}) != 1:
+            return
+        consumed = r.cache[0].offset - len(r.ids)
+        if 0 < consumed <= len(r.reply):  # (never a state whose tokens the cache does not hold)
+            self.prompt_cache.keep(r.trail, r.ids + r.reply[:consumed], r.cache, force=True)
+
     def _prefill(self, r: Request, budget: int) -> int:
         """Up to `budget` more tokens of `r`'s prompt (all but its last token, which the decode
         step feeds), to the next multiple of `prefill_chunk` at most; returns how many it fed."""
@@ -248,6 +265,8 @@ class Batcher:
         except Exception as e:
             log.exception("decode failed")
             return r.leave(e)
+        r.reply.append(chunk.token)
         r.sink(chunk)
         if chunk.finish_reason:
+            self._keep_reply(r)
             r.leave()  # a token computed past the end, if any, goes with the state
