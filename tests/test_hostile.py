@@ -823,13 +823,18 @@ def test_a_state_file_swapped_for_a_fifo_or_a_link_to_dev_zero_is_skipped(selfte
     finally:
         stop_server(proc)
     states = sorted(folder.glob("*.dsv4state"))
-    assert len(states) == 2  # prompts of 1,024 tokens or more go to disk
+    # prompts of 1,024 tokens or more go to disk: the prompt's end and the state after the reply
+    assert len(states) == 4
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o600}
-    states[0].unlink()
-    os.mkfifo(states[0])
-    states[1].unlink()
-    states[1].symlink_to("/dev/zero")
+    # names sort by token count, so each kind replaces one prompt-end state (the ones a resend reads)
+    fifos, links = states[0::2], states[1::2]
+    for state in states:
+        state.unlink()
+    for state in fifos:
+        os.mkfifo(state)
+    for state in links:
+        state.symlink_to("/dev/zero")
 
     log = tmp_path / "restarted.log"
     proc, url = serve_with_cache(selftest_model, log, folder)
@@ -845,4 +850,5 @@ def test_a_state_file_swapped_for_a_fifo_or_a_link_to_dev_zero_is_skipped(selfte
         stop_server(proc)
     text = log.read_text(errors="replace")
     assert text.count("skipping") >= 2 and "Traceback" not in text, text[-3000:]
-    assert stat.S_ISFIFO(os.lstat(states[0]).st_mode) and os.path.islink(states[1])  # not removed
+    assert all(stat.S_ISFIFO(os.lstat(p).st_mode) for p in fifos)  # not removed
+    assert all(os.path.islink(p) for p in links)
