@@ -147,14 +147,21 @@ def arguments_json(params: list[tuple[str, str | None, str]]) -> tuple[str, tupl
     the model wrote, or as a string when they are not JSON (A7: never emit invalid JSON)."""
     parts, problems = [], []
     for key, is_str, raw in params:
-        literal = None if is_str == "true" else _json_literal(raw)
-        if literal is None:
-            if is_str == "false":
-                problems.append(f'parameter "{key}" is marked string="false" but is not JSON; '
-                                "passed on as a string")
-            literal = json.dumps(raw, ensure_ascii=False)
+        literal, problem = _param_literal(key, is_str, raw)
+        problems += [problem] if problem else []
         parts.append(f"{json.dumps(key, ensure_ascii=False)}: {literal}")
     return "{" + ", ".join(parts) + "}", tuple(problems)
+
+
+def _param_literal(key: str, is_str: str | None, raw: str) -> tuple[str, str | None]:
+    """One DSML parameter's value as JSON, and a problem when `string="false"` held no JSON."""
+    literal = None if is_str == "true" else _json_literal(raw)
+    if literal is not None:
+        return literal, None
+    problem = None
+    if is_str == "false":
+        problem = f'parameter "{key}" is marked string="false" but is not JSON; passed on as a string'
+    return json.dumps(raw, ensure_ascii=False), problem
 
 
 class _Invoke:
@@ -399,12 +406,9 @@ class ReplyParser:
         if streaming:
             self._args(out, inv, _escaped(value[inv.sent:]) + '"')
         elif not inv.skip:
-            literal = None if is_str == "true" else _json_literal(value)
-            if literal is None:
-                if is_str == "false":
-                    inv.note(f'parameter "{key}" is marked string="false" but is not JSON; '
-                             "passed on as a string")
-                literal = json.dumps(value, ensure_ascii=False)
+            literal, problem = _param_literal(key, is_str, value)
+            if problem:
+                inv.note(problem)
             self._args(out, inv, self._key(inv, key) + literal)
         inv.raw += self._buf[: m.end()]
         self._buf, inv.param = self._buf[m.end():], None
