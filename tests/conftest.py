@@ -48,6 +48,34 @@ def build_model(args: ModelArgs, official: dict[str, np.ndarray]) -> Model:
     return model
 
 
+def decode(model, ids, compiled: bool, prompt: int, max_tokens: int | None = None, kv_bits=None):
+    """Last-position logits of `ids[:, :prompt]` read at once, then one per token: (B, steps, V)."""
+    from mlx_dsv4.model.cache import make_cache
+
+    model.compiled_decode, model._decode_step = compiled, None
+    cache = make_cache(model, batch=ids.shape[0], max_tokens=max_tokens, kv_bits=kv_bits)
+    outs = [np.array(model(mx.array(ids[:, :prompt]), cache)[:, -1])]
+    for t in range(prompt, ids.shape[1]):
+        outs.append(np.array(model(mx.array(ids[:, t : t + 1]), cache)[:, -1]))
+    model.compiled_decode = True
+    return np.stack(outs, axis=1), cache
+
+
+def conversions(official: Path, factory, shard_size: int):
+    """`get(recipe)`: `official` converted with that recipe, once per module that asks."""
+    from mlx_dsv4.convert import convert
+
+    done: dict[str, Path] = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in done:
+            done[recipe] = factory.mktemp(recipe) / "out"
+            convert(official, done[recipe], recipe=recipe, shard_size=shard_size)
+        return done[recipe]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_args, tiny_official) -> Model:
     return build_model(tiny_args, tiny_official)

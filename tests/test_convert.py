@@ -34,7 +34,7 @@ from mlx_dsv4.synthetic import (decode_official, dequantize_fp4, dequantize_fp8,
                                 tiny_config, to_model_weights, write_official_checkpoint)
 from mlx_dsv4.model.weights import load_model, quantization_predicate
 
-from conftest import FIXTURES
+from conftest import conversions
 
 CFG = tiny_config(hidden_size=256, q_lora_rank=128, o_lora_rank=96)
 SHARD = 600_000  # output shard cap: the tiny model becomes several output shards
@@ -53,15 +53,7 @@ def decoded(official) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def converted(official, tmp_path_factory):
-    done = {}
-
-    def get(recipe: str) -> Path:
-        if recipe not in done:
-            done[recipe] = tmp_path_factory.mktemp(recipe) / "out"
-            convert(official, done[recipe], recipe=recipe, shard_size=SHARD)
-        return done[recipe]
-
-    return get
+    return conversions(official, tmp_path_factory, SHARD)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import decode
 from mlx_dsv4.model.cache import make_cache
-
-
-def decode(model, ids, compiled: bool, prompt: int, max_tokens: int | None, kv_bits=None):
-    model.compiled_decode, model._decode_step = compiled, None
-    cache = make_cache(model, batch=ids.shape[0], max_tokens=max_tokens, kv_bits=kv_bits)
-    outs = [np.array(model(mx.array(ids[:, :prompt]), cache)[:, -1])]
-    for t in range(prompt, ids.shape[1]):
-        outs.append(np.array(model(mx.array(ids[:, t : t + 1]), cache)[:, -1]))
-    model.compiled_decode = True
-    return np.stack(outs, axis=1), cache
 
 
 @pytest.mark.parametrize("batch,prompt,max_tokens,kv_bits", [(1, 1, 40, None), (2, 121, None, None),

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from mlx_dsv4.model.cache import make_cache
 from mlx_dsv4.cli import app
+from conftest import conversions
 from mlx_dsv4.config import ModelArgs, released_config
-from mlx_dsv4.convert import DEFAULT_RECIPE, RECIPES, ConvertError, convert
+from mlx_dsv4.convert import DEFAULT_RECIPE, RECIPES, ConvertError
 from mlx_dsv4.convert.plan import (A4, EXPERTS, MXFP8, Header, Quant, Recipe, Source, decode_bytes,
                                    make_plan, read_source, recipe_bytes)
 from mlx_dsv4.generation.generate import generate_step
@@ -59,15 +60,7 @@ def weights(official) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def converted(official, tmp_path_factory):
-    done = {}
-
-    def get(recipe: str) -> Path:
-        if recipe not in done:
-            done[recipe] = tmp_path_factory.mktemp(recipe) / "out"
-            convert(official, done[recipe], recipe=recipe, shard_size=400_000)
-        return done[recipe]
-
-    return get
+    return conversions(official, tmp_path_factory, 400_000)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 from mlx.utils import tree_map
 
 import v41_helpers as H
+from conftest import conversions
 from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.convert import ConvertError, convert
 from mlx_dsv4.convert import engram as convert_engram
@@ -36,15 +37,7 @@ def decoded(official):
 
 @pytest.fixture(scope="module")
 def converted(official, tmp_path_factory):
-    done = {}
-
-    def get(recipe: str) -> Path:
-        if recipe not in done:
-            done[recipe] = tmp_path_factory.mktemp(recipe) / "out"
-            convert(official, done[recipe], recipe=recipe, shard_size=400_000)
-        return done[recipe]
-
-    return get
+    return conversions(official, tmp_path_factory, 400_000)
 
 
 @pytest.fixture(scope="module")

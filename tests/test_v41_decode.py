@@ -12,6 +12,7 @@ import pytest
 import v41_helpers as H
 from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.model.batch_decode import BatchStep
+from conftest import decode
 from mlx_dsv4.model.cache import make_cache
 from mlx_dsv4.model.v41_decode import BatchStep41
 
@@ -26,16 +27,6 @@ def model():
 @pytest.fixture(scope="module")
 def ids():
     return np.random.default_rng(1).integers(3, 256, (2, 120))
-
-
-def decode(model, ids, compiled: bool, prompt: int, max_tokens=None, kv_bits=None):
-    model.compiled_decode, model._decode_step = compiled, None
-    cache = make_cache(model, batch=ids.shape[0], max_tokens=max_tokens, kv_bits=kv_bits)
-    outs = [np.array(model(mx.array(ids[:, :prompt]), cache)[:, -1])]
-    for t in range(prompt, ids.shape[1]):
-        outs.append(np.array(model(mx.array(ids[:, t : t + 1]), cache)[:, -1]))
-    model.compiled_decode = True
-    return np.stack(outs, axis=1), cache
 
 
 @pytest.mark.parametrize("batch,prompt,max_tokens,kv_bits", [(1, 1, None, None), (2, 37, 40, None),
