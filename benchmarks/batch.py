@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flash_layers import build, log, sliced_config, smoke  # noqa: E402
 from mlx_dsv4.config import ModelArgs  # noqa: E402
 from mlx_dsv4.generation.batch import Batcher, Request  # noqa: E402
-from mlx_dsv4.model.batch_decode import BatchStep  # noqa: E402
 from mlx_dsv4.model.cache import make_cache  # noqa: E402
 
 
@@ -85,7 +84,7 @@ def split_cost(model, a) -> dict:
     V = model.args.vocab_size
     ids = mx.random.randint(0, V, (1, a.prompt), key=mx.random.key(7))
     out = {}
-    step = BatchStep(model)
+    step = model.batch_step()
     for name, fn in (("decode_step", lambda c: model(mx.array([[5]]), c, last_only=True)),
                      ("batch_step", lambda c: step(mx.array([[5]]), [c]))):
         cache = make_cache(model)

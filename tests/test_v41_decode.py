@@ -11,7 +11,6 @@ import pytest
 
 import v41_helpers as H
 from mlx_dsv4.config import ModelArgs
-from mlx_dsv4.model.batch_decode import BatchStep
 from conftest import decode
 from mlx_dsv4.model.cache import make_cache
 from mlx_dsv4.model.v41_decode import BatchStep41
@@ -58,7 +57,7 @@ def test_compiled_step_equals_the_eager_step(model, ids, monkeypatch, batch, pro
 
 def test_the_batched_step_equals_each_sequence_alone(model, ids):
     """Two sequences at different positions, as the server batches them."""
-    step = BatchStep(model)
+    step = model.batch_step()
     assert isinstance(step, BatchStep41)
     caches, alone = [make_cache(model), make_cache(model)], [make_cache(model), make_cache(model)]
     for cs in (caches, alone):

@@ -234,9 +234,7 @@ class Batcher:
         """One token for each of `ready`; with `pipeline`, the previous step's tokens are read
         and handed out while this step computes (as `generate_step` does for one request)."""
         if self._step is None:
-            from ..model.batch_decode import BatchStep
-
-            self._step = BatchStep(self.model)
+            self._step = self.model.batch_step()
         try:
             # A sampled token is fed still unread; a prompt's last token is a number.
             ids = mx.concatenate([r.next.astype(mx.int32) if isinstance(r.next, mx.array)

@@ -20,19 +20,11 @@ from . import decode, mhc
 from .cache import LayerCache
 
 
-
 class BatchStep(decode.DecodeStep):
     """Batched one-token steps of one model (see the module docstring).
 
     Shares `DecodeStep`'s setup: weights evaluated, kernel checks run, ranges kept as constants.
     """
-
-    def __new__(cls, model):
-        if cls is BatchStep and getattr(model.args, "is_v41", False):
-            from .v41_decode import BatchStep41  # V4.1's handoff between layers needs its own
-
-            return BatchStep41(model)
-        return super().__new__(cls)
 
     def __init__(self, model):
         super().__init__(model)

@@ -295,6 +295,12 @@ class Model(nn.Module):
         logits = head_logits(self, X[:, -1:] if last_only else X)
         return (logits, X) if return_streams else logits
 
+    def batch_step(self):
+        """A step that decodes one token for each of several sequences at their own positions."""
+        from .batch_decode import BatchStep
+
+        return BatchStep(self)
+
     def mtp_logits(self, streams: mx.array, next_ids: mx.array, cache: list[LayerCache],
                    return_streams: bool = False):
         """Logits of the MTP block(s) given the trunk's final streams and the next token ids;

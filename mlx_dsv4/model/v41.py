@@ -295,6 +295,12 @@ class Model41(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.embed["scales"].dtype if "scales" in self.embed else self.embed.weight.dtype
 
+    def batch_step(self):
+        """Batched one-token steps (v41_decode.BatchStep41: the layer handoff needs its own)."""
+        from .v41_decode import BatchStep41
+
+        return BatchStep41(self)
+
     def engram_rows(self, ids: mx.array, cache: list[LayerCache]) -> dict[int, mx.array]:
         return engram_mod.engram_rows(self, range(len(self.layers)), ids, cache)
 
