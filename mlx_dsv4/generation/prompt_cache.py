@@ -502,12 +502,6 @@ class PromptCache:
                 self._pending.pop(job.path, None)
                 self._queue.task_done()
 
-    def evict_disk(self):
-        """Bring the folder within `disk_bytes` (least recently used first, children before
-        the states they continue)."""
-        if self.directory is not None:
-            self._evictor.evict(self.disk_bytes)
-
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait (at most `timeout` s) for pending disk writes; True when none is left."""
         if self._queue is None:
